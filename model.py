@@ -1,0 +1,278 @@
+"""GPT-2 in Tripy (`nvtripy`, NVIDIA's Python front end to TensorRT), optionally with quantized weights.
+
+reference.py is this file's PyTorch twin: the same classes in the same order, with the same attribute names, the
+same `state_dict()` keys and shapes and the same math, so weight_loader.py fills both and the twin, which runs on any
+CPU, checks what this model computes. Where the two must differ, a comment says why.
+
+Quantized layers compute y = x @ dequantize(quantize(W, scale)) + b; the weight is a constant, so TensorRT can
+quantize it once, when it builds the engine. tp.Linear does this for int8 (a scale per output channel) and float8
+(one scale per tensor, and the input quantized too once its `input_scale` is set), `Int4Linear` below for int4
+blocks.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nvtripy as tp
+import torch
+
+# The placeholder nvtripy's own modules (tp.Linear, tp.LayerNorm, tp.Embedding) use for a parameter the weight loader
+# fills: it records the shape and dtype `load_state_dict` checks, and a module refuses to run while one is unset.
+from nvtripy.frontend.module.parameter import DefaultParameter
+
+from reference import INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig, sample_next_token
+
+
+def gelu_tanh(x: tp.Tensor) -> tp.Tensor:
+    """GPT-2's GELU: the tanh approximation (HF's `gelu_new`). tp.gelu is the exact erf form."""
+    return 0.5 * x * (1.0 + tp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+class Int4Linear(tp.Module):
+    """Block-wise int4 weights with AWQ's per-input-feature pre_quant_scale: y = (x * s) @ QDQ(W) + b.
+
+    nvtripy's block-wise quantize takes a 2-D input [D0, D1] with a scale [D0 / block_size, D1]: its blocks run
+    along dim 0. ModelOpt calibrates one scale per output row per `block_size` consecutive input features, so the
+    weight is held [in, out], with scale [in / block_size, out], and multiplied without a transpose.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, dtype: tp.dtype, block_size: int = INT4_BLOCK_SIZE
+    ):
+        super().__init__()
+        if in_features % block_size != 0:
+            raise ValueError(
+                f"int4 blocks of {block_size} need in_features divisible by {block_size}, got {in_features}"
+            )
+        self.dtype = dtype
+        self.block_size = block_size
+        self.weight = DefaultParameter((in_features, out_features), dtype)
+        self.bias = DefaultParameter((out_features,), dtype) if bias else None
+        self.weight_scale = DefaultParameter((in_features // block_size, out_features), dtype)
+        self.pre_quant_scale = DefaultParameter((in_features,), dtype)
+
+    def forward(self, x: tp.Tensor) -> tp.Tensor:
+        quantized = tp.quantize(self.weight, self.weight_scale, tp.int4)
+        weight = tp.dequantize(quantized, self.weight_scale, self.dtype)  # [in, out]
+        out = (x * self.pre_quant_scale) @ weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def linear_layer(config: GPTConfig, in_features: int, out_features: int, is_lm_head: bool = False) -> tp.Module:
+    """The linear layer for the config's quantization mode (lm_head is quantized only in float8 mode)."""
+    dtype = getattr(tp, config.dtype)
+    mode = None if (is_lm_head and config.quant_mode != "float8") else config.quant_mode
+    if mode is None:
+        return tp.Linear(in_features, out_features, bias=config.bias and not is_lm_head, dtype=dtype)
+    if mode == "int8-weight-only":
+        return tp.Linear(in_features, out_features, config.bias, dtype, quant_dtype=tp.int8, weight_quant_dim=0)
+    if mode == "int4-weight-only":
+        return Int4Linear(in_features, out_features, config.bias, dtype)
+    if mode == "float8":
+        bias = config.bias and not is_lm_head
+        return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.float8, weight_quant_dim=None)
+    raise ValueError(f"Unknown quant_mode {mode!r}; supported: {', '.join(QUANT_MODES)}")
+
+
+class CausalSelfAttention(tp.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.num_heads = config.num_heads
+        self.embedding_size = config.embedding_size
+        self.c_attn = linear_layer(config, config.embedding_size, 3 * config.embedding_size)
+        self.c_proj = linear_layer(config, config.embedding_size, config.embedding_size)
+
+    def forward(self, x, past_key=None, past_value=None):
+        """x [batch, seq, embd]; past_key/past_value [batch, heads, past, head_dim] or None.
+
+        Returns the output [batch, seq, embd] and the keys and values [batch, heads, past + seq, head_dim].
+        """
+        # While compiling, shapes are DimensionSize tensors whose values are known only at run time; the embedding
+        # size comes from the config so that head_dim and the attention scale stay Python numbers.
+        batch, seq, _ = x.shape
+        embd = self.embedding_size
+        head_dim = embd // self.num_heads
+        qkv = self.c_attn(x)  # [batch, seq, 3 * embd]
+        q, k, v = tp.split(qkv, 3, dim=2)  # tp.split takes the number of chunks, torch's split their size
+        q = tp.transpose(tp.reshape(q, (batch, seq, self.num_heads, head_dim)), 1, 2)  # [batch, heads, seq, head_dim]
+        k = tp.transpose(tp.reshape(k, (batch, seq, self.num_heads, head_dim)), 1, 2)
+        v = tp.transpose(tp.reshape(v, (batch, seq, self.num_heads, head_dim)), 1, 2)
+        if past_key is not None:
+            k = tp.concatenate([past_key, k], dim=2)  # [batch, heads, past + seq, head_dim]
+            v = tp.concatenate([past_value, v], dim=2)
+        past = k.shape[2] - seq
+
+        att = (q @ tp.transpose(k, 2, 3)) * (1.0 / math.sqrt(head_dim))  # [batch, heads, seq, past + seq]
+        # Query i sits at position past + i and may look at keys 0 .. past + i. (The twin's tril(..., diagonal=past)
+        # cannot be used: tp.tril takes its diagonal as a Python int, and past is known only at run time.)
+        query_pos = tp.unsqueeze(tp.arange(past, past + seq, dtype=tp.int32), 1)  # [seq, 1]
+        key_pos = tp.unsqueeze(tp.arange(past + seq, dtype=tp.int32), 0)  # [1, past + seq]
+        visible = key_pos <= query_pos  # [seq, past + seq]
+        att = tp.masked_fill(att, ~visible, float("-inf"))
+        att = tp.softmax(att, dim=-1)
+        y = att @ v  # [batch, heads, seq, head_dim]
+        y = tp.reshape(tp.transpose(y, 1, 2), (batch, seq, embd))
+        return self.c_proj(y), k, v
+
+
+class MLP(tp.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = linear_layer(config, config.embedding_size, 4 * config.embedding_size)
+        self.c_proj = linear_layer(config, 4 * config.embedding_size, config.embedding_size)
+
+    def forward(self, x):
+        return self.c_proj(gelu_tanh(self.c_fc(x)))
+
+
+class Block(tp.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        dtype = getattr(tp, config.dtype)
+        self.ln_1 = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
+        self.mlp = MLP(config)
+
+    def forward(self, x, past_key=None, past_value=None):
+        attn_out, key, value = self.attn(self.ln_1(x), past_key, past_value)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, key, value
+
+
+class Transformer(tp.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        dtype = getattr(tp, config.dtype)
+        self.wte = tp.Embedding(config.vocab_size, config.embedding_size, dtype=dtype)
+        self.wpe = tp.Embedding(config.block_size, config.embedding_size, dtype=dtype)
+        self.h = [Block(config) for _ in range(config.num_layers)]  # a tp.Module finds modules in lists
+        self.ln_f = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
+
+
+class GPT(tp.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = Transformer(config)
+        self.lm_head = linear_layer(config, config.embedding_size, config.vocab_size, is_lm_head=True)
+
+    def forward(self, idx: tp.Tensor) -> tp.Tensor:
+        """idx [batch, seq] int32 token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""
+        logits, _, _ = self.forward_with_cache(idx)
+        return logits
+
+    def forward_with_cache(self, idx, past_keys=None, past_values=None):
+        """Runs `idx` [batch, seq] after a past already seen, whose keys and values are given.
+
+        past_keys/past_values: [layers, batch, heads, past, head_dim], or None when there is no past.
+        Returns logits [batch, seq, vocab] and the keys and values of past + seq, to pass to the next call.
+        """
+        past = 0 if past_keys is None else past_keys.shape[3]
+        seq = idx.shape[1]
+        pos = tp.arange(past, past + seq, dtype=tp.int32)  # [seq]
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # [batch, seq, embd]
+        keys, values = [], []
+        for i, block in enumerate(self.transformer.h):
+            past_key = None if past_keys is None else past_keys[i]
+            past_value = None if past_values is None else past_values[i]
+            x, key, value = block(x, past_key, past_value)
+            keys.append(key)
+            values.append(value)
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # [batch, seq, vocab]
+        return logits, tp.stack(keys), tp.stack(values)
+
+
+@dataclass
+class CompiledGPT:
+    """GPT.forward_with_cache compiled by TensorRT, once for each of the two shapes generation runs it in."""
+
+    config: GPTConfig
+    prefill: tp.Executable  # (idx [batch, 1..seq_len]) -> logits, keys, values
+    decode: tp.Executable  # (idx [batch, 1], past_keys, past_values [layers, batch, heads, 1..seq_len-1, head_dim])
+
+
+def compile_model(model: GPT, config: GPTConfig) -> CompiledGPT:
+    """Compiles `model`, its weights loaded, for batches of config.batch_size and up to config.seq_len tokens.
+
+    One executable takes the prompt, of any length from 1 to seq_len, with no past; the other takes one new token
+    after a past of 1 to seq_len - 1 tokens. Each is compiled once: a dimension given as (min, opt, max) is dynamic,
+    and TensorRT tunes its kernels for `opt`. The past is never empty, so no dimension ever needs to be zero.
+    """
+    if not 2 <= config.seq_len <= config.block_size:
+        raise ValueError(
+            f"seq_len must be between 2 (a prompt token and a new one) and block_size ({config.block_size}), "
+            f"got {config.seq_len}"
+        )
+    unset = [name for name, value in model.state_dict().items() if isinstance(value, DefaultParameter)]
+    if unset:
+        raise ValueError(f"Load the weights before compiling; not loaded: {', '.join(unset)}")
+    dtype = getattr(tp, config.dtype)
+    batch = config.batch_size
+    head_dim = config.embedding_size // config.num_heads
+    seq = (1, config.seq_len // 2, config.seq_len)  # (min, opt, max)
+    prefill = tp.compile(model.forward_with_cache, args=[tp.InputInfo((batch, seq), dtype=tp.int32)])
+
+    # The keys and values share their past length: naming the dimension tells TensorRT they are equal.
+    past = tp.NamedDimension("past", 1, config.seq_len // 2, config.seq_len - 1)
+    cache = tp.InputInfo((config.num_layers, batch, config.num_heads, past, head_dim), dtype=dtype)
+    decode = tp.compile(model.forward_with_cache, args=[tp.InputInfo((batch, 1), dtype=tp.int32), cache, cache])
+    return CompiledGPT(config, prefill, decode)
+
+
+def run(executable: tp.Executable, *inputs: tp.Tensor) -> tuple[torch.Tensor, tp.Tensor, tp.Tensor]:
+    """Runs a compiled forward_with_cache: logits [batch, seq, vocab] as a CPU torch tensor, and the keys and
+    values, left in GPU memory for the next call."""
+    logits, keys, values = executable(*inputs)
+    executable.stream.synchronize()  # executables run asynchronously, on Tripy's own CUDA stream
+    return torch.from_dlpack(logits).cpu(), keys, values
+
+
+def gpu_tokens(idx: torch.Tensor) -> tp.Tensor:
+    """Token ids [batch, seq] as the int32 tensor in GPU memory that the executables take."""
+    return tp.Tensor(idx.tolist(), device=tp.device("gpu"))  # Python ints become int32
+
+
+def generate(
+    compiled: CompiledGPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Extends idx [batch, seq] by max_new_tokens sampled tokens; returns [batch, seq + max_new_tokens].
+
+    The prompt runs once, through the prefill executable; every later step feeds only the newest token through the
+    decode executable, with the keys and values of the past. Sampling is the twin's own `sample_next_token`, on the
+    CPU, so the same seed makes the same choices from the same logits. `on_token` is called with each new token
+    [batch, 1] as soon as it is sampled (for streaming).
+    """
+    config = compiled.config
+    batch, prompt_len = idx.shape
+    if batch != config.batch_size:
+        raise ValueError(f"idx has batch size {batch}, but the model was compiled for {config.batch_size}")
+    if prompt_len < 1 or prompt_len + max_new_tokens > config.seq_len:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens, at least 1) plus max_new_tokens ({max_new_tokens}) must fit in the "
+            f"seq_len ({config.seq_len}) the model was compiled for"
+        )
+    keys = values = None
+    new_tokens = idx
+    for _ in range(max_new_tokens):
+        if keys is None:
+            logits, keys, values = run(compiled.prefill, gpu_tokens(new_tokens))
+        else:
+            logits, keys, values = run(compiled.decode, gpu_tokens(new_tokens), keys, values)
+        next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
+        idx = torch.cat([idx, next_token], dim=1)
+        new_tokens = next_token
+        if on_token is not None:
+            on_token(next_token)
+    return idx

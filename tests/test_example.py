@@ -1,0 +1,211 @@
+"""End-to-end tests of example.py, run the way users run it: `python example.py ...` in a subprocess, on the twin.
+
+Each run spends seconds importing torch, transformers and ModelOpt, so the `runs` fixture starts every run of this
+file at once, two at a time (one per core, one thread each); each test then waits for the runs it checks.
+Every run sees an unreachable Hub and an empty Hugging Face cache, whatever the machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import REPO, make_gpt2
+
+import example
+import reference
+from tokenizer import gpt2_encoding
+from weight_loader import HUB_MODELS, load_hf_model
+
+NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
+PROMPT = "The town council voted"  # 4 tokens
+NEW_TOKENS = 8
+FALLBACK_SEED = 3
+CALIBRATION_PARAGRAPHS = [
+    "The council approved the budget for road repairs on Tuesday.",
+    "Green plants turn light into chemical energy in their leaves.",
+    "Simmer the tomatoes with garlic and olive oil for twenty minutes.",
+    "The train left the station an hour late because of the snow.",
+]
+
+
+def run_arguments(checkpoint: str, calibration: str, export_dir: str, not_a_checkpoint: str) -> dict[str, list]:
+    """Every run of this file, by name: its command-line arguments. The slowest come first."""
+    generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]
+    on_checkpoint = [*generate, "--model-type", checkpoint]
+    calibrate = ["--calibration-data", calibration, "--num-calibration-samples", "4"]
+    return {
+        "int4-weight-only": [*on_checkpoint, "--quant-mode", "int4-weight-only", *calibrate],
+        "float8": [*on_checkpoint, "--quant-mode", "float8", *calibrate, "--export-dir", export_dir],
+        "int8-weight-only": [*on_checkpoint, "--quant-mode", "int8-weight-only", *calibrate],
+        "greedy": [*on_checkpoint, "--top-k", "1"],
+        "fallback": [*generate, "--seed", str(FALLBACK_SEED)],
+        # Bad input: first what needs a model or the Hub, then what is caught before anything heavy is imported.
+        "hub model offline": ["--backend", "torch", "--model-type", "gpt2-medium"],
+        "not a checkpoint": ["--backend", "torch", "--model-type", not_a_checkpoint],
+        "prompt too long": [*on_checkpoint, "--max-new-tokens", "125"],  # 4 + 125 tokens; the context is 128
+        "unknown model": ["--model-type", "gpt3"],
+        "empty prompt": ["--input-text", ""],
+        "no new tokens": ["--max-new-tokens", "0"],
+        "not a number": ["--max-new-tokens", "many"],
+        "zero temperature": ["--temperature", "0"],
+        "zero top-k": ["--top-k", "0"],
+        "missing calibration file": ["--quant-mode", "int8-weight-only", "--calibration-data", "no/such/file.txt"],
+        "export without quantizing": ["--export-dir", export_dir],
+        "export-only without a directory": ["--quant-mode", "float8", "--export-only"],
+        "calibration without quantizing": ["--calibration-data", calibration],
+        "unsupported calibration file": [
+            "--quant-mode",
+            "float8",
+            "--calibration-data",
+            calibration.replace(".txt", ".csv"),
+        ],
+        "no calibration samples": ["--quant-mode", "float8", "--num-calibration-samples", "0"],
+        "tripy": ["--backend", "tripy", "--model-type", checkpoint],
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A small GPT-2 checkpoint: 128 wide, the least int4 takes (one block of 128 inputs), 128 positions."""
+    path = tmp_path_factory.mktemp("gpt2-128")
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("export") / "gpt2-float8")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
+    """Every run of this file, started now: name -> Future of its subprocess.CompletedProcess."""
+    tmp = tmp_path_factory.mktemp("example-runs")
+    calibration = tmp / "calibration.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    calibration.with_suffix(".csv").write_text("text\n" + "\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    not_a_checkpoint = tmp / "bert"
+    not_a_checkpoint.mkdir()
+    (not_a_checkpoint / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
+
+    def run(arguments: list[str]) -> subprocess.CompletedProcess:
+        command = [sys.executable, "example.py", *arguments]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        arguments = run_arguments(checkpoint, str(calibration), export_dir, str(not_a_checkpoint))
+        yield {name: pool.submit(run, args) for name, args in arguments.items()}
+
+
+def succeeded(runs: dict[str, Future], name: str) -> str:
+    """The standard output of a run that must have succeeded."""
+    result = runs[name].result()
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def response(stdout: str) -> str:
+    """The prompt and the generated text, printed between two separator lines."""
+    _, text, after = stdout.split(example.SEPARATOR)
+    assert text.startswith("\n") and text.endswith("\n")
+    assert f"Generated {NEW_TOKENS} tokens in " in after
+    return text[1:-1]
+
+
+def test_greedy_generation_matches_hugging_face(runs, checkpoint):
+    """With --top-k 1 sampling is greedy, so the text must be Hugging Face's greedy continuation."""
+    stdout = succeeded(runs, "greedy")
+    assert "Backend: torch (PyTorch twin on CPU" in stdout
+    assert f"Model: {checkpoint} (" in stdout
+
+    encoding = gpt2_encoding()
+    hf_model = load_hf_model(checkpoint)
+    idx = torch.tensor([encoding.encode(PROMPT)])
+    with torch.no_grad():
+        for _ in range(NEW_TOKENS):
+            next_token = hf_model(idx).logits[:, -1].argmax(dim=-1, keepdim=True)
+            idx = torch.cat([idx, next_token], dim=1)
+    assert response(stdout) == encoding.decode(idx[0].tolist())
+
+
+@pytest.mark.parametrize("quant_mode", reference.QUANT_MODES)
+def test_quantized_generation(runs, quant_mode):
+    stdout = succeeded(runs, quant_mode)
+    assert f"Calibrated {quant_mode} on 4 samples" in stdout
+    text = response(stdout)
+    assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+
+
+def test_export_writes_a_checkpoint_and_carries_on(runs, export_dir):
+    stdout = succeeded(runs, "float8")
+    assert f"Exported the quantized checkpoint to {export_dir}" in stdout
+    with open(os.path.join(export_dir, "config.json")) as file:
+        assert json.load(file)["quantization_config"]["quant_algo"] == "FP8"
+    assert response(stdout).startswith(PROMPT)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("hub model offline", "Cannot download gpt2-medium"),
+        ("not a checkpoint", "is not a Hugging Face GPT-2 checkpoint"),
+        ("prompt too long", "the prompt (4 tokens) plus --max-new-tokens (125) is longer than the 128 tokens"),
+        ("unknown model", "unknown --model-type 'gpt3': expected one of gpt2, gpt2-medium"),
+        ("empty prompt", "--input-text is empty"),
+        ("no new tokens", "--max-new-tokens must be at least 1, got 0"),
+        ("not a number", "--max-new-tokens: invalid int value: 'many'"),
+        ("zero temperature", "--temperature must be greater than 0"),
+        ("zero top-k", "--top-k must be at least 1, got 0"),
+        ("missing calibration file", "calibration data not found: no/such/file.txt"),
+        ("export without quantizing", "--export-dir needs --quant-mode"),
+        ("export-only without a directory", "--export-only needs --export-dir"),
+        ("calibration without quantizing", "--calibration-data needs --quant-mode"),
+        ("unsupported calibration file", "calibration.csv: expected a .txt, .json or .jsonl file"),
+        ("no calibration samples", "--num-calibration-samples must be at least 1, got 0"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(runs, name, expected):
+    result = runs[name].result()
+    assert result.returncode == 2, f"{name}: exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), result.stderr
+    assert expected in lines[0]
+
+
+def test_hub_model_offline_suggests_a_local_directory(runs):
+    assert "local GPT-2 checkpoint directory" in runs["hub model offline"].result().stderr
+
+
+def test_tripy_backend_without_nvtripy_or_gpu(runs):
+    """Where Tripy cannot run (no compiler/runtime, as here and in CI, or no GPU), --backend tripy says what to do."""
+    try:
+        import nvtripy  # noqa: F401
+
+        nvtripy_imports = True
+    except ImportError:
+        nvtripy_imports = False
+    if nvtripy_imports and torch.cuda.is_available():
+        pytest.skip("Tripy runs on this machine, so --backend tripy is no mistake")
+    result = runs["tripy"].result()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("example.py: error: --backend tripy needs "), result.stderr
+    assert ("a CUDA GPU" if nvtripy_imports else NVTRIPY_INSTALL) in lines[0]
+
+
+def test_help_explains_the_dtype_default():
+    result = subprocess.run([sys.executable, "example.py", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "float16 matmuls are slow on a CPU" in " ".join(result.stdout.split())
+
+
+def test_cli_names_are_the_libraries():
+    """example.py lists the modes and Hub models itself, so that --help needs no torch; they must be the real ones."""
+    assert example.QUANT_MODES == reference.QUANT_MODES
+    assert example.HUB_MODELS == HUB_MODELS

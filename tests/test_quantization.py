@@ -1,0 +1,239 @@
+"""The quantized twin against ModelOpt's own quantized model, and the scales against hand-computed ones.
+
+ModelOpt's fake-quantized Hugging Face model is the independent truth: it is what ModelOpt calibrated and what it
+would export. The twin (reference.py) holds the weights and scales that weight_loader.py exports for Tripy.
+"""
+
+import copy
+import re
+
+import pytest
+import torch
+from conftest import CALIBRATION_TEXT, make_gpt2
+
+from quantization import create_forward_loop, modelopt_quantize
+from reference import GPT
+from tokenizer import gpt2_tokenizer
+from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf, load_weights_from_hf
+
+MODES = ("int8-weight-only", "int4-weight-only", "float8")
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return make_gpt2()
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 50257, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def quantized(hf_model):
+    """Each mode's ModelOpt-quantized copy of the model, calibrated once for the whole module."""
+    return {
+        mode: modelopt_quantize(copy.deepcopy(hf_model), mode, CALIBRATION_TEXT, batch_size=4, num_samples=4)
+        for mode in MODES
+    }
+
+
+def load_twin(hf_model, quant_mode=None, quantized_model=None) -> GPT:
+    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
+    if quant_mode is None:
+        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
+    else:
+        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
+    return twin
+
+
+@torch.no_grad()
+def test_unquantized_twin_matches_hugging_face(hf_model, tokens):
+    twin = load_twin(hf_model)
+    torch.testing.assert_close(twin(tokens), hf_model(tokens).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["int8-weight-only", "int4-weight-only"])
+@torch.no_grad()
+def test_integer_twin_matches_modelopt(hf_model, quantized, tokens, mode):
+    """Integer QDQ is exact arithmetic on the same values: only float summation order differs."""
+    expected = quantized[mode](tokens).logits
+    quantization_effect = (expected - hf_model(tokens).logits).abs().max()
+    assert quantization_effect > 1e-2  # the quantization is visible, so the comparison below means something
+    torch.testing.assert_close(load_twin(hf_model, mode, quantized[mode])(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_float8_twin_layers_match_modelopt(hf_model, quantized, tokens):
+    """Each FP8 layer of the twin, fed the input ModelOpt's layer saw, gives ModelOpt's output.
+
+    Up to single FP8 rounding steps (see the end-to-end test below) in under 0.1% of the outputs; a wrong scale
+    would be off everywhere."""
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+        for name, module in quantized["float8"].named_modules()
+        if hasattr(module, "weight_quantizer") and module.weight_quantizer.is_enabled
+    ]
+    quantized["float8"](tokens)
+    for hook in hooks:
+        hook.remove()
+    twin = load_twin(hf_model, "float8", quantized["float8"])
+    assert len(seen) == 4 * 2 + 1  # every block linear and lm_head
+    for name, (layer_input, expected) in seen.items():
+        difference = (get_submodule(twin, name)(layer_input) - expected).abs()
+        assert (difference > 1e-3 * expected.abs().max()).float().mean() < 1e-3, name
+        assert difference.max() < 1e-2 * expected.abs().max(), name
+
+
+@torch.no_grad()
+def test_float8_twin_matches_modelopt_end_to_end(tokens):
+    """TensorRT divides by the scale, ModelOpt multiplies by its reciprocal: the two can land a value on opposite
+    sides of an FP8 rounding boundary, one FP8 step (1/16 to 1/8 of it) apart, and the following layers carry that
+    on. So end to end the twin must be an order of magnitude closer to ModelOpt than ModelOpt is to the unquantized
+    model, not identical. Milder outliers here: large LayerNorm gains would amplify those single steps."""
+    hf_model = make_gpt2(outlier_gain=3.0)
+    quantized = modelopt_quantize(copy.deepcopy(hf_model), "float8", CALIBRATION_TEXT, num_samples=4)
+    expected = quantized(tokens).logits
+    quantization_effect = (expected - hf_model(tokens).logits).abs().max()
+    twin_error = (load_twin(hf_model, "float8", quantized)(tokens) - expected).abs().max()
+    assert twin_error < 0.1 * quantization_effect
+
+
+def test_float8_weights_differ_from_modelopt_by_at_most_one_step(hf_model, quantized):
+    quant_linear = quantized["float8"].transformer.h[0].mlp.c_fc
+    expected = quant_linear.weight_quantizer(quant_linear.weight).detach()
+    twin_weight = load_twin(hf_model, "float8", quantized["float8"]).transformer.h[0].mlp.c_fc.dequantized_weight
+    # Dequantizing multiplies by amax / 448 here and by 1 / (448 / amax) in ModelOpt: ulps apart everywhere.
+    differ = ~torch.isclose(twin_weight, expected, rtol=1e-5, atol=0)
+    assert differ.float().mean() < 1e-3
+    assert torch.all((twin_weight - expected).abs()[differ] <= expected.abs()[differ] / 8)
+
+
+@torch.no_grad()
+def test_awq_pre_quant_scale_matters_here(hf_model, quantized, tokens):
+    """The int4 parity test can only catch a dropped pre_quant_scale if dropping it changes the output a lot."""
+    twin = load_twin(hf_model, "int4-weight-only", quantized["int4-weight-only"])
+    expected = quantized["int4-weight-only"](tokens).logits
+    pre_quant_scales = [module.pre_quant_scale for name, module in twin.named_modules() if name.endswith("c_fc")]
+    assert max(scale.max() / scale.min() for scale in pre_quant_scales) > 2  # far from 1: the outliers made AWQ act
+    for module in twin.modules():
+        if hasattr(module, "pre_quant_scale"):
+            module.pre_quant_scale.data.fill_(1.0)
+    assert (twin(tokens) - expected).abs().max() > 100 * 1e-4
+
+
+def test_int8_scales_are_row_amax_over_127(quantized):
+    quant_linear = quantized["int8-weight-only"].transformer.h[1].attn.c_attn
+    twin_layer = GPT(config_from_hf(quantized["int8-weight-only"], dtype="float32", quant_mode="int8-weight-only"))
+    load_quant_weights_from_hf(twin_layer, None, torch.float32, "int8-weight-only", quantized["int8-weight-only"])
+    weight = quant_linear.weight.detach()  # [out, in]
+    expected = weight.abs().amax(dim=1) / 127  # one scale per output channel
+    torch.testing.assert_close(twin_layer.transformer.h[1].attn.c_attn.weight_scale.detach(), expected)
+
+
+def test_int4_scales_are_block_amax_over_7_in_tripy_layout(hf_model, quantized):
+    """Scale [in / 128, out]: entry [b, o] covers weight row o, input features 128 b .. 128 b + 127."""
+    quant_linear = quantized["int4-weight-only"].transformer.h[0].mlp.c_proj
+    weight = quant_linear.weight.detach()  # [out, in] as ModelOpt holds it, after AWQ's rescaling
+    out_features, in_features = weight.shape
+    blocks = weight.reshape(out_features, in_features // 128, 128)
+    expected = (blocks.abs().amax(dim=2) / 7).t()  # [in / 128, out]
+    twin = load_twin(hf_model, "int4-weight-only", quantized["int4-weight-only"])
+    layer = twin.transformer.h[0].mlp.c_proj
+    assert layer.weight.shape == (in_features, out_features)
+    torch.testing.assert_close(layer.weight_scale.detach(), expected)
+    torch.testing.assert_close(layer.weight.detach(), weight.t())
+
+
+def test_float8_scales_are_tensor_amax_over_448(hf_model, quantized):
+    quant_linear = quantized["float8"].lm_head
+    twin = load_twin(hf_model, "float8", quantized["float8"])
+    torch.testing.assert_close(twin.lm_head.weight_scale.detach(), quant_linear.weight.detach().abs().max() / 448)
+    assert twin.lm_head.input_scale.shape == ()
+
+
+def enabled_quantizers(model) -> set[str]:
+    return {
+        name
+        for name, module in model.named_modules()
+        if type(module).__name__.endswith("Quantizer") and module.is_enabled
+    }
+
+
+def test_quantizers_only_on_the_linears_tripy_quantizes(quantized):
+    block_linears = r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+    for mode in ("int8-weight-only", "int4-weight-only"):
+        names = enabled_quantizers(quantized[mode])
+        assert names and all(re.fullmatch(block_linears + r"\.weight_quantizer", name) for name in names)
+        assert len(names) == 4 * 2
+    names = enabled_quantizers(quantized["float8"])
+    linears = rf"({block_linears}|lm_head)\.(weight|input)_quantizer"
+    assert all(re.fullmatch(linears, name) for name in names) and len(names) == 2 * (4 * 2 + 1)
+
+
+def test_calibration_is_deterministic():
+    model = make_gpt2(n_embd=128, n_layer=1, n_head=2)
+    first = modelopt_quantize(copy.deepcopy(model), "int4-weight-only", CALIBRATION_TEXT, num_samples=4)
+    second = modelopt_quantize(copy.deepcopy(model), "int4-weight-only", CALIBRATION_TEXT, num_samples=4)
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_unknown_quant_mode_lists_the_supported_ones(hf_model):
+    with pytest.raises(ValueError, match="int8-weight-only, int4-weight-only, float8"):
+        modelopt_quantize(copy.deepcopy(hf_model), "int4", CALIBRATION_TEXT)
+
+
+def test_loading_a_mode_the_model_was_not_quantized_for_fails(hf_model, quantized):
+    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode="int8-weight-only"))
+    with pytest.raises(ValueError, match="not quantized for int8-weight-only"):
+        load_quant_weights_from_hf(twin, None, torch.float32, "int8-weight-only", quantized["float8"])
+
+
+class TestForwardLoop:
+    @pytest.fixture(scope="class")
+    def small_model(self):
+        return make_gpt2(n_embd=64, n_layer=1, n_head=2, n_positions=32)
+
+    def run(self, model, dataset_name, batch_size, num_samples):
+        batches = []
+        hook = model.register_forward_pre_hook(lambda module, args: batches.append(tuple(args[0].shape)))
+        try:
+            create_forward_loop(model, dataset_name, gpt2_tokenizer(), "cpu", batch_size, num_samples)(model)
+        finally:
+            hook.remove()
+        return batches  # [batch, seq] of each call
+
+    def test_runs_exactly_num_samples_in_batches_truncated_to_n_positions(self, small_model):
+        shapes = self.run(small_model, CALIBRATION_TEXT, batch_size=4, num_samples=10)
+        assert [shape[0] for shape in shapes] == [4, 4, 2]
+        assert all(shape[1] <= 32 for shape in shapes)
+
+    def test_json_and_jsonl_text_field(self, small_model, tmp_path):
+        (tmp_path / "data.jsonl").write_text('{"text": "One sample."}\n{"text": "Another one."}\n')
+        (tmp_path / "data.json").write_text('[{"text": "One sample."}, {"text": "Two."}, {"text": "Three."}]')
+        assert [s[0] for s in self.run(small_model, str(tmp_path / "data.jsonl"), 4, 2)] == [2]
+        assert [s[0] for s in self.run(small_model, str(tmp_path / "data.json"), 2, 3)] == [2, 1]
+
+    def test_fewer_samples_than_asked_uses_what_there_is_and_says_so(self, small_model, tmp_path, capsys):
+        path = tmp_path / "three.txt"
+        path.write_text("First paragraph.\n\nSecond paragraph.\n\n\n\nThird paragraph.\n")
+        assert [s[0] for s in self.run(small_model, str(path), 2, 5)] == [2, 1]
+        assert "only 3 samples, fewer than the 5 asked for" in capsys.readouterr().out
+
+    @pytest.mark.parametrize("batch_size, num_samples", [(0, 4), (4, 0)])
+    def test_sizes_below_one_are_rejected(self, small_model, batch_size, num_samples):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            create_forward_loop(small_model, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", batch_size, num_samples)
+
+    def test_missing_file_is_named(self, small_model, tmp_path):
+        missing = str(tmp_path / "nope.txt")
+        with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+            create_forward_loop(small_model, missing, gpt2_tokenizer(), "cpu", 4, 4)
+
+    def test_offline_default_calibrates_on_the_shipped_text(self, small_model, monkeypatch, capsys):
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        modelopt_quantize(copy.deepcopy(small_model), "int8-weight-only", num_samples=2)
+        out = capsys.readouterr().out
+        assert "Hugging Face Hub unreachable: calibrating on the shipped data/calibration.txt" in out

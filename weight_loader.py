@@ -1,0 +1,207 @@
+"""Loads Hugging Face GPT-2 weights, and ModelOpt's quantization scales, into the Tripy GPT or its PyTorch twin.
+
+Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plus, on quantized layers:
+    int8-weight-only   weight [out, in]  weight_scale [out]                                  (per output channel)
+    float8             weight [out, in]  weight_scale []     input_scale []                  (per tensor)
+    int4-weight-only   weight [in, out]  weight_scale [in / 128, out]  pre_quant_scale [in]  (blocks of 128 inputs)
+Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
+"""
+
+import json
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
+
+from reference import INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig
+
+HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
+MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
+# What ModelOpt's weight quantizer must be for each mode: (num_bits, block-wise).
+WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
+
+
+class HubUnreachableError(OSError):
+    """A Hugging Face Hub model was asked for, it is not in the local cache, and the Hub cannot be reached."""
+
+
+def get_submodule(module: Any, attr_name: str) -> Any:
+    """Follows a dotted path such as "transformer.h.0.attn" from `module`.
+
+    Integer parts index lists (ModuleList, Sequential, a Tripy module's list), other parts look up dictionaries
+    (ModuleDict, a Tripy module's dict) by key, or attributes.
+    """
+    current = module
+    for part in attr_name.split("."):
+        if isinstance(current, (nn.ModuleList, nn.Sequential, list, tuple)) and part.isdigit():
+            found = int(part) < len(current)
+            current = current[int(part)] if found else None
+        elif isinstance(current, (nn.ModuleDict, dict)):
+            found = part in current
+            current = current[part] if found else None
+        else:
+            found = hasattr(current, part)
+            current = getattr(current, part, None)
+        if not found:
+            raise AttributeError(f"No submodule {part!r} in path {attr_name!r}")
+    return current
+
+
+def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
+    """ModelOpt's amax -> quantization scale (amax / maxbound) as float32, with size-1 dimensions squeezed."""
+    return (amax.detach().float() / maxbound).squeeze()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face Hub answers on its port; quick, so that being offline never hangs."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def load_hf_model(model_type: str) -> GPT2LMHeadModel:
+    """GPT-2 from the Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local checkpoint directory, in float32."""
+    if os.path.isdir(model_type):
+        config_path = os.path.join(model_type, "config.json")
+        model_kind = json.load(open(config_path)).get("model_type") if os.path.isfile(config_path) else None
+        if model_kind != "gpt2":
+            raise ValueError(
+                f"{model_type!r} is not a Hugging Face GPT-2 checkpoint (needs config.json with model_type 'gpt2')"
+            )
+        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
+    if model_type not in HUB_MODELS:
+        raise ValueError(
+            f"Unknown model type {model_type!r}: expected one of {', '.join(HUB_MODELS)} "
+            "or a local GPT-2 checkpoint directory"
+        )
+    try:  # the local cache first: it needs no network
+        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32, local_files_only=True).eval()
+    except OSError:
+        if not hub_reachable():
+            raise HubUnreachableError(
+                f"Cannot download {model_type}: the Hugging Face Hub is unreachable and it is not in the local cache. "
+                "Pass a local GPT-2 checkpoint directory instead."
+            ) from None
+    return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
+
+
+def config_from_hf(hf_model: GPT2LMHeadModel, **overrides: Any) -> GPTConfig:
+    """The GPTConfig matching a Hugging Face GPT-2; `overrides` sets the other fields (dtype, quant_mode, ...)."""
+    hf_config = hf_model.config
+    return GPTConfig(
+        block_size=hf_config.n_positions,
+        vocab_size=hf_config.vocab_size,
+        num_layers=hf_config.n_layer,
+        num_heads=hf_config.n_head,
+        embedding_size=hf_config.n_embd,
+        **overrides,
+    )
+
+
+def load_weights_from_hf(model: Any, model_type: str, dtype: Any, hf_model: GPT2LMHeadModel | None = None) -> None:
+    """Loads unquantized GPT-2 weights into `model` (the Tripy GPT or the twin), cast to `dtype` (that backend's)."""
+    hf_model = hf_model if hf_model is not None else load_hf_model(model_type)
+    _load_into(model, _hf_parameters(hf_model), dtype)
+
+
+def load_quant_weights_from_hf(
+    model: Any, model_type: str, dtype: Any, quant_mode: str, quantized_model: GPT2LMHeadModel | None = None
+) -> None:
+    """Loads ModelOpt-quantized GPT-2 weights and scales into `model` (the Tripy GPT or the twin).
+
+    `quantized_model` is a Hugging Face GPT-2 already quantized by `modelopt_quantize` in `quant_mode`; without it,
+    `model_type` is loaded and calibrated here.
+    """
+    if quant_mode not in QUANT_MODES:
+        raise ValueError(f"Unknown quant_mode {quant_mode!r}; supported: {', '.join(QUANT_MODES)}")
+    if quantized_model is None:
+        from quantization import modelopt_quantize  # imports ModelOpt, which only this path needs
+
+        quantized_model = modelopt_quantize(load_hf_model(model_type), quant_mode)
+    tensors = _hf_parameters(quantized_model)
+    for name, module in quantized_model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is not None and quantizer.is_enabled:
+            for param_name, tensor in _quantized_linear(module, quant_mode, name).items():
+                tensors[f"{name}.{param_name}"] = tensor
+    _load_into(model, tensors, dtype)
+
+
+def _hf_parameters(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by name, linear weights as [out, in] (HF's GPT-2 Conv1D stores them [in, out])."""
+    tensors = {}
+    for module_name, module in hf_model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            tensor = param.detach()
+            if isinstance(module, Conv1D) and param_name == "weight":
+                tensor = tensor.t()
+            tensors[f"{module_name}.{param_name}"] = tensor
+    return tensors
+
+
+def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str, torch.Tensor]:
+    """The Tripy layer's parameters for one ModelOpt QuantLinear (its weight is [out, in])."""
+    weight_quantizer, input_quantizer = module.weight_quantizer, module.input_quantizer
+    num_bits, block_wise = WEIGHT_QUANTIZER[quant_mode]
+    if weight_quantizer.num_bits != num_bits or bool(weight_quantizer.block_sizes) != block_wise:
+        raise ValueError(f"{name} was not quantized for {quant_mode} (weight quantizer: {weight_quantizer})")
+    maxbound = MAXBOUND[quant_mode]
+    weight = module.weight.detach()
+    weight_scale = convert_to_scale(weight_quantizer.amax, maxbound)
+    if quant_mode == "int8-weight-only":
+        return {"weight": weight, "weight_scale": weight_scale}  # scale [out]
+    if quant_mode == "float8":
+        return {
+            "weight": weight,
+            "weight_scale": weight_scale,
+            "input_scale": convert_to_scale(input_quantizer.amax, maxbound),
+        }
+    # int4: ModelOpt's amax is [out * in / block, 1], ordered [out, in / block]; Tripy blocks along dim 0.
+    out_features, in_features = weight.shape
+    weight_scale = weight_scale.reshape(out_features, in_features // INT4_BLOCK_SIZE)
+    pre_quant_scale = input_quantizer.pre_quant_scale
+    if pre_quant_scale is None:  # int4 calibrated without AWQ: scaling the input by one is the same layer
+        pre_quant_scale = torch.ones(in_features)
+    return {
+        "weight": weight.t().contiguous(),  # [in, out]
+        "weight_scale": weight_scale.t().contiguous(),  # [in / block, out]
+        "pre_quant_scale": pre_quant_scale.detach().float(),  # [in]
+    }
+
+
+def _load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None:
+    """Checks names and shapes against the model's parameters, casts to `dtype`, and loads."""
+    expected = model.state_dict()
+    # tp.Linear's input_scale is an OptionalParameter: weight-only modes leave it unset.
+    optional = {name for name, value in expected.items() if type(value).__name__ == "OptionalParameter"}
+    missing = sorted(set(expected) - set(tensors) - optional)
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"Weights do not match the model. Missing: {missing}. Unexpected: {unexpected}.")
+    wrong_shapes = [
+        f"{name}: model {tuple(expected[name].shape)}, weights {tuple(tensor.shape)}"
+        for name, tensor in tensors.items()
+        if expected[name].shape is not None and tuple(expected[name].shape) != tuple(tensor.shape)
+    ]
+    if wrong_shapes:
+        raise ValueError(f"Weight shapes do not match the model: {'; '.join(wrong_shapes)}")
+
+    if isinstance(model, nn.Module):
+        model.load_state_dict({name: tensor.to(dtype) for name, tensor in tensors.items()})
+    else:
+        import nvtripy as tp
+
+        torch_dtype = getattr(torch, dtype.name)  # tp.float16 -> torch.float16
+        # Tripy takes the tensors through DLPack; they stay in CPU memory, where its quantize wants its scales.
+        model.load_state_dict(
+            {name: tp.Tensor(tensor.to(torch_dtype).contiguous()) for name, tensor in tensors.items()}
+        )
