@@ -18,7 +18,7 @@ from conftest import REPO, make_gpt2
 import example
 import reference
 from tokenizer import gpt2_encoding
-from weight_loader import HUB_MODELS, load_hf_model
+from weight_loader import HUB_MODELS, config_from_hf, load_hf_model, load_weights_from_hf
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens
@@ -147,6 +147,23 @@ def test_export_writes_a_checkpoint_and_carries_on(runs, export_dir):
     with open(os.path.join(export_dir, "config.json")) as file:
         assert json.load(file)["quantization_config"]["quant_algo"] == "FP8"
     assert response(stdout).startswith(PROMPT)
+
+
+def test_offline_default_falls_back_to_the_bundled_model(runs):
+    """With no --model-type and no Hub, the bundled model runs, and its seed gives the text it gives here."""
+    stdout = succeeded(runs, "fallback")
+    fallback_lines = [line for line in stdout.splitlines() if line.startswith("Could not download")]
+    assert len(fallback_lines) == 1 and "running the bundled model in bundled_model/" in fallback_lines[0], stdout
+    assert "\nModel: bundled_model (" in stdout
+
+    hf_model = load_hf_model(example.BUNDLED_MODEL_DIR)
+    twin = reference.GPT(config_from_hf(hf_model, dtype="float32")).eval()
+    load_weights_from_hf(twin, example.BUNDLED_MODEL_DIR, torch.float32, hf_model=hf_model)
+    encoding = gpt2_encoding()
+    idx = torch.tensor([encoding.encode(PROMPT)])
+    generator = torch.Generator().manual_seed(FALLBACK_SEED)
+    idx = reference.generate(twin, idx, NEW_TOKENS, temperature=0.8, top_k=40, generator=generator)
+    assert response(stdout) == encoding.decode(idx[0].tolist())
 
 
 @pytest.mark.parametrize(

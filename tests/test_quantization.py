@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, make_gpt2
+from conftest import CALIBRATION_TEXT, load_twin, make_gpt2
 
 from quantization import create_forward_loop, modelopt_quantize
 from reference import GPT
 from tokenizer import gpt2_tokenizer
-from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf, load_weights_from_hf
+from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf
 
 MODES = ("int8-weight-only", "int4-weight-only", "float8")
 
@@ -36,15 +36,6 @@ def quantized(hf_model):
         mode: modelopt_quantize(copy.deepcopy(hf_model), mode, CALIBRATION_TEXT, batch_size=4, num_samples=4)
         for mode in MODES
     }
-
-
-def load_twin(hf_model, quant_mode=None, quantized_model=None) -> GPT:
-    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
-    if quant_mode is None:
-        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
-    else:
-        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
-    return twin
 
 
 @torch.no_grad()

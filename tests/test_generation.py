@@ -1,0 +1,118 @@
+"""The twin's key/value cache changes nothing but the speed, in every quantization mode.
+
+Full recomputation (`model(idx)`, and `generate(..., use_cache=False)`) is the truth the cache is checked against:
+step by step, the logits of `forward_with_cache` fed one token at a time must match the logits of one pass over the
+whole sequence, and generation must pick the same tokens for the same seed. Each mode's twin is loaded by
+weight_loader from a ModelOpt-quantized GPT-2, calibrated once for the whole module.
+"""
+
+import pytest
+import torch
+from conftest import load_twin, make_gpt2
+
+import reference
+from quantization import modelopt_quantize
+from reference import GPT, QUANT_MODES, generate
+
+MODES = (None, *QUANT_MODES)
+# Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.
+CALIBRATION_PARAGRAPHS = [
+    "The town council voted on Tuesday to repair the roads before winter.",
+    "Green plants turn sunlight, water and carbon dioxide into sugar.",
+    "The train to the coast leaves at nine and arrives just after noon.",
+    "She planted tomatoes along the fence and watered them every evening.",
+]
+PROMPT_LEN = 5
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory) -> dict[str | None, GPT]:
+    """The twin in each mode, float32, loaded from the same random GPT-2 (quantized by ModelOpt for each mode)."""
+    calibration_file = tmp_path_factory.mktemp("calibration") / "calibration.txt"
+    calibration_file.write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
+    twins = {}
+    for mode in MODES:
+        hf_model = make_gpt2()
+        quantized = None
+        if mode is not None:
+            quantized = modelopt_quantize(hf_model, mode, str(calibration_file), batch_size=4, num_samples=4)
+        twins[mode] = load_twin(hf_model, mode, quantized)
+    return twins
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))  # [batch, seq]
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+@torch.no_grad()
+def test_cached_logits_match_full_recomputation_step_by_step(twins, tokens, mode):
+    twin = twins[mode]
+    full_logits = twin(tokens)  # [batch, seq, vocab]
+    logits, keys, values = twin.forward_with_cache(tokens[:, :PROMPT_LEN])
+    torch.testing.assert_close(logits, full_logits[:, :PROMPT_LEN], atol=1e-4, rtol=1e-4)
+    for position in range(PROMPT_LEN, tokens.shape[1]):
+        logits, keys, values = twin.forward_with_cache(tokens[:, position : position + 1], keys, values)
+        torch.testing.assert_close(logits[:, 0], full_logits[:, position], atol=1e-4, rtol=1e-4)
+    config = twin.config
+    head_dim = config.embedding_size // config.num_heads
+    assert keys.shape == values.shape == (config.num_layers, 2, config.num_heads, tokens.shape[1], head_dim)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_generate_picks_the_same_tokens_with_and_without_cache(twins, tokens, mode):
+    """Sampled (not greedy) at a temperature that leaves many candidates: the draws depend on the exact logits."""
+    prompt = tokens[:, :PROMPT_LEN]
+    generated = {
+        use_cache: generate(
+            twins[mode],
+            prompt,
+            8,
+            temperature=2.0,
+            top_k=50,
+            generator=torch.Generator().manual_seed(3),
+            use_cache=use_cache,
+        )
+        for use_cache in (True, False)
+    }
+    assert generated[True].shape == (2, PROMPT_LEN + 8)
+    assert torch.equal(generated[True], generated[False])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_with_cache_feeds_only_the_new_token(twins, tokens, use_cache, monkeypatch):
+    """With the cache, the prompt runs once and each later step runs one token; without it, the whole sequence."""
+    twin = twins[None]
+    fed_lengths = []
+    forward_with_cache = twin.forward_with_cache
+
+    def recording_forward_with_cache(idx, *args, **kwargs):
+        fed_lengths.append(idx.shape[1])
+        return forward_with_cache(idx, *args, **kwargs)
+
+    monkeypatch.setattr(twin, "forward_with_cache", recording_forward_with_cache)
+    generate(twin, tokens[:, :PROMPT_LEN], 4, top_k=1, use_cache=use_cache)
+    assert fed_lengths == (
+        [PROMPT_LEN, 1, 1, 1] if use_cache else [PROMPT_LEN, PROMPT_LEN + 1, PROMPT_LEN + 2, PROMPT_LEN + 3]
+    )
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+@torch.no_grad()
+def test_weights_are_quantized_once_at_load_not_on_every_forward(twins, tokens, mode, monkeypatch):
+    """A forward pass quantizes activations only: float8 quantizes each linear layer's input, weight-only modes none."""
+    twin = twins[mode]
+    calls = []
+    quantize_dequantize = reference.quantize_dequantize
+
+    def counting_quantize_dequantize(x, scale, quant_dtype):
+        calls.append(tuple(x.shape))
+        return quantize_dequantize(x, scale, quant_dtype)
+
+    monkeypatch.setattr(reference, "quantize_dequantize", counting_quantize_dequantize)
+    twin(tokens)
+    quantized_inputs = [m for m in twin.modules() if getattr(m, "input_scale", None) is not None]
+    assert len(calls) == len(quantized_inputs)
+    assert all(shape[:2] == tuple(tokens.shape) for shape in calls)  # activations [batch, seq, in], no weight
+    assert len(quantized_inputs) == (4 * twin.config.num_layers + 1 if mode == "float8" else 0)  # and lm_head
