@@ -163,15 +163,22 @@ class GPT(tp.Module):
 
     def forward(self, idx: tp.Tensor) -> tp.Tensor:
         """idx [batch, seq] int32 token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""
-        logits, _, _ = self.forward_with_cache(idx)
-        return logits
+        x, _, _ = self.hidden_states(idx)
+        return self.lm_head(x)  # [batch, seq, vocab]
 
     def forward_with_cache(self, idx, past_keys=None, past_values=None):
         """Runs `idx` [batch, seq] after a past already seen, whose keys and values are given.
 
         past_keys/past_values: [layers, batch, heads, past, head_dim], or None when there is no past.
-        Returns logits [batch, seq, vocab] and the keys and values of past + seq, to pass to the next call.
+        Returns the logits of the last position only, [batch, 1, vocab] (the next token is all generation needs,
+        and lm_head is the largest matmul), and the keys and values of past + seq, to pass to the next call.
         """
+        x, keys, values = self.hidden_states(idx, past_keys, past_values)
+        logits = self.lm_head(x[:, -1:, :])  # [batch, 1, vocab]
+        return logits, keys, values
+
+    def hidden_states(self, idx, past_keys=None, past_values=None):
+        """The final LayerNorm's output [batch, seq, embd], and the keys and values of past + seq."""
         past = 0 if past_keys is None else past_keys.shape[3]
         seq = idx.shape[1]
         pos = tp.arange(past, past + seq, dtype=tp.int32)  # [seq]
@@ -183,9 +190,7 @@ class GPT(tp.Module):
             x, key, value = block(x, past_key, past_value)
             keys.append(key)
             values.append(value)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # [batch, seq, vocab]
-        return logits, tp.stack(keys), tp.stack(values)
+        return self.transformer.ln_f(x), tp.stack(keys), tp.stack(values)
 
 
 @dataclass
@@ -226,8 +231,8 @@ def compile_model(model: GPT, config: GPTConfig) -> CompiledGPT:
 
 
 def run(executable: tp.Executable, *inputs: tp.Tensor) -> tuple[torch.Tensor, tp.Tensor, tp.Tensor]:
-    """Runs a compiled forward_with_cache: logits [batch, seq, vocab] as a CPU torch tensor, and the keys and
-    values, left in GPU memory for the next call."""
+    """Runs a compiled forward_with_cache: the last position's logits [batch, 1, vocab] as a CPU torch tensor, and
+    the keys and values, left in GPU memory for the next call."""
     logits, keys, values = executable(*inputs)
     executable.stream.synchronize()  # executables run asynchronously, on Tripy's own CUDA stream
     return torch.from_dlpack(logits).cpu(), keys, values

@@ -209,15 +209,22 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [batch, seq] token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""
-        logits, _, _ = self.forward_with_cache(idx)
-        return logits
+        x, _, _ = self.hidden_states(idx)
+        return self.lm_head(x)  # [batch, seq, vocab]
 
     def forward_with_cache(self, idx, past_keys=None, past_values=None):
         """Runs `idx` [batch, seq] after a past already seen, whose keys and values are given.
 
         past_keys/past_values: [layers, batch, heads, past, head_dim], or None when there is no past.
-        Returns logits [batch, seq, vocab] and the keys and values of past + seq, to pass to the next call.
+        Returns the logits of the last position only, [batch, 1, vocab] (the next token is all generation needs,
+        and lm_head is the largest matmul), and the keys and values of past + seq, to pass to the next call.
         """
+        x, keys, values = self.hidden_states(idx, past_keys, past_values)
+        logits = self.lm_head(x[:, -1:, :])  # [batch, 1, vocab]
+        return logits, keys, values
+
+    def hidden_states(self, idx, past_keys=None, past_values=None):
+        """The final LayerNorm's output [batch, seq, embd], and the keys and values of past + seq."""
         past = 0 if past_keys is None else past_keys.shape[3]
         seq = idx.shape[1]
         pos = torch.arange(past, past + seq, dtype=torch.long, device=idx.device)  # [seq]
@@ -229,19 +236,18 @@ class GPT(nn.Module):
             x, key, value = block(x, past_key, past_value)
             keys.append(key)
             values.append(value)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)  # [batch, seq, vocab]
-        return logits, torch.stack(keys), torch.stack(values)
+        return self.transformer.ln_f(x), torch.stack(keys), torch.stack(values)
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """logits [batch, vocab] -> token ids [batch, 1], sampled from the top_k most likely at `temperature`."""
     logits = logits.float() / temperature
-    if top_k is not None:
-        kth_best = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # [batch, 1]
-        logits = logits.masked_fill(logits < kth_best, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    if top_k is None:
+        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    # Draw among the k candidates only: a softmax over k values instead of the whole vocabulary.
+    top_logits, top_tokens = torch.topk(logits, min(top_k, logits.shape[-1]))  # [batch, k] each
+    choice = torch.multinomial(torch.softmax(top_logits, dim=-1), num_samples=1, generator=generator)  # [batch, 1]
+    return top_tokens.gather(-1, choice)
 
 
 @torch.no_grad()
@@ -267,7 +273,7 @@ def generate(
         if use_cache:
             logits, keys, values = model.forward_with_cache(new_tokens, keys, values)
         else:
-            logits = model(idx)
+            logits, _, _ = model.forward_with_cache(idx)
         next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
         idx = torch.cat([idx, next_token], dim=1)
         new_tokens = next_token

@@ -1,9 +1,9 @@
 """Train the small GPT-2 that ships with the example, on CPU, from text already on the machine.
 
 The corpus is the prose in the docstrings of the Python standard library (PSF license), read offline from the
-stdlib source directory. About 5% of the modules are held out for validation; their text is written to data/heldout.txt so later
-reports can measure perplexity on exactly the same text. The model is a Hugging Face GPT2LMHeadModel with GPT-2's
-own vocabulary, saved in float16 so the checkpoint stays small enough to commit:
+stdlib source directory. About 5% of the modules are held out for validation; their text is written to
+data/heldout.txt so later reports can measure perplexity on exactly the same text. The model is a Hugging Face
+GPT2LMHeadModel with GPT-2's own vocabulary, saved in float16 so the checkpoint stays small enough to commit:
 
     python train.py                      # writes bundled_model/ and data/heldout.txt
     python train.py --steps 300 --out-dir /tmp/quick
@@ -13,6 +13,7 @@ import argparse
 import ast
 import hashlib
 import math
+import os
 import re
 import sysconfig
 import time
@@ -170,7 +171,8 @@ def main() -> None:
     train_tokens = torch.tensor(encoding.encode_ordinary("\n\n".join(train_texts)))
     validation_tokens = torch.tensor(encoding.encode_ordinary(HELDOUT_PATH.read_text()))
     print(f"corpus: {len(train_texts)} train docstrings, {len(train_tokens):,} tokens;", end=" ")
-    print(f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({HELDOUT_PATH})")
+    heldout = os.path.relpath(HELDOUT_PATH)
+    print(f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({heldout})")
 
     model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
     print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
@@ -223,7 +225,8 @@ def main() -> None:
     # Measure the saved checkpoint the way consumers load it, in float32.
     saved = GPT2LMHeadModel.from_pretrained(args.out_dir, dtype=torch.float32)
     print(f"validation perplexity {perplexity(saved, validation_tokens, context):.2f} (saved checkpoint, float32)")
-    print(f"checkpoint {args.out_dir}: {size:,} bytes; total time {(time.time() - started) / 60:.1f} min")
+    minutes = (time.time() - started) / 60
+    print(f"checkpoint {os.path.relpath(args.out_dir)}: {size:,} bytes; total time {minutes:.1f} min")
 
 
 if __name__ == "__main__":

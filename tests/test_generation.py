@@ -50,8 +50,8 @@ def tokens() -> torch.Tensor:
 def test_cached_logits_match_full_recomputation_step_by_step(twins, tokens, mode):
     twin = twins[mode]
     full_logits = twin(tokens)  # [batch, seq, vocab]
-    logits, keys, values = twin.forward_with_cache(tokens[:, :PROMPT_LEN])
-    torch.testing.assert_close(logits, full_logits[:, :PROMPT_LEN], atol=1e-4, rtol=1e-4)
+    logits, keys, values = twin.forward_with_cache(tokens[:, :PROMPT_LEN])  # the prompt's last position only
+    torch.testing.assert_close(logits, full_logits[:, PROMPT_LEN - 1 : PROMPT_LEN], atol=1e-4, rtol=1e-4)
     for position in range(PROMPT_LEN, tokens.shape[1]):
         logits, keys, values = twin.forward_with_cache(tokens[:, position : position + 1], keys, values)
         torch.testing.assert_close(logits[:, 0], full_logits[:, position], atol=1e-4, rtol=1e-4)

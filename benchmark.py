@@ -1,0 +1,285 @@
+"""How fast the PyTorch twin generates, with and without its key/value cache, next to Hugging Face's `generate`.
+
+The three run in one process, on the same weights, the same prompts and the same torch threads, greedily (the twin's
+top_k=1 is greedy) in float32 on the CPU. The benchmark prints:
+  - tokens per second at batch 1 and batch 8, and the peak memory of the tensors each one allocates;
+  - the time per token as the sequence grows, at positions 32 .. 512.
+The weights are a random GPT-2 in the real shapes (`GPT2Config()`: gpt2, 124M parameters) copied into the twin with
+weight_loader, so nothing is downloaded; random weights take exactly as long to multiply as trained ones.
+
+    python benchmark.py           # the gpt2 (124M) shape: a few minutes on 2 cores
+    python benchmark.py --tiny    # a 2-layer, 64-wide GPT-2: seconds
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as transformers_logging
+
+from reference import GPT, generate
+from tokenizer import END_OF_TEXT
+from weight_loader import config_from_hf, load_weights_from_hf
+
+STEPS_PER_POSITION = 5  # the time per token at position p is the median of the steps at p .. p + 4
+BLOCK_SIZE = GPT2Config().n_positions  # 1024: the longest sequence GPT-2's position embedding covers
+TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "prompt_len": 8, "new_tokens": 8, "positions": "8,16,32", "repeats": 1}
+
+# (prompt [batch, seq], number of new tokens, callback for each new token [batch, 1]) -> tokens [batch, seq + new]
+Generate = Callable[[torch.Tensor, int, Callable[[torch.Tensor], None]], torch.Tensor]
+
+
+@dataclass
+class Contender:
+    name: str
+    generate: Generate
+    uses_cache: bool
+
+
+@dataclass
+class Results:
+    tokens_per_second: dict[int, dict[str, float]]  # batch size -> contender -> tokens/s
+    peak_memory_mb: dict[int, dict[str, float]]  # batch size -> contender -> MB
+    ms_per_token: dict[str, dict[int, float]]  # contender -> position -> milliseconds
+    same_tokens: bool  # whether all three generated the same tokens
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens for tokens/s and memory")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated for tokens/s and memory")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes for tokens/s and memory")
+    parser.add_argument("--positions", default="32,64,128,256,512", help="ascending positions to time a token at")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs for tokens/s; the fastest counts")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--n-layer", type=int, default=GPT2Config().n_layer)
+    parser.add_argument("--n-head", type=int, default=GPT2Config().n_head)
+    parser.add_argument("--n-embd", type=int, default=GPT2Config().n_embd)
+    parser.add_argument("--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests: {TINY}")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.tiny:
+        for name, value in TINY.items():
+            setattr(args, name, value)
+    try:
+        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
+        args.positions = [int(position) for position in args.positions.split(",")]
+    except ValueError:
+        parser.error("--batch-sizes and --positions take comma-separated integers, such as 1,8")
+    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
+        parser.error("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+    if args.prompt_len + args.new_tokens > BLOCK_SIZE:
+        parser.error(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+    if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
+        parser.error(f"--positions must be ascending positive integers, got {args.positions}")
+    if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
+        parser.error(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
+    if args.n_head < 1 or args.n_embd % args.n_head:
+        parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    return args
+
+
+def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT2LMHeadModel, GPT]:
+    """A random Hugging Face GPT-2 and the twin holding the same weights, both float32."""
+    torch.manual_seed(seed)
+    hf_model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
+    twin = GPT(config_from_hf(hf_model, dtype="float32")).eval()
+    load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
+    return hf_model, twin
+
+
+def twin_generate(twin: GPT, use_cache: bool) -> Generate:
+    def run(prompt, new_tokens, on_token):
+        return generate(twin, prompt, new_tokens, top_k=1, use_cache=use_cache, on_token=on_token)
+
+    return run
+
+
+class CallbackStreamer(BaseStreamer):
+    """Hands each new token to a callback. `generate` puts the prompt first: that one is not a new token."""
+
+    def __init__(self, on_token: Callable[[torch.Tensor], None]):
+        self.on_token = on_token
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:
+            self.on_token(value)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+def hf_generate(hf_model: GPT2LMHeadModel) -> Generate:
+    @torch.no_grad()
+    def run(prompt, new_tokens, on_token):
+        return hf_model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,  # never stop early at end-of-text: all three do the same work
+            pad_token_id=END_OF_TEXT,
+            use_cache=True,
+            streamer=CallbackStreamer(on_token),
+        )
+
+    return run
+
+
+def timed_run(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, list[float]]:
+    """Generates once; returns the tokens, the total seconds, and the seconds each new token took.
+
+    step_seconds[0] covers the prompt pass; step_seconds[i] (i >= 1) is the step that fed the token at position
+    prompt_len + i - 1 and chose the next one.
+    """
+    stamps = [time.perf_counter()]
+    tokens = run(prompt, new_tokens, lambda token: stamps.append(time.perf_counter()))
+    total = time.perf_counter() - stamps[0]
+    return tokens, total, [after - before for before, after in pairwise(stamps)]
+
+
+@contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """torch.profiler's C++ side writes two log lines to stderr on every run, and no setting turns them off."""
+    saved_stderr = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(saved_stderr)
+
+
+def peak_memory_mb(run: Generate, prompt: torch.Tensor, new_tokens: int) -> float:
+    """The most memory that tensors allocated while generating held at once: KV cache, activations, logits.
+
+    torch.profiler records every tensor allocation and free, and their running sum peaks here. The weights, allocated
+    before, are not counted. It is a separate, untimed run: profiling slows every op down.
+    """
+    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run(prompt, new_tokens, lambda token: None)
+    in_use = peak = 0
+    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+        in_use += event.self_cpu_memory_usage
+        peak = max(peak, in_use)
+    return peak / 2**20
+
+
+def measure_throughput(
+    contenders: list[Contender], prompt: torch.Tensor, new_tokens: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+    """Tokens per second (the fastest of `repeats` runs, which the contenders take turns at), peak memory (MB) and
+    the tokens generated, by contender."""
+    best_seconds = {contender.name: float("inf") for contender in contenders}
+    tokens = {}
+    for _ in range(repeats):
+        for contender in contenders:
+            tokens[contender.name], seconds, _ = timed_run(contender.generate, prompt, new_tokens)
+            best_seconds[contender.name] = min(best_seconds[contender.name], seconds)
+    tokens_per_second = {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best_seconds.items()}
+    peak_memory = {c.name: peak_memory_mb(c.generate, prompt, new_tokens) for c in contenders}
+    return tokens_per_second, peak_memory, tokens
+
+
+def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int]):
+    """Milliseconds per token at each position, at batch 1: the median of the steps at positions p .. p + 4.
+
+    With a cache, one run starts from a prompt of positions[0] tokens and goes past the last position, every step
+    timed. Without one, a step costs a full pass over the sequence so far, so each position gets a short run of its
+    own, from a prompt that ends at it. `sequence` [1, positions[-1] + 1] supplies the prompts.
+    """
+    first, last = positions[0], positions[-1]
+    ms_per_token = {}
+    for contender in contenders:
+        if contender.uses_cache:
+            new_tokens = last - first + STEPS_PER_POSITION + 1
+            _, _, step_seconds = timed_run(contender.generate, sequence[:, :first], new_tokens)
+            steps_at = {p: step_seconds[p - first + 1 : p - first + 1 + STEPS_PER_POSITION] for p in positions}
+        else:
+            steps_at = {
+                p: timed_run(contender.generate, sequence[:, : p + 1], STEPS_PER_POSITION)[2] for p in positions
+            }
+        ms_per_token[contender.name] = {p: 1000 * statistics.median(steps) for p, steps in steps_at.items()}
+    return ms_per_token
+
+
+def run_benchmark(args: argparse.Namespace) -> Results:
+    torch.set_num_threads(args.threads)
+    hf_model, twin = build_models(args.n_layer, args.n_head, args.n_embd, args.seed)
+    contenders = [
+        Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),
+        Contender("twin, no cache", twin_generate(twin, use_cache=False), uses_cache=False),
+        Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
+    ]
+    random_tokens = torch.Generator().manual_seed(args.seed)
+    vocab_size = hf_model.config.vocab_size
+    prompts = torch.randint(0, vocab_size, (max(args.batch_sizes), args.prompt_len), generator=random_tokens)
+    sequence = torch.randint(0, vocab_size, (1, args.positions[-1] + 1), generator=random_tokens)
+
+    for contender in contenders:  # warm-up: the first calls allocate memory and pick kernels
+        for batch in args.batch_sizes:
+            contender.generate(prompts[:batch], 2, lambda token: None)
+
+    tokens_per_second, peak_memory, same_tokens = {}, {}, True
+    for batch in args.batch_sizes:
+        tokens_per_second[batch], peak_memory[batch], tokens = measure_throughput(
+            contenders, prompts[:batch], args.new_tokens, args.repeats
+        )
+        same_tokens &= all(torch.equal(generated, tokens["transformers generate"]) for generated in tokens.values())
+    ms_per_token = measure_ms_per_token(contenders, sequence, args.positions)
+    return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens)
+
+
+def print_results(results: Results, args: argparse.Namespace) -> None:
+    names = list(results.ms_per_token)
+    width = max(len(name) for name in names) + 2
+    print(
+        f"\ntokens/s: prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, fastest of {args.repeats} "
+        "runs; peak MB: tensors allocated while generating (torch.profiler), weights not counted"
+    )
+    print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}{'peak MB':>10}" for b in results.tokens_per_second))
+    for name in names:
+        cells = "".join(
+            f"{results.tokens_per_second[batch][name]:>16.1f}{results.peak_memory_mb[batch][name]:>10.1f}"
+            for batch in results.tokens_per_second
+        )
+        print(f"{name:<{width}}{cells}")
+
+    positions = args.positions
+    print(f"\nms per token at position (batch 1), median of {STEPS_PER_POSITION} steps")
+    ratio_header = f"{positions[-1]} / {positions[0]}"
+    print(f"{'':<{width}}" + "".join(f"{p:>8}" for p in positions) + f"{ratio_header:>12}")
+    for name in names:
+        times = results.ms_per_token[name]
+        cells = "".join(f"{times[p]:>8.1f}" for p in positions)
+        print(f"{name:<{width}}{cells}{times[positions[-1]] / times[positions[0]]:>11.2f}x")
+    print(f"\nAll three generated the same tokens: {'yes' if results.same_tokens else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    transformers_logging.set_verbosity_error()  # generate's notes about its settings are not results
+    print(
+        f"GPT-2, {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, random weights, float32; "
+        f"torch {torch.__version__}, {args.threads} threads"
+    )
+    results = run_benchmark(args)
+    print_results(results, args)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

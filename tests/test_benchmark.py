@@ -1,0 +1,70 @@
+"""benchmark.py runs end to end on a tiny GPT-2, measures memory correctly, and rejects bad options.
+
+Timings are not asserted: they depend on the machine and on whatever else runs on it.
+"""
+
+import pytest
+import torch
+
+import benchmark
+
+NAMES = ["twin, KV cache", "twin, no cache", "transformers generate"]
+
+
+@pytest.fixture
+def restore_torch_threads():
+    """The benchmark sets torch's thread count for the whole process; the tests after this one keep theirs."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads):
+    # One thread: a tiny model gains nothing from two, and they wait on each other when other processes share the CPU.
+    results = benchmark.main(["--tiny", "--threads", "1"])
+    printed = capsys.readouterr().out
+
+    # The twin holds Hugging Face's weights, so greedy decoding picks the same tokens: all three did the same work.
+    assert results.same_tokens
+    assert "All three generated the same tokens: yes" in printed
+    for batch in (1, 8):
+        assert list(results.tokens_per_second[batch]) == NAMES
+        assert all(value > 0 for value in results.tokens_per_second[batch].values())
+        assert all(value > 0 for value in results.peak_memory_mb[batch].values())
+    for name in NAMES:
+        assert list(results.ms_per_token[name]) == [8, 16, 32]
+        assert all(ms > 0 for ms in results.ms_per_token[name].values())
+        assert sum(line.startswith(name) for line in printed.splitlines()) == 2  # a row in each table
+
+
+def test_peak_memory_counts_the_most_held_at_once():
+    megabyte = 2**20
+
+    def allocate(prompt, new_tokens, on_token):
+        held = torch.empty(3 * megabyte, dtype=torch.uint8)
+        del held
+        held = torch.empty(2 * megabyte, dtype=torch.uint8)
+        also_held = torch.empty(4 * megabyte, dtype=torch.uint8)  # 6 MB at once: the peak
+        return torch.cat([held[:1], also_held[:1]])
+
+    assert benchmark.peak_memory_mb(allocate, torch.zeros(1, 1), 1) == pytest.approx(6.0, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--positions", "64,32"], "--positions must be ascending"),
+        (["--positions", "32,1020"], "--positions must stay below"),
+        (["--batch-sizes", "1,x"], "comma-separated integers"),
+        (["--prompt-len", "1000", "--new-tokens", "100"], "must be at most 1024"),
+        (["--new-tokens", "0"], "must be >= 1"),
+        (["--n-embd", "100", "--n-head", "12"], "must be a multiple of --n-head"),
+    ],
+)
+def test_bad_options_exit_with_status_2_and_say_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert message in error
+    assert "Traceback" not in error
