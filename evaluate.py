@@ -1,0 +1,313 @@
+"""How much quality and memory each quantization mode costs: perplexity on held-out text against weight size.
+
+For the unquantized model and each mode, the report gives the perplexity of the PyTorch twin (reference.py: the
+same weights, scales and math as the Tripy model, so the quality the Tripy engine delivers), its change against
+the unquantized model, the bytes the weights take stored in that format, and the seconds spent calibrating and
+evaluating:
+
+    python evaluate.py                                  # the bundled model on data/heldout.txt: a few minutes
+    python evaluate.py --model-type gpt2 --chart quality.png
+
+One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import GPT2LMHeadModel
+from transformers.utils import logging as transformers_logging
+
+from reference import GPT, Int4Linear, QuantLinear
+from tokenizer import gpt2_encoding
+from weight_loader import config_from_hf, load_hf_model, load_quant_weights_from_hf, load_weights_from_hf
+
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_MODEL = os.path.join(SCRIPT_DIR, "bundled_model")
+DEFAULT_EVAL_DATA = os.path.join(SCRIPT_DIR, "data", "heldout.txt")
+UNQUANTIZED = "unquantized"
+# AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
+INT4_WITHOUT_PRE_QUANT_SCALE = "int4-weight-only-no-pre-quant-scale"
+REPORT_MODES = (UNQUANTIZED, "int8-weight-only", "float8", "int4-weight-only", INT4_WITHOUT_PRE_QUANT_SCALE)
+# The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
+HIGH_PRECISION_BYTES = 2
+QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
+EVAL_BATCH_SIZE = 4  # windows per forward pass
+
+
+@dataclass
+class Row:
+    mode: str
+    perplexity: float
+    weight_bytes: int
+    calibration_seconds: float
+    eval_seconds: float
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    transformers_logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
+    try:
+        rows = evaluate(
+            args.model_type,
+            args.modes,
+            args.eval_data,
+            args.max_tokens,
+            args.context,
+            args.num_calibration_samples,
+            args.calibration_data,
+        )
+    except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
+        fail(str(error))
+    print(format_table(rows))
+    if args.chart is not None:
+        save_chart(rows, args.chart, title=os.path.basename(os.path.normpath(args.model_type)))
+        print(f"Saved the chart to {args.chart}")
+    return rows
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """argparse's own errors (a bad number, an unknown choice) in the same one-line form as ours."""
+        fail(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument(
+        "--model-type",
+        metavar="NAME_OR_DIR",
+        default=DEFAULT_MODEL,
+        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub)",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=REPORT_MODES,
+        default=list(REPORT_MODES),
+        metavar="MODE",
+        help=f"rows to report, from: {', '.join(REPORT_MODES)} ({UNQUANTIZED} is always measured: it is the baseline)",
+    )
+    parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
+    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
+    parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
+    parser.add_argument("--num-calibration-samples", type=int, default=64, help="text samples to calibrate on")
+    parser.add_argument(
+        "--calibration-data",
+        metavar="NAME_OR_FILE",
+        help="cnn_dailymail, or a local .txt/.json/.jsonl file [default: cnn_dailymail, or data/calibration.txt "
+        "when the Hugging Face Hub is unreachable]",
+    )
+    parser.add_argument("--chart", metavar="PNG", help="also save a chart of perplexity against weight size")
+    args = parser.parse_args(argv)
+
+    if args.max_tokens is not None and args.max_tokens < 2:
+        fail(f"--max-tokens must be at least 2 (one input and one target), got {args.max_tokens}")
+    if args.context is not None and args.context < 1:
+        fail(f"--context must be at least 1, got {args.context}")
+    if args.num_calibration_samples < 1:
+        fail(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
+    if not os.path.isfile(args.eval_data):
+        fail(f"held-out text not found: {args.eval_data}")
+    if args.chart is not None and not args.chart.lower().endswith(".png"):
+        fail(f"--chart must name a .png file, got {args.chart}")
+    return args
+
+
+def fail(message: str) -> None:
+    """Reports a problem with the command line or its inputs on one line, without a traceback, and exits with 2."""
+    print(f"evaluate.py: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def evaluate(
+    model_type: str,
+    modes: Sequence[str] = REPORT_MODES,
+    eval_data: str = DEFAULT_EVAL_DATA,
+    max_tokens: int | None = None,
+    context: int | None = None,
+    num_calibration_samples: int = 64,
+    calibration_data: str | None = None,
+) -> list[Row]:
+    """One row per mode, unquantized first (the baseline), the others in REPORT_MODES order."""
+    unknown = sorted(set(modes) - set(REPORT_MODES))
+    if unknown:
+        raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(REPORT_MODES)}")
+    hf_model = load_hf_model(model_type)
+    context = context or hf_model.config.n_positions
+    if context > hf_model.config.n_positions:
+        raise ValueError(f"context {context} is longer than the model's n_positions ({hf_model.config.n_positions})")
+    tokens = heldout_tokens(eval_data, max_tokens)
+    if len(tokens) < context + 1:
+        raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
+
+    rows = []
+    calibrated = {}  # quant_mode -> (twin, calibration seconds): the int4 twin serves two rows
+    for mode in (m for m in REPORT_MODES if m == UNQUANTIZED or m in modes):
+        if mode == UNQUANTIZED:
+            twin, calibration_seconds = load_twin(hf_model, None), 0.0
+        else:
+            quant_mode = "int4-weight-only" if mode == INT4_WITHOUT_PRE_QUANT_SCALE else mode
+            if quant_mode not in calibrated:
+                calibrated[quant_mode] = calibrate(hf_model, quant_mode, calibration_data, num_calibration_samples)
+            twin, calibration_seconds = calibrated[quant_mode]
+            if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
+                twin = drop_pre_quant_scale(copy.deepcopy(twin))
+        start = time.perf_counter()
+        ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
+        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, time.perf_counter() - start))
+    return rows
+
+
+def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
+    """The file's text as GPT-2 tokens [n]; "<|endoftext|>" in it is plain text, not the special token."""
+    with open(path, encoding="utf-8") as file:
+        tokens = gpt2_encoding().encode_ordinary(file.read())
+    return torch.tensor(tokens[:max_tokens], dtype=torch.long)
+
+
+def load_twin(hf_model: GPT2LMHeadModel, quant_mode: str | None, quantized_model: nn.Module | None = None) -> GPT:
+    """The PyTorch twin in float32 holding the (ModelOpt-quantized) weights and scales, as Tripy would load them."""
+    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
+    if quant_mode is None:
+        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
+    else:
+        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
+    return twin
+
+
+def calibrate(
+    hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int
+) -> tuple[GPT, float]:
+    """Quantizes a copy of the model with ModelOpt; returns its twin and the seconds the calibration took."""
+    # ModelOpt warns on import that it was not tested with this transformers; the tests in tests/ are.
+    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+    from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
+
+    start = time.perf_counter()
+    quantized = modelopt_quantize(copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples)
+    seconds = time.perf_counter() - start
+    return load_twin(hf_model, quant_mode, quantized), seconds
+
+
+def drop_pre_quant_scale(twin: GPT) -> GPT:
+    """Sets every int4 layer's AWQ pre_quant_scale to one, as a loader that ignores it would (in place).
+
+    AWQ multiplies each weight row of input feature i by 1 / s_i before quantizing, and the layer multiplies its
+    input by s_i to undo that. Without s the layer computes x @ (W / s): every input feature scaled wrongly.
+    """
+    for module in twin.modules():
+        if isinstance(module, Int4Linear):
+            with torch.no_grad():
+                module.pre_quant_scale.fill_(1.0)
+    return twin
+
+
+@torch.no_grad()
+def perplexity(model: GPT, tokens: torch.Tensor, context: int, desc: str = "Evaluating") -> float:
+    """exp of the mean next-token cross-entropy over non-overlapping windows of `context` tokens (tail dropped)."""
+    num_windows = (len(tokens) - 1) // context
+    inputs = tokens[: num_windows * context].view(num_windows, context)  # [windows, context]
+    targets = tokens[1 : num_windows * context + 1].view(num_windows, context)  # the next token at each position
+    total_loss = 0.0
+    with tqdm(total=num_windows * context, desc=desc, unit="token", unit_scale=True) as progress:
+        for start in range(0, num_windows, EVAL_BATCH_SIZE):
+            batch = slice(start, start + EVAL_BATCH_SIZE)
+            logits = model(inputs[batch])  # [batch, context, vocab]
+            total_loss += F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), reduction="sum").item()
+            progress.update(inputs[batch].numel())
+    return math.exp(total_loss / (num_windows * context))
+
+
+def weight_bytes(twin: GPT) -> int:
+    """The bytes the deployed model's weights take in the twin's format, counted from its parameters' shapes.
+
+    Quantized linear weights: 1 byte each (int8, float8) or half a byte (int4, two per byte). Everything else is
+    float16: embeddings, LayerNorms, biases, unquantized layers and every scale (weight_scale, input_scale,
+    pre_quant_scale). lm_head shares wte's matrix (GPT-2 ties them), so an unquantized lm_head adds nothing;
+    float8 quantizes lm_head, which then stores its own float8 copy.
+    """
+    total = 0.0
+    for module in twin.modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if module is twin.lm_head and param_name == "weight" and type(module) is nn.Linear:
+                continue  # tied to transformer.wte.weight, counted there
+            if param_name == "weight" and isinstance(module, QuantLinear):
+                total += param.numel() * QUANTIZED_WEIGHT_BYTES[module.quant_dtype]
+            elif param_name == "weight" and isinstance(module, Int4Linear):
+                total += param.numel() * QUANTIZED_WEIGHT_BYTES[torch.int4]
+            else:
+                total += param.numel() * HIGH_PRECISION_BYTES
+    return math.ceil(total)
+
+
+def format_table(rows: list[Row]) -> str:
+    """An aligned text table; the first row is the baseline the changes are measured against."""
+    baseline = rows[0]
+    header = (
+        "mode",
+        "perplexity",
+        "change vs unquantized",
+        "weight MB",
+        "size vs unquantized",
+        "calibration s",
+        "eval s",
+    )
+    lines = []
+    for row in rows:
+        lines.append(
+            (
+                row.mode,
+                f"{row.perplexity:.2f}",
+                f"{100 * (row.perplexity / baseline.perplexity - 1):+.1f}%",
+                f"{row.weight_bytes / 1e6:.2f}",
+                f"{row.weight_bytes / baseline.weight_bytes:.2f}x",
+                f"{row.calibration_seconds:.1f}",
+                f"{row.eval_seconds:.1f}",
+            )
+        )
+    widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        # The mode is text, left-aligned; the numbers are right-aligned so their decimal points line up.
+        mode, *numbers = cells
+        return "  ".join([mode.ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(numbers, widths[1:], strict=True)])
+
+    return "\n".join(line(cells) for cells in [header, *lines])
+
+
+def save_chart(rows: list[Row], path: str, title: str = "") -> None:
+    """A PNG of perplexity against weight size, one labelled point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # draws to files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+    # A legend rather than text beside each point: modes of nearly the same size and quality would overlap.
+    for row, marker in zip(rows, "os^Dv<>p", strict=False):
+        label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
+        axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label)
+    axes.set_xlabel("weight size (MB, float16 where not quantized)")
+    axes.set_ylabel("perplexity on held-out text (lower is better)")
+    axes.set_title(f"Quality against size: {title}" if title else "Quality against size")
+    axes.legend(loc="best", fontsize=9)
+    axes.margins(x=0.2, y=0.2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

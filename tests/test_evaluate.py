@@ -1,0 +1,174 @@
+"""The quality report (evaluate.py) on the bundled model: each mode's perplexity within a measured bound, the weight
+bytes against a hand count, the perplexity against Hugging Face's own loss, and the chart as a real PNG.
+
+The report runs once for the module, on all of data/heldout.txt (8,205 tokens) and NUM_CALIBRATION_SAMPLES
+calibration paragraphs, in about ten seconds (AWQ's calibration is the slow part).
+"""
+
+import math
+import os
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+import torch
+from conftest import CALIBRATION_TEXT, REPO
+
+import evaluate
+from reference import GPT, GPTConfig
+from weight_loader import load_hf_model
+
+BUNDLED_MODEL = os.path.join(REPO, "bundled_model")
+NUM_CALIBRATION_SAMPLES = 4
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def require_bundled_model() -> None:
+    """The bundled model ships with the repository: without it these tests fail rather than skip."""
+    assert os.path.isfile(os.path.join(BUNDLED_MODEL, "model.safetensors")), f"{BUNDLED_MODEL} has no checkpoint"
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, evaluate.Row]:
+    require_bundled_model()
+    report = evaluate.evaluate(
+        BUNDLED_MODEL,
+        evaluate.REPORT_MODES,
+        num_calibration_samples=NUM_CALIBRATION_SAMPLES,
+        calibration_data=CALIBRATION_TEXT,
+    )
+    return {row.mode: row for row in report}
+
+
+def change(rows: dict[str, evaluate.Row], mode: str) -> float:
+    """The relative change in perplexity against the unquantized model: 0.01 is 1% worse."""
+    return rows[mode].perplexity / rows[evaluate.UNQUANTIZED].perplexity - 1
+
+
+def test_report_has_every_mode_unquantized_first(rows):
+    assert list(rows) == list(evaluate.REPORT_MODES)
+    assert all(math.isfinite(row.perplexity) and row.perplexity > 1 for row in rows.values())
+
+
+# Measured on the bundled model with these settings (unquantized perplexity 170.41); each comment gives the change
+# measured, and with 32 calibration samples instead of 4 in brackets. The bounds leave room for other calibration
+# text or a retrained bundled model; a scale off by a factor (a wrong maxbound, amax used as the scale) moves the
+# perplexity far past them.
+def test_int8_is_close_to_unquantized(rows):
+    # Measured: +0.02% (+0.02%). int8 per output channel keeps 255 levels per row: its rounding error is below 0.4%
+    # of a row's largest weight, far below what changes next-token probabilities.
+    assert abs(change(rows, "int8-weight-only")) < 0.005
+
+
+def test_float8_is_close_to_unquantized(rows):
+    # Measured: -0.00% (+0.13%). float8 has a 3-bit mantissa (relative error up to 1/16) on weights and activations,
+    # with one scale per tensor, lm_head included: a few times int8's cost, still a small fraction of perplexity.
+    assert abs(change(rows, "float8")) < 0.01
+
+
+def test_int4_with_awq_costs_most_but_stays_bounded(rows):
+    # Measured: +0.26% (+0.19%). int4 keeps 16 levels per block of 128 weights: the largest rounding error of the
+    # three, and AWQ's scaling keeps it small.
+    assert change(rows, "int4-weight-only") < 0.02
+    assert change(rows, "int4-weight-only") > change(rows, "int8-weight-only")
+
+
+def test_awq_pre_quant_scale_matters(rows):
+    # Measured: +4.0% (+3.1%) without pre_quant_scale, 15 times int4's cost with it. Without it every layer scales
+    # input feature i by 1 / s_i of AWQ's scale: a systematic error in every layer, not rounding noise.
+    awq = rows["int4-weight-only"].perplexity
+    dropped = rows[evaluate.INT4_WITHOUT_PRE_QUANT_SCALE].perplexity
+    assert dropped > awq * 1.02
+    assert change(rows, evaluate.INT4_WITHOUT_PRE_QUANT_SCALE) > 4 * change(rows, "int4-weight-only")
+
+
+def test_weight_sizes_order(rows):
+    sizes = {mode: row.weight_bytes for mode, row in rows.items()}
+    assert sizes["int4-weight-only"] < sizes["int8-weight-only"] < sizes[evaluate.UNQUANTIZED]
+    assert sizes[evaluate.INT4_WITHOUT_PRE_QUANT_SCALE] == sizes["int4-weight-only"]
+
+
+@pytest.mark.parametrize(
+    "quant_mode, expected",
+    [
+        # A 1-layer GPT, embedding 128, vocab 10, 8 positions. Kept in float16 (2 bytes) in every mode:
+        #   wte 10 * 128 + wpe 8 * 128 + 3 LayerNorms * (128 + 128) + biases 384 + 128 + 512 + 128 = 4224 values.
+        # The four block linears hold 128*384 + 128*128 + 128*512 + 512*128 = 196608 weights.
+        # lm_head is wte's matrix (tied): counted once, unless float8 quantizes it into its own copy.
+        (None, 4224 * 2 + 196608 * 2),
+        # + a float16 scale per output channel: 384 + 128 + 512 + 128 = 1152.
+        ("int8-weight-only", 4224 * 2 + 196608 * 1 + 1152 * 2),
+        # Two weights per byte; a scale per 128 inputs per output: 384 + 128 + 512 + 4 * 128 = 1536;
+        # AWQ's pre_quant_scale per input: 128 + 128 + 128 + 512 = 896.
+        ("int4-weight-only", 4224 * 2 + 196608 // 2 + 1536 * 2 + 896 * 2),
+        # A weight and an input scale per layer (5 layers with lm_head), and lm_head's own 10 * 128 float8 weights.
+        ("float8", 4224 * 2 + 196608 * 1 + 5 * 2 * 2 + 10 * 128),
+    ],
+)
+def test_weight_bytes_match_a_hand_count(quant_mode, expected):
+    config = GPTConfig(
+        block_size=8, vocab_size=10, num_layers=1, num_heads=2, embedding_size=128, quant_mode=quant_mode
+    )
+    assert evaluate.weight_bytes(GPT(config)) == expected
+
+
+@torch.no_grad()
+def test_perplexity_matches_hugging_face_loss():
+    """exp of the mean of Hugging Face's own `labels=` loss over windows of context + 1 tokens (its loss shifts by
+    one, so a window of 129 tokens scores 128 predictions, exactly our window of 128 inputs and their targets)."""
+    require_bundled_model()
+    hf_model = load_hf_model(BUNDLED_MODEL)
+    tokens = evaluate.heldout_tokens(evaluate.DEFAULT_EVAL_DATA, max_tokens=1024)
+    context = 128
+    num_windows = (len(tokens) - 1) // context
+    losses = [
+        hf_model(
+            tokens[None, i * context : (i + 1) * context + 1], labels=tokens[None, i * context : (i + 1) * context + 1]
+        ).loss
+        for i in range(num_windows)
+    ]
+    expected = math.exp(torch.stack(losses).mean().item())
+    twin = evaluate.load_twin(hf_model, None)
+    assert evaluate.perplexity(twin, tokens, context) == pytest.approx(expected, rel=1e-4)
+
+
+def test_table_lists_the_modes_asked_for(capsys):
+    require_bundled_model()
+    evaluate.main(["--modes", "int8-weight-only", "--max-tokens", "300", "--num-calibration-samples", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("mode "))
+    modes = [line.split()[0] for line in lines[header + 1 :]]
+    assert modes == [evaluate.UNQUANTIZED, "int8-weight-only"]
+    assert lines[header + 1].split()[2] == "+0.0%"  # the baseline against itself
+
+
+def test_cli_saves_a_png_chart(tmp_path):
+    """Run as users run it, on the default model; the unquantized row alone keeps it to the import time."""
+    require_bundled_model()
+    chart = tmp_path / "quality.png"
+    command = [sys.executable, "evaluate.py", "--modes", "unquantized", "--max-tokens", "300", "--chart", str(chart)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert chart.read_bytes()[:8] == PNG_SIGNATURE
+    image = matplotlib.image.imread(chart)  # decodes the whole file: a truncated PNG raises
+    assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
+        (["--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
+        (["--chart", "quality.jpg"], "--chart must name a .png file"),
+        (["--model-type", BUNDLED_MODEL, "--context", "100000"], "context 100000 is longer than the model's"),
+        (["--model-type", REPO], "is not a Hugging Face GPT-2 checkpoint"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(capsys, arguments, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(arguments)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("evaluate.py: error: ") and stderr.count("\n") == 1 and expected in stderr, stderr
