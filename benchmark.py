@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 
 from reference import GPT, generate
 from tokenizer import END_OF_TEXT
-from weight_loader import config_from_hf, load_weights_from_hf
+from weight_loader import load_twin
 
 STEPS_PER_POSITION = 5  # the time per token at position p is the median of the steps at p .. p + 4
 BLOCK_SIZE = GPT2Config().n_positions  # 1024: the longest sequence GPT-2's position embedding covers
@@ -93,9 +93,7 @@ def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT
     """A random Hugging Face GPT-2 and the twin holding the same weights, both float32."""
     torch.manual_seed(seed)
     hf_model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
-    twin = GPT(config_from_hf(hf_model, dtype="float32")).eval()
-    load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
-    return hf_model, twin
+    return hf_model, load_twin(hf_model)
 
 
 def twin_generate(twin: GPT, use_cache: bool) -> Generate:

@@ -30,7 +30,7 @@ from transformers.utils import logging as transformers_logging
 
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
-from weight_loader import config_from_hf, load_hf_model, load_quant_weights_from_hf, load_weights_from_hf
+from weight_loader import load_hf_model, load_twin
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(SCRIPT_DIR, "bundled_model")
@@ -174,16 +174,6 @@ def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
     with open(path, encoding="utf-8") as file:
         tokens = gpt2_encoding().encode_ordinary(file.read())
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
-
-
-def load_twin(hf_model: GPT2LMHeadModel, quant_mode: str | None, quantized_model: nn.Module | None = None) -> GPT:
-    """The PyTorch twin in float32 holding the (ModelOpt-quantized) weights and scales, as Tripy would load them."""
-    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
-    if quant_mode is None:
-        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
-    else:
-        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
-    return twin
 
 
 def calibrate(

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from reference import INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig
+from reference import GPT, INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig
 
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
@@ -134,6 +134,19 @@ def load_quant_weights_from_hf(
             for param_name, tensor in _quantized_linear(module, quant_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
     _load_into(model, tensors, dtype)
+
+
+def load_twin(
+    hf_model: GPT2LMHeadModel, quant_mode: str | None = None, quantized_model: GPT2LMHeadModel | None = None
+) -> GPT:
+    """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
+    scales of `quantized_model` (hf_model quantized by `modelopt_quantize`)."""
+    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
+    if quant_mode is None:
+        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
+    else:
+        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
+    return twin
 
 
 def _hf_parameters(hf_model: nn.Module) -> dict[str, torch.Tensor]:

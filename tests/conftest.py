@@ -10,9 +10,6 @@ sys.path.insert(0, REPO)
 
 CALIBRATION_TEXT = os.path.join(REPO, "data", "calibration.txt")
 
-from reference import GPT  # noqa: E402 (needs REPO on sys.path)
-from weight_loader import config_from_hf, load_quant_weights_from_hf, load_weights_from_hf  # noqa: E402
-
 
 def make_gpt2(
     n_embd: int = 256,
@@ -37,16 +34,6 @@ def make_gpt2(
                 outliers = torch.randperm(n_embd)[: n_embd // 16]
                 layer_norm.weight[outliers] *= outlier_gain
     return model
-
-
-def load_twin(hf_model, quant_mode=None, quantized_model=None) -> GPT:
-    """The float32 twin holding hf_model's weights, or, with a quant_mode, quantized_model's weights and scales."""
-    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
-    if quant_mode is None:
-        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
-    else:
-        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
-    return twin
 
 
 @pytest.fixture(scope="session")

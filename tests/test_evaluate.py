@@ -17,7 +17,7 @@ from conftest import CALIBRATION_TEXT, REPO
 
 import evaluate
 from reference import GPT, GPTConfig
-from weight_loader import load_hf_model
+from weight_loader import load_hf_model, load_twin
 
 BUNDLED_MODEL = os.path.join(REPO, "bundled_model")
 NUM_CALIBRATION_SAMPLES = 4
@@ -129,7 +129,7 @@ def test_perplexity_matches_hugging_face_loss():
         for i in range(num_windows)
     ]
     expected = math.exp(torch.stack(losses).mean().item())
-    twin = evaluate.load_twin(hf_model, None)
+    twin = load_twin(hf_model)
     assert evaluate.perplexity(twin, tokens, context) == pytest.approx(expected, rel=1e-4)
 
 

@@ -8,11 +8,12 @@ weight_loader from a ModelOpt-quantized GPT-2, calibrated once for the whole mod
 
 import pytest
 import torch
-from conftest import load_twin, make_gpt2
+from conftest import make_gpt2
 
 import reference
 from quantization import modelopt_quantize
 from reference import GPT, QUANT_MODES, generate
+from weight_loader import load_twin
 
 MODES = (None, *QUANT_MODES)
 # Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.

@@ -9,12 +9,12 @@ import re
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, load_twin, make_gpt2
+from conftest import CALIBRATION_TEXT, make_gpt2
 
 from quantization import create_forward_loop, modelopt_quantize
 from reference import GPT
 from tokenizer import gpt2_tokenizer
-from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf
+from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf, load_twin
 
 MODES = ("int8-weight-only", "int4-weight-only", "float8")
 
