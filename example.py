@@ -57,6 +57,7 @@ def main() -> None:
     import torch
     import transformers
 
+    from reference import INT4_BLOCK_SIZE
     from tokenizer import gpt2_encoding
     from weight_loader import config_from_hf
 
@@ -76,6 +77,12 @@ def main() -> None:
         fail(
             f"the prompt ({len(prompt_tokens)} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
             f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
+        )
+    width = hf_model.config.n_embd
+    if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE and not args.export_only:
+        fail(
+            f"--quant-mode int4-weight-only quantizes blocks of {INT4_BLOCK_SIZE} input features, and {model_type} is "
+            f"{width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
         )
 
     if args.quant_mode is not None:

@@ -32,7 +32,9 @@ CALIBRATION_PARAGRAPHS = [
 ]
 
 
-def run_arguments(checkpoint: str, calibration: str, export_dir: str, not_a_checkpoint: str) -> dict[str, list]:
+def run_arguments(
+    checkpoint: str, calibration: str, export_dir: str, not_a_checkpoint: str, narrow_checkpoint: str
+) -> dict[str, list]:
     """Every run of this file, by name: its command-line arguments. The slowest come first."""
     generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]
     on_checkpoint = [*generate, "--model-type", checkpoint]
@@ -47,6 +49,13 @@ def run_arguments(checkpoint: str, calibration: str, export_dir: str, not_a_chec
         "hub model offline": ["--backend", "torch", "--model-type", "gpt2-medium"],
         "not a checkpoint": ["--backend", "torch", "--model-type", not_a_checkpoint],
         "prompt too long": [*on_checkpoint, "--max-new-tokens", "125"],  # 4 + 125 tokens; the context is 128
+        "int4 on a width not a multiple of 128": [
+            *generate,
+            "--model-type",
+            narrow_checkpoint,
+            "--quant-mode",
+            "int4-weight-only",
+        ],
         "unknown model": ["--model-type", "gpt3"],
         "empty prompt": ["--input-text", ""],
         "no new tokens": ["--max-new-tokens", "0"],
@@ -91,6 +100,8 @@ def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
     not_a_checkpoint = tmp / "bert"
     not_a_checkpoint.mkdir()
     (not_a_checkpoint / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    narrow_checkpoint = tmp / "gpt2-192"
+    make_gpt2(n_embd=192, n_layer=1, n_head=4, n_positions=32).save_pretrained(narrow_checkpoint)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
 
     def run(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -98,7 +109,9 @@ def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        arguments = run_arguments(checkpoint, str(calibration), export_dir, str(not_a_checkpoint))
+        arguments = run_arguments(
+            checkpoint, str(calibration), export_dir, str(not_a_checkpoint), str(narrow_checkpoint)
+        )
         yield {name: pool.submit(run, args) for name, args in arguments.items()}
 
 
@@ -172,6 +185,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("hub model offline", "Cannot download gpt2-medium"),
         ("not a checkpoint", "is not a Hugging Face GPT-2 checkpoint"),
         ("prompt too long", "the prompt (4 tokens) plus --max-new-tokens (125) is longer than the 128 tokens"),
+        ("int4 on a width not a multiple of 128", "is 192 wide, not a multiple of 128: use int8-weight-only or float8"),
         ("unknown model", "unknown --model-type 'gpt3': expected one of gpt2, gpt2-medium"),
         ("empty prompt", "--input-text is empty"),
         ("no new tokens", "--max-new-tokens must be at least 1, got 0"),
