@@ -7,8 +7,9 @@ top_k=1 is greedy) in float32 on the CPU. The benchmark prints:
 The weights are a random GPT-2 in the real shapes (`GPT2Config()`: gpt2, 124M parameters) copied into the twin with
 weight_loader, so nothing is downloaded; random weights take exactly as long to multiply as trained ones.
 
-    python benchmark.py           # the gpt2 (124M) shape: a few minutes on 2 cores
-    python benchmark.py --tiny    # a 2-layer, 64-wide GPT-2: seconds
+    python benchmark.py                                   # the gpt2 (124M) shape: a few minutes on 2 cores
+    python benchmark.py --chart docs/time_per_token.png   # and a chart of time per token against position
+    python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
 """
 
 import argparse
@@ -67,6 +68,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-embd", type=int, default=GPT2Config().n_embd)
     parser.add_argument("--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests: {TINY}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chart", metavar="PNG", help="also save a chart of time per token against position")
     args = parser.parse_args(argv)
     if args.tiny:
         for name, value in TINY.items():
@@ -84,6 +86,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         parser.error(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
+    if args.chart is not None and not args.chart.lower().endswith(".png"):
+        parser.error(f"--chart must name a .png file, got {args.chart}")
     if args.n_head < 1 or args.n_embd % args.n_head:
         parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     return args
@@ -267,6 +271,27 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
     print(f"\nAll three generated the same tokens: {'yes' if results.same_tokens else 'NO'}")
 
 
+def save_chart(results: Results, path: str) -> None:
+    """A PNG of milliseconds per token against position, one line per contender (batch 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # draws to files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for (name, times), marker in zip(results.ms_per_token.items(), "os^", strict=False):
+        axes.plot(list(times), list(times.values()), marker=marker, label=name)
+    axes.set_xlabel("position in the sequence (tokens)")
+    axes.set_ylabel("ms per generated token (batch 1)")
+    axes.set_title("Time per token as the sequence grows")
+    axes.set_ylim(bottom=0)
+    axes.legend(loc="upper left")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
     transformers_logging.set_verbosity_error()  # generate's notes about its settings are not results
@@ -276,6 +301,9 @@ def main(argv: list[str] | None = None) -> Results:
     )
     results = run_benchmark(args)
     print_results(results, args)
+    if args.chart is not None:
+        save_chart(results, args.chart)
+        print(f"Saved the chart to {args.chart}")
     return results
 
 

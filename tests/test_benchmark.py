@@ -3,6 +3,7 @@
 Timings are not asserted: they depend on the machine and on whatever else runs on it.
 """
 
+import matplotlib.image
 import pytest
 import torch
 
@@ -19,10 +20,13 @@ def restore_torch_threads():
     torch.set_num_threads(threads)
 
 
-def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads):
+def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads, tmp_path):
     # One thread: a tiny model gains nothing from two, and they wait on each other when other processes share the CPU.
-    results = benchmark.main(["--tiny", "--threads", "1"])
+    chart = tmp_path / "time-per-token.png"
+    results = benchmark.main(["--tiny", "--threads", "1", "--chart", str(chart)])
     printed = capsys.readouterr().out
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(chart).shape[:2] == (500, 800)  # decodes the whole file: a truncated PNG raises
 
     # The twin holds Hugging Face's weights, so greedy decoding picks the same tokens: all three did the same work.
     assert results.same_tokens
@@ -59,6 +63,7 @@ def test_peak_memory_counts_the_most_held_at_once():
         (["--prompt-len", "1000", "--new-tokens", "100"], "must be at most 1024"),
         (["--new-tokens", "0"], "must be >= 1"),
         (["--n-embd", "100", "--n-head", "12"], "must be a multiple of --n-head"),
+        (["--chart", "chart.jpg"], "--chart must name a .png file"),
     ],
 )
 def test_bad_options_exit_with_status_2_and_say_what_is_wrong(argv, message, capsys):
