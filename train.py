@@ -158,6 +158,14 @@ def main() -> None:
     parser.add_argument("--log-interval", type=int, default=50)
     parser.add_argument("--eval-interval", type=int, default=500, help="validation perplexity every N steps")
     args = parser.parse_args()
+    if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
+        parser.error("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
+    if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
+        parser.error(
+            f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"
+        )
+    if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
+        parser.error("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
 
     started = time.time()
     torch.manual_seed(args.seed)

@@ -1,0 +1,60 @@
+"""train.py's corpus: prose only, and a held-out split that never overlaps the training text; and its bad options.
+
+Training itself is not run here (it takes a quarter of an hour); README shows its output and the checkpoint it made
+ships in bundled_model/, which tests/test_evaluate.py measures.
+"""
+
+import sys
+
+import pytest
+
+import train
+
+
+def test_prose_keeps_sentences_and_drops_code_and_whitespace_runs():
+    docstring = (
+        "Return the sum of the numbers in an iterable.\n"
+        "\n"
+        "    total = sum(numbers)\n"
+        "\n"
+        ">>> sum([1, 2])\n"
+        "3\n"
+        "\n"
+        "Parameters:\n"
+        "\n"
+        "The  start value   is added\n"
+        "to the total,  and defaults to zero."
+    )
+    assert train.prose(docstring) == (
+        "Return the sum of the numbers in an iterable.\n\nThe start value is added to the total, and defaults to zero."
+    )
+
+
+def test_split_holds_out_whole_files_and_never_repeats_training_text():
+    docstrings = {
+        f"module_{i}.py": [f"Docstring number {i} of its module.", "A docstring shared by all."] for i in range(200)
+    }
+    train_texts, validation_texts = train.split_corpus(docstrings)
+    held_out = [path for path in docstrings if train.is_heldout(path)]
+    assert 0 < len(held_out) < 30  # about 5% of 200 files
+    assert validation_texts == [docstrings[path][0] for path in held_out]  # the shared docstring is training text
+    assert not set(train_texts) & set(validation_texts)
+    assert train.split_corpus(docstrings) == (train_texts, validation_texts)  # the same split on every run
+
+
+@pytest.mark.parametrize(
+    "arguments, expected",
+    [
+        (["--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1"),
+        (["--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block) and of --n-head: got 130 and 4"),
+        (["--n-head", "3"], "--n-embd must be a multiple of 128 (int4's block) and of --n-head: got 128 and 3"),
+        (["--warmup", "1000"], "--warmup from 0 to --steps - 1"),
+    ],
+)
+def test_bad_options_exit_with_status_2_before_any_work(monkeypatch, capsys, tmp_path, arguments, expected):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out-dir", str(tmp_path / "model"), *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    assert exit_info.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
