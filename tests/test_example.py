@@ -18,7 +18,7 @@ from conftest import REPO, make_gpt2
 import example
 import reference
 from tokenizer import gpt2_encoding
-from weight_loader import HUB_MODELS, config_from_hf, load_hf_model, load_weights_from_hf
+from weight_loader import HUB_MODELS, load_hf_model, load_twin
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens
@@ -170,8 +170,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
     assert "\nModel: bundled_model (" in stdout
 
     hf_model = load_hf_model(example.BUNDLED_MODEL_DIR)
-    twin = reference.GPT(config_from_hf(hf_model, dtype="float32")).eval()
-    load_weights_from_hf(twin, example.BUNDLED_MODEL_DIR, torch.float32, hf_model=hf_model)
+    twin = load_twin(hf_model)
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode(PROMPT)])
     generator = torch.Generator().manual_seed(FALLBACK_SEED)

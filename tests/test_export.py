@@ -18,7 +18,7 @@ from transformers import AutoConfig, GPT2Config
 from export import export_checkpoint
 from quantization import modelopt_quantize
 from reference import GPT, INT4_BLOCK_SIZE, QUANT_MODES, Int4Linear, QuantLinear
-from weight_loader import config_from_hf, load_quant_weights_from_hf
+from weight_loader import load_twin
 
 # Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.
 CALIBRATION_PARAGRAPHS = [
@@ -60,12 +60,6 @@ class Exported:
     logits_after: torch.Tensor  # a twin loaded from the same model after the export
 
 
-def twin_from(quantized_model, mode: str) -> GPT:
-    twin = GPT(config_from_hf(quantized_model, dtype="float32", quant_mode=mode))
-    load_quant_weights_from_hf(twin, "unused", torch.float32, mode, quantized_model=quantized_model)
-    return twin.eval()
-
-
 @pytest.fixture(scope="module")
 def calibration_file(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
@@ -78,12 +72,12 @@ def exported(request, calibration_file, tmp_path_factory) -> Exported:
     mode = request.param
     quantized_model = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
     idx = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
-    twin = twin_from(quantized_model, mode)
+    twin = load_twin(quantized_model, mode, quantized_model)
     with torch.no_grad():
         logits_before = twin(idx)
         export_dir = str(tmp_path_factory.mktemp(f"export-{mode}"))
         export_checkpoint(quantized_model, export_dir)
-        logits_after = twin_from(quantized_model, mode)(idx)
+        logits_after = load_twin(quantized_model, mode, quantized_model)(idx)
     return Exported(mode, export_dir, twin, logits_before, logits_after)
 
 

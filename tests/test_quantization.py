@@ -116,8 +116,7 @@ def test_awq_pre_quant_scale_matters_here(hf_model, quantized, tokens):
 
 def test_int8_scales_are_row_amax_over_127(quantized):
     quant_linear = quantized["int8-weight-only"].transformer.h[1].attn.c_attn
-    twin_layer = GPT(config_from_hf(quantized["int8-weight-only"], dtype="float32", quant_mode="int8-weight-only"))
-    load_quant_weights_from_hf(twin_layer, None, torch.float32, "int8-weight-only", quantized["int8-weight-only"])
+    twin_layer = load_twin(quantized["int8-weight-only"], "int8-weight-only", quantized["int8-weight-only"])
     weight = quant_linear.weight.detach()  # [out, in]
     expected = weight.abs().amax(dim=1) / 127  # one scale per output channel
     torch.testing.assert_close(twin_layer.transformer.h[1].attn.c_attn.weight_scale.detach(), expected)
