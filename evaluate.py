@@ -18,7 +18,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +204,13 @@ def drop_pre_quant_scale(twin: GPT) -> GPT:
 
 
 @torch.no_grad()
-def perplexity(model: GPT, tokens: torch.Tensor, context: int, desc: str = "Evaluating") -> float:
-    """exp of the mean next-token cross-entropy over non-overlapping windows of `context` tokens (tail dropped)."""
+def perplexity(
+    model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, context: int, desc: str = "Evaluating"
+) -> float:
+    """exp of the mean next-token cross-entropy over non-overlapping windows of `context` tokens (tail dropped).
+
+    `model` maps token ids [batch, seq] to logits [batch, seq, vocab]: the twin, or a wrapped Hugging Face model.
+    """
     num_windows = (len(tokens) - 1) // context
     inputs = tokens[: num_windows * context].view(num_windows, context)  # [windows, context]
     targets = tokens[1 : num_windows * context + 1].view(num_windows, context)  # the next token at each position

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import evaluate
 from tokenizer import gpt2_encoding
 
 REPO = Path(__file__).resolve().parent
@@ -118,19 +119,12 @@ def lm_loss(model: GPT2LMHeadModel, inputs: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-@torch.no_grad()
-def perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int, batch_size: int = 16) -> float:
-    """exp of the mean cross-entropy over non-overlapping windows of `context` tokens (the tail is dropped)."""
+def perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
+    """The quality report's perplexity (evaluate.py), of the Hugging Face model in eval mode."""
     model.eval()
-    n_windows = (len(tokens) - 1) // context
-    inputs = tokens[: n_windows * context].view(n_windows, context)
-    targets = tokens[1 : n_windows * context + 1].view(n_windows, context)
-    total = 0.0
-    for start in range(0, n_windows, batch_size):
-        batch = slice(start, start + batch_size)
-        total += lm_loss(model, inputs[batch], targets[batch]).item() * len(inputs[batch])
+    value = evaluate.perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
     model.train()
-    return math.exp(total / n_windows)
+    return value
 
 
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
