@@ -17,7 +17,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -180,8 +179,6 @@ def calibrate(
     hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int
 ) -> tuple[GPT, float]:
     """Quantizes a copy of the model with ModelOpt; returns its twin and the seconds the calibration took."""
-    # ModelOpt warns on import that it was not tested with this transformers; the tests in tests/ are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()

@@ -22,7 +22,6 @@ import importlib.util
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -304,8 +303,6 @@ def quantize(
     Calibration runs the model on every sample (AWQ many times over), so it runs on `device`, the GPU when Tripy
     has one; the model then goes back to the CPU, where the weight loader reads it and Tripy wants its scales.
     """
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
     import datasets
 
     from quantization import modelopt_quantize
