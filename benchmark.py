@@ -15,7 +15,6 @@ weight_loader, so nothing is downloaded; random weights take exactly as long to 
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
+from cli import ArgumentParser, UsageError, run
 from reference import GPT, generate
 from tokenizer import END_OF_TEXT
 from weight_loader import load_twin
@@ -55,8 +55,23 @@ class Results:
     same_tokens: bool  # whether all three generated the same tokens
 
 
+def main(argv: list[str] | None = None) -> Results:
+    args = parse_args(argv)
+    transformers_logging.set_verbosity_error()  # generate's notes about its settings are not results
+    print(
+        f"GPT-2, {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, random weights, float32; "
+        f"torch {torch.__version__}, {args.threads} threads"
+    )
+    results = run_benchmark(args)
+    print_results(results, args)
+    if args.chart is not None:
+        save_chart(results, args.chart)
+        print(f"Saved the chart to {args.chart}")
+    return results
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens for tokens/s and memory")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated for tokens/s and memory")
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes for tokens/s and memory")
@@ -77,19 +92,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
         args.positions = [int(position) for position in args.positions.split(",")]
     except ValueError:
-        parser.error("--batch-sizes and --positions take comma-separated integers, such as 1,8")
+        raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
     if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
-        parser.error("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+        raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
-        parser.error(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+        raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
-        parser.error(f"--positions must be ascending positive integers, got {args.positions}")
+        raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
-        parser.error(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
+        raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
     if args.chart is not None and not args.chart.lower().endswith(".png"):
-        parser.error(f"--chart must name a .png file, got {args.chart}")
+        raise UsageError(f"--chart must name a .png file, got {args.chart}")
     if args.n_head < 1 or args.n_embd % args.n_head:
-        parser.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     return args
 
 
@@ -292,20 +307,5 @@ def save_chart(results: Results, path: str) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> Results:
-    args = parse_args(argv)
-    transformers_logging.set_verbosity_error()  # generate's notes about its settings are not results
-    print(
-        f"GPT-2, {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, random weights, float32; "
-        f"torch {torch.__version__}, {args.threads} threads"
-    )
-    results = run_benchmark(args)
-    print_results(results, args)
-    if args.chart is not None:
-        save_chart(results, args.chart)
-        print(f"Saved the chart to {args.chart}")
-    return results
-
-
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

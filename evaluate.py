@@ -15,24 +15,24 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 from transformers.utils import logging as transformers_logging
 
+from cli import ArgumentParser, UsageError, run
+from hub import BUNDLED_MODEL_DIR, load_hf_model
+from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
-from weight_loader import load_hf_model, load_twin
+from weight_loader import load_twin
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(SCRIPT_DIR, "bundled_model")
+DEFAULT_MODEL = BUNDLED_MODEL_DIR
 DEFAULT_EVAL_DATA = os.path.join(SCRIPT_DIR, "data", "heldout.txt")
 UNQUANTIZED = "unquantized"
 # AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
@@ -41,7 +41,6 @@ REPORT_MODES = (UNQUANTIZED, "int8-weight-only", "float8", "int4-weight-only", I
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
 QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
-EVAL_BATCH_SIZE = 4  # windows per forward pass
 
 
 @dataclass
@@ -67,18 +66,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.calibration_data,
         )
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
-        fail(str(error))
+        raise UsageError(str(error)) from None
     print(format_table(rows))
     if args.chart is not None:
         save_chart(rows, args.chart, title=os.path.basename(os.path.normpath(args.model_type)))
         print(f"Saved the chart to {args.chart}")
     return rows
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        """argparse's own errors (a bad number, an unknown choice) in the same one-line form as ours."""
-        fail(f"{message} (see --help)")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -111,22 +104,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     if args.max_tokens is not None and args.max_tokens < 2:
-        fail(f"--max-tokens must be at least 2 (one input and one target), got {args.max_tokens}")
+        raise UsageError(f"--max-tokens must be at least 2 (one input and one target), got {args.max_tokens}")
     if args.context is not None and args.context < 1:
-        fail(f"--context must be at least 1, got {args.context}")
+        raise UsageError(f"--context must be at least 1, got {args.context}")
     if args.num_calibration_samples < 1:
-        fail(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
+        raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     if not os.path.isfile(args.eval_data):
-        fail(f"held-out text not found: {args.eval_data}")
+        raise UsageError(f"held-out text not found: {args.eval_data}")
     if args.chart is not None and not args.chart.lower().endswith(".png"):
-        fail(f"--chart must name a .png file, got {args.chart}")
+        raise UsageError(f"--chart must name a .png file, got {args.chart}")
     return args
-
-
-def fail(message: str) -> None:
-    """Reports a problem with the command line or its inputs on one line, without a traceback, and exits with 2."""
-    print(f"evaluate.py: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 def evaluate(
@@ -198,27 +185,6 @@ def drop_pre_quant_scale(twin: GPT) -> GPT:
             with torch.no_grad():
                 module.pre_quant_scale.fill_(1.0)
     return twin
-
-
-@torch.no_grad()
-def perplexity(
-    model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, context: int, desc: str = "Evaluating"
-) -> float:
-    """exp of the mean next-token cross-entropy over non-overlapping windows of `context` tokens (tail dropped).
-
-    `model` maps token ids [batch, seq] to logits [batch, seq, vocab]: the twin, or a wrapped Hugging Face model.
-    """
-    num_windows = (len(tokens) - 1) // context
-    inputs = tokens[: num_windows * context].view(num_windows, context)  # [windows, context]
-    targets = tokens[1 : num_windows * context + 1].view(num_windows, context)  # the next token at each position
-    total_loss = 0.0
-    with tqdm(total=num_windows * context, desc=desc, unit="token", unit_scale=True) as progress:
-        for start in range(0, num_windows, EVAL_BATCH_SIZE):
-            batch = slice(start, start + EVAL_BATCH_SIZE)
-            logits = model(inputs[batch])  # [batch, context, vocab]
-            total_loss += F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), reduction="sum").item()
-            progress.update(inputs[batch].numel())
-    return math.exp(total_loss / (num_windows * context))
 
 
 def weight_bytes(twin: GPT) -> int:
@@ -302,4 +268,4 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

@@ -20,25 +20,22 @@ import codecs
 import importlib
 import importlib.util
 import os
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
+
+from cli import ArgumentParser, UsageError, run
+from config import INT4_BLOCK_SIZE, QUANT_MODES
+from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 if TYPE_CHECKING:
     import tiktoken
     import torch
     from transformers import GPT2LMHeadModel
 
-    from reference import GPTConfig
+    from config import GPTConfig
 
-SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = "gpt2"
 DEFAULT_PROMPT = "The best way to learn something new is"
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # weight_loader.HUB_MODELS (a test checks they agree)
-# A small GPT-2 trained for this example, used when the default model cannot be downloaded.
-BUNDLED_MODEL_DIR = os.path.join(SCRIPT_DIR, "bundled_model")
-QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")  # reference.QUANT_MODES (a test checks too)
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
@@ -46,8 +43,8 @@ SEPARATOR = "-" * 80
 Generate = Callable[..., "torch.Tensor"]
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     backend, backend_reason = choose_backend(args.backend)
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     print(f"Backend: {backend} ({backend_reason})")
@@ -56,7 +53,6 @@ def main() -> None:
     import torch
     import transformers
 
-    from reference import INT4_BLOCK_SIZE
     from tokenizer import gpt2_encoding
     from weight_loader import config_from_hf
 
@@ -73,13 +69,13 @@ def main() -> None:
     print(f"Model: {model_type} ({num_params / 1e6:.1f}M parameters), loaded in {time.perf_counter() - start:.1f} s")
     context = hf_model.config.n_positions
     if len(prompt_tokens) + args.max_new_tokens > context and not args.export_only:
-        fail(
+        raise UsageError(
             f"the prompt ({len(prompt_tokens)} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
             f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
         )
     width = hf_model.config.n_embd
     if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE and not args.export_only:
-        fail(
+        raise UsageError(
             f"--quant-mode int4-weight-only quantizes blocks of {INT4_BLOCK_SIZE} input features, and {model_type} is "
             f"{width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
         )
@@ -117,13 +113,7 @@ def main() -> None:
     print(f"Generated {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:.1f} tokens/s)")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        """argparse's own errors (a bad number, an unknown choice) in the same one-line form as ours."""
-        fail(f"{message} (see --help)")
-
-
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line and checks everything that can be checked without loading a model."""
     parser = ArgumentParser(
         description="Generate text with GPT-2, optionally quantized by NVIDIA ModelOpt, on Tripy (TensorRT) on a GPU, "
@@ -190,54 +180,52 @@ def parse_args() -> argparse.Namespace:
         "and vLLM load",
     )
     parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.model_type is not None and args.model_type not in HUB_MODELS and not os.path.isdir(args.model_type):
-        fail(
+        raise UsageError(
             f"unknown --model-type {args.model_type!r}: expected one of {', '.join(HUB_MODELS)} "
             "or a local GPT-2 checkpoint directory"
         )
     if not args.input_text.strip():
-        fail("--input-text is empty: give a prompt for the model to continue")
+        raise UsageError("--input-text is empty: give a prompt for the model to continue")
     if args.max_new_tokens < 1:
-        fail(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature <= 0:
-        fail(f"--temperature must be greater than 0, got {args.temperature} (for the likeliest tokens: --top-k 1)")
+        raise UsageError(
+            f"--temperature must be greater than 0, got {args.temperature} (for the likeliest tokens: --top-k 1)"
+        )
     if args.top_k < 1:
-        fail(f"--top-k must be at least 1, got {args.top_k}")
+        raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.num_calibration_samples < 1:
-        fail(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
+        raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     if args.calibration_data is not None:
         if args.quant_mode is None:
-            fail("--calibration-data needs --quant-mode: only quantization calibrates")
+            raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
         check_calibration_file(args.calibration_data)
     if args.export_dir is not None and args.quant_mode is None:
-        fail("--export-dir needs --quant-mode: it exports the quantized checkpoint")
+        raise UsageError("--export-dir needs --quant-mode: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None:
-        fail("--export-only needs --export-dir")
+        raise UsageError("--export-only needs --export-dir")
     return args
-
-
-def fail(message: str) -> None:
-    """Reports a problem with the command line or its inputs on one line, without a traceback, and exits with 2."""
-    print(f"example.py: error: {' '.join(message.split())}", file=sys.stderr)
-    sys.exit(2)
 
 
 def check_calibration_file(calibration_data: str) -> None:
     if calibration_data == "cnn_dailymail":
         return
     if not os.path.isfile(calibration_data):
-        fail(f"calibration data not found: {calibration_data} (expected cnn_dailymail or a .txt/.json/.jsonl file)")
+        raise UsageError(
+            f"calibration data not found: {calibration_data} (expected cnn_dailymail or a .txt/.json/.jsonl file)"
+        )
     if os.path.splitext(calibration_data)[1].lower() not in CALIBRATION_EXTENSIONS:
-        fail(f"unsupported calibration file {calibration_data}: expected a .txt, .json or .jsonl file")
+        raise UsageError(f"unsupported calibration file {calibration_data}: expected a .txt, .json or .jsonl file")
 
 
 def check_hub_reachable_for_calibration() -> None:
-    from weight_loader import hub_reachable
+    from hub import hub_reachable
 
     if not hub_reachable():
-        fail(
+        raise UsageError(
             "cannot download cnn_dailymail for calibration: the Hugging Face Hub is unreachable. "
             "Pass a local file instead, e.g. --calibration-data data/calibration.txt"
         )
@@ -248,7 +236,9 @@ def choose_backend(requested: str) -> tuple[str, str]:
     missing = tripy_missing()
     if requested == "tripy" and missing is not None:
         install = "" if missing == "a CUDA GPU" else f"; install it with: {NVTRIPY_INSTALL}"
-        fail(f"--backend tripy needs {missing}{install} (or use --backend torch, the PyTorch twin on the CPU)")
+        raise UsageError(
+            f"--backend tripy needs {missing}{install} (or use --backend torch, the PyTorch twin on the CPU)"
+        )
     if requested == "torch":
         return "torch", "PyTorch twin on CPU, as asked"
     if missing is not None:
@@ -273,26 +263,26 @@ def tripy_missing() -> str | None:
 
 def load_hf_model(model_type: str | None) -> tuple[str, GPT2LMHeadModel]:
     """(the name or directory loaded, the Hugging Face GPT-2); the bundled model when the default is unreachable."""
-    import weight_loader
+    import hub
 
     try:
-        return model_type or DEFAULT_MODEL, weight_loader.load_hf_model(model_type or DEFAULT_MODEL)
-    except weight_loader.HubUnreachableError as error:
+        return model_type or DEFAULT_MODEL, hub.load_hf_model(model_type or DEFAULT_MODEL)
+    except hub.HubUnreachableError as error:
         # Only the default falls back: a model the user named is what they want to run, not a stand-in for it.
         if model_type is not None:
-            fail(str(error))
+            raise UsageError(str(error)) from None
     except (ValueError, OSError) as error:  # not a GPT-2 name or checkpoint, or an unreadable one
-        fail(str(error))
+        raise UsageError(str(error)) from None
 
     if not os.path.isfile(os.path.join(BUNDLED_MODEL_DIR, "config.json")):
-        fail(
+        raise UsageError(
             f"cannot download {DEFAULT_MODEL} (the Hugging Face Hub is unreachable) and {BUNDLED_MODEL_DIR} is missing"
         )
     print(
         f"Could not download {DEFAULT_MODEL} (the Hugging Face Hub is unreachable and it is not in the local cache): "
         f"running the bundled model in {os.path.relpath(BUNDLED_MODEL_DIR)}/ instead"
     )
-    return os.path.relpath(BUNDLED_MODEL_DIR), weight_loader.load_hf_model(BUNDLED_MODEL_DIR)
+    return os.path.relpath(BUNDLED_MODEL_DIR), hub.load_hf_model(BUNDLED_MODEL_DIR)
 
 
 def quantize(
@@ -312,7 +302,7 @@ def quantize(
     try:
         modelopt_quantize(hf_model, quant_mode, dataset_name=calibration_data, num_samples=num_samples)
     except (OSError, ValueError) as error:  # calibration data that cannot be read
-        fail(str(error))
+        raise UsageError(str(error)) from None
     hf_model.to("cpu")
 
 
@@ -324,7 +314,7 @@ def export_quantized(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:
     try:
         export_checkpoint(quantized_model, export_dir)
     except (ValueError, RuntimeError) as error:  # export.py's documented limitations
-        fail(f"cannot export to {export_dir}: {error}")
+        raise UsageError(f"cannot export to {export_dir}: {error}") from None
     print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")
 
 
@@ -399,4 +389,4 @@ class TokenPrinter:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

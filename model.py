@@ -21,7 +21,8 @@ import torch
 # fills: it records the shape and dtype `load_state_dict` checks, and a module refuses to run while one is unset.
 from nvtripy.frontend.module.parameter import DefaultParameter
 
-from reference import INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig, sample_next_token
+from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode
+from sampling import sample_next_token
 
 
 def gelu_tanh(x: tp.Tensor) -> tp.Tensor:
@@ -67,14 +68,13 @@ def linear_layer(config: GPTConfig, in_features: int, out_features: int, is_lm_h
     mode = None if (is_lm_head and config.quant_mode != "float8") else config.quant_mode
     if mode is None:
         return tp.Linear(in_features, out_features, bias=config.bias and not is_lm_head, dtype=dtype)
+    check_quant_mode(mode)
     if mode == "int8-weight-only":
         return tp.Linear(in_features, out_features, config.bias, dtype, quant_dtype=tp.int8, weight_quant_dim=0)
     if mode == "int4-weight-only":
         return Int4Linear(in_features, out_features, config.bias, dtype)
-    if mode == "float8":
-        bias = config.bias and not is_lm_head
-        return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.float8, weight_quant_dim=None)
-    raise ValueError(f"Unknown quant_mode {mode!r}; supported: {', '.join(QUANT_MODES)}")
+    bias = config.bias and not is_lm_head  # float8 also quantizes lm_head, which has no bias
+    return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.float8, weight_quant_dim=None)
 
 
 class CausalSelfAttention(tp.Module):
@@ -255,8 +255,8 @@ def generate(
     """Extends idx [batch, seq] by max_new_tokens sampled tokens; returns [batch, seq + max_new_tokens].
 
     The prompt runs once, through the prefill executable; every later step feeds only the newest token through the
-    decode executable, with the keys and values of the past. Sampling is the twin's own `sample_next_token`, on the
-    CPU, so the same seed makes the same choices from the same logits. `on_token` is called with each new token
+    decode executable, with the keys and values of the past. Sampling is the twin's, `sampling.sample_next_token`, on
+    the CPU, so the same seed makes the same choices from the same logits. `on_token` is called with each new token
     [batch, 1] as soon as it is sampled (for streaming).
     """
     config = compiled.config

@@ -15,9 +15,9 @@ import torch
 from datasets import load_dataset
 from tqdm import tqdm
 
-from reference import INT4_BLOCK_SIZE, QUANT_MODES
+from config import INT4_BLOCK_SIZE, check_quant_mode
+from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
-from weight_loader import hub_reachable
 
 with warnings.catch_warnings():
     # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
@@ -32,6 +32,7 @@ BLOCK_LINEARS = ("*attn.c_attn", "*attn.c_proj", "*mlp.c_fc", "*mlp.c_proj")
 
 def quant_config(quant_mode: str) -> dict:
     """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes."""
+    check_quant_mode(quant_mode)
     fp8 = {"num_bits": (4, 3), "axis": None}  # E4M3, one scale per tensor
     if quant_mode == "int8-weight-only":
         layers, weight, inputs, algorithm = BLOCK_LINEARS, {"num_bits": 8, "axis": 0}, None, "max"
@@ -40,10 +41,8 @@ def quant_config(quant_mode: str) -> dict:
         # AWQ scales each input feature to protect the weights that meet large activations; the scale lives on the
         # (disabled) input quantizer as pre_quant_scale.
         layers, inputs, algorithm = BLOCK_LINEARS, None, {"method": "awq_lite", "alpha_step": 0.1}
-    elif quant_mode == "float8":
+    else:  # float8
         layers, weight, inputs, algorithm = (*BLOCK_LINEARS, "lm_head"), fp8, fp8, "max"
-    else:
-        raise ValueError(f"Unknown quant_mode {quant_mode!r}; supported: {', '.join(QUANT_MODES)}")
 
     quant_cfg = [{"quantizer_name": "*", "enable": False}]
     for layer in layers:

@@ -8,27 +8,12 @@ range (FP8 E4M3: saturate at +-448), multiply back.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
-INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024  # longest sequence the position embedding covers (HF's n_positions)
-    vocab_size: int = 50257
-    num_layers: int = 12
-    num_heads: int = 12
-    embedding_size: int = 768
-    bias: bool = True  # bias in the linear layers
-    seq_len: int = 1024  # longest sequence (prompt + new tokens) the compiled Tripy model accepts
-    batch_size: int = 1  # batch size the compiled Tripy model accepts
-    dtype: str = "float16"  # "float16" or "float32"; each backend maps it to its own dtype
-    quant_mode: str | None = None  # None or one of QUANT_MODES
+from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode
+from sampling import sample_next_token
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -119,21 +104,19 @@ def linear_layer(config: GPTConfig, in_features: int, out_features: int, is_lm_h
     mode = None if (is_lm_head and config.quant_mode != "float8") else config.quant_mode
     if mode is None:
         return nn.Linear(in_features, out_features, bias=config.bias and not is_lm_head, dtype=dtype)
+    check_quant_mode(mode)
     if mode == "int8-weight-only":
         return QuantLinear(in_features, out_features, config.bias, dtype, torch.int8, 0, quantize_input=False)
     if mode == "int4-weight-only":
         return Int4Linear(in_features, out_features, config.bias, dtype)
-    if mode == "float8":
-        bias = config.bias and not is_lm_head
-        return QuantLinear(in_features, out_features, bias, dtype, torch.float8_e4m3fn, None, quantize_input=True)
-    raise ValueError(f"Unknown quant_mode {mode!r}; supported: {', '.join(QUANT_MODES)}")
+    bias = config.bias and not is_lm_head  # float8 also quantizes lm_head, which has no bias
+    return QuantLinear(in_features, out_features, bias, dtype, torch.float8_e4m3fn, None, quantize_input=True)
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.num_heads = config.num_heads
-        self.embedding_size = config.embedding_size
         self.c_attn = linear_layer(config, config.embedding_size, 3 * config.embedding_size)
         self.c_proj = linear_layer(config, config.embedding_size, config.embedding_size)
 
@@ -237,17 +220,6 @@ class GPT(nn.Module):
             keys.append(key)
             values.append(value)
         return self.transformer.ln_f(x), torch.stack(keys), torch.stack(values)
-
-
-def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    """logits [batch, vocab] -> token ids [batch, 1], sampled from the top_k most likely at `temperature`."""
-    logits = logits.float() / temperature
-    if top_k is None:
-        return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
-    # Draw among the k candidates only: a softmax over k values instead of the whole vocabulary.
-    top_logits, top_tokens = torch.topk(logits, min(top_k, logits.shape[-1]))  # [batch, k] each
-    choice = torch.multinomial(torch.softmax(top_logits, dim=-1), num_samples=1, generator=generator)  # [batch, 1]
-    return top_tokens.gather(-1, choice)
 
 
 @torch.no_grad()

@@ -51,6 +51,4 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     with tempfile.TemporaryDirectory() as folder:
         shutil.copy(_data_file("encoder.json"), f"{folder}/vocab.json")
         shutil.copy(_data_file("vocab.bpe"), f"{folder}/merges.txt")
-        tokenizer = GPT2TokenizerFast.from_pretrained(folder)
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        return GPT2TokenizerFast.from_pretrained(folder)

@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import evaluate
+from cli import ArgumentParser, UsageError, run
+from perplexity import perplexity
 from tokenizer import gpt2_encoding
 
 REPO = Path(__file__).resolve().parent
@@ -44,6 +45,48 @@ SKIP_DIRS = {
     "turtledemo",
 }
 HELDOUT_PERCENT = 5
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    train_tokens, validation_tokens = load_corpus()
+    model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
+    print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
+    print(f"       n_embd {model.config.n_embd}, n_positions {model.config.n_positions}")
+    train(model, train_tokens, validation_tokens, args, started)
+    save(model, args.out_dir, validation_tokens)
+    print(f"total time {(time.time() - started) / 60:.1f} min")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out-dir", default=str(REPO / "bundled_model"), help="where to save the checkpoint")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.1, help="the corpus is seen ~7 times: some regularization")
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=128, help="a multiple of 128: int4 quantizes blocks of 128")
+    parser.add_argument("--n-positions", type=int, default=256, help="also the training context")
+    parser.add_argument("--log-interval", type=int, default=50)
+    parser.add_argument("--eval-interval", type=int, default=500, help="validation perplexity every N steps")
+    args = parser.parse_args(argv)
+    if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
+        raise UsageError("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
+    if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
+        raise UsageError(
+            f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"
+        )
+    if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
+        raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
+    return args
 
 
 def stdlib_docstrings() -> dict[str, list[str]]:
@@ -119,10 +162,10 @@ def lm_loss(model: GPT2LMHeadModel, inputs: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-def perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
+def validation_perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
     """The quality report's perplexity (evaluate.py), of the Hugging Face model in eval mode."""
     model.eval()
-    value = evaluate.perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
+    value = perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
     model.train()
     return value
 
@@ -135,36 +178,8 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=str(REPO / "bundled_model"), help="where to save the checkpoint")
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--dropout", type=float, default=0.1, help="the corpus is seen ~7 times: some regularization")
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128, help="a multiple of 128: int4 quantizes blocks of 128")
-    parser.add_argument("--n-positions", type=int, default=256, help="also the training context")
-    parser.add_argument("--log-interval", type=int, default=50)
-    parser.add_argument("--eval-interval", type=int, default=500, help="validation perplexity every N steps")
-    args = parser.parse_args()
-    if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
-        parser.error("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
-    if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
-        parser.error(
-            f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"
-        )
-    if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
-        parser.error("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
-
-    started = time.time()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
-
+def load_corpus() -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation tokens; writes the validation text to data/heldout.txt for the quality report."""
     train_texts, validation_texts = split_corpus(stdlib_docstrings())
     HELDOUT_PATH.parent.mkdir(exist_ok=True)
     HELDOUT_PATH.write_text("\n\n".join(validation_texts) + "\n")
@@ -175,10 +190,17 @@ def main() -> None:
     print(f"corpus: {len(train_texts)} train docstrings, {len(train_tokens):,} tokens;", end=" ")
     heldout = os.path.relpath(HELDOUT_PATH)
     print(f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({heldout})")
+    return train_tokens, validation_tokens
 
-    model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
-    print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
-    print(f"       n_embd {model.config.n_embd}, n_positions {model.config.n_positions}")
+
+def train(
+    model: GPT2LMHeadModel,
+    train_tokens: torch.Tensor,
+    validation_tokens: torch.Tensor,
+    args: argparse.Namespace,
+    started: float,
+) -> None:
+    """AdamW on random windows of the token stream, logging the loss and, now and then, validation perplexity."""
     # Weight decay on matrices (including the tied embedding), not on biases and LayerNorm gains.
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -218,18 +240,21 @@ def main() -> None:
             )
             loss_sum, interval_start = 0.0, time.time()
         if args.eval_interval and (step + 1) % args.eval_interval == 0 and step + 1 < args.steps:
-            print(f"step {step + 1}: validation perplexity {perplexity(model, validation_tokens, context):.2f}")
+            ppl = validation_perplexity(model, validation_tokens, context)
+            print(f"step {step + 1}: validation perplexity {ppl:.2f}")
             interval_start = time.time()
 
+
+def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> None:
+    """Saves the checkpoint in float16 and measures it the way consumers load it, in float32."""
     # float16 halves the file; the 50257 x n_embd embedding table is most of it.
-    model.half().save_pretrained(args.out_dir, safe_serialization=True)
-    size = sum(path.stat().st_size for path in Path(args.out_dir).iterdir())
-    # Measure the saved checkpoint the way consumers load it, in float32.
-    saved = GPT2LMHeadModel.from_pretrained(args.out_dir, dtype=torch.float32)
-    print(f"validation perplexity {perplexity(saved, validation_tokens, context):.2f} (saved checkpoint, float32)")
-    minutes = (time.time() - started) / 60
-    print(f"checkpoint {os.path.relpath(args.out_dir)}: {size:,} bytes; total time {minutes:.1f} min")
+    model.half().save_pretrained(out_dir, safe_serialization=True)
+    size = sum(path.stat().st_size for path in Path(out_dir).iterdir())
+    saved = GPT2LMHeadModel.from_pretrained(out_dir, dtype=torch.float32)
+    ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
+    print(f"validation perplexity {ppl:.2f} (saved checkpoint, float32)")
+    print(f"checkpoint {os.path.relpath(out_dir)}: {size:,} bytes")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

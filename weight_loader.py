@@ -7,9 +7,6 @@ Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plu
 Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
 """
 
-import json
-import os
-import socket
 from typing import Any
 
 import torch
@@ -17,17 +14,14 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from reference import GPT, INT4_BLOCK_SIZE, QUANT_MODES, GPTConfig
+from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode
+from hub import load_hf_model
+from reference import GPT
 
-HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
 # What ModelOpt's weight quantizer must be for each mode: (num_bits, block-wise).
 WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
-
-
-class HubUnreachableError(OSError):
-    """A Hugging Face Hub model was asked for, it is not in the local cache, and the Hub cannot be reached."""
 
 
 def get_submodule(module: Any, attr_name: str) -> Any:
@@ -57,43 +51,6 @@ def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
     return (amax.detach().float() / maxbound).squeeze()
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face Hub answers on its port; quick, so that being offline never hangs."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def load_hf_model(model_type: str) -> GPT2LMHeadModel:
-    """GPT-2 from the Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local checkpoint directory, in float32."""
-    if os.path.isdir(model_type):
-        config_path = os.path.join(model_type, "config.json")
-        model_kind = json.load(open(config_path)).get("model_type") if os.path.isfile(config_path) else None
-        if model_kind != "gpt2":
-            raise ValueError(
-                f"{model_type!r} is not a Hugging Face GPT-2 checkpoint (needs config.json with model_type 'gpt2')"
-            )
-        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
-    if model_type not in HUB_MODELS:
-        raise ValueError(
-            f"Unknown model type {model_type!r}: expected one of {', '.join(HUB_MODELS)} "
-            "or a local GPT-2 checkpoint directory"
-        )
-    try:  # the local cache first: it needs no network
-        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32, local_files_only=True).eval()
-    except OSError:
-        if not hub_reachable():
-            raise HubUnreachableError(
-                f"Cannot download {model_type}: the Hugging Face Hub is unreachable and it is not in the local cache. "
-                "Pass a local GPT-2 checkpoint directory instead."
-            ) from None
-    return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
-
-
 def config_from_hf(hf_model: GPT2LMHeadModel, **overrides: Any) -> GPTConfig:
     """The GPTConfig matching a Hugging Face GPT-2; `overrides` sets the other fields (dtype, quant_mode, ...)."""
     hf_config = hf_model.config
@@ -121,8 +78,7 @@ def load_quant_weights_from_hf(
     `quantized_model` is a Hugging Face GPT-2 already quantized by `modelopt_quantize` in `quant_mode`; without it,
     `model_type` is loaded and calibrated here.
     """
-    if quant_mode not in QUANT_MODES:
-        raise ValueError(f"Unknown quant_mode {quant_mode!r}; supported: {', '.join(QUANT_MODES)}")
+    check_quant_mode(quant_mode)
     if quantized_model is None:
         from quantization import modelopt_quantize  # imports ModelOpt, which only this path needs
 

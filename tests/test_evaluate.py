@@ -13,13 +13,16 @@ import sys
 import matplotlib.image
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, REPO
+from helpers import REPO, usage_error
 
 import evaluate
-from reference import GPT, GPTConfig
-from weight_loader import load_hf_model, load_twin
+from config import GPTConfig
+from hub import BUNDLED_MODEL_DIR, load_hf_model
+from quantization import SHIPPED_CALIBRATION_TEXT
+from reference import GPT
+from weight_loader import load_twin
 
-BUNDLED_MODEL = os.path.join(REPO, "bundled_model")
+BUNDLED_MODEL = BUNDLED_MODEL_DIR
 NUM_CALIBRATION_SAMPLES = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -36,7 +39,7 @@ def rows() -> dict[str, evaluate.Row]:
         BUNDLED_MODEL,
         evaluate.REPORT_MODES,
         num_calibration_samples=NUM_CALIBRATION_SAMPLES,
-        calibration_data=CALIBRATION_TEXT,
+        calibration_data=SHIPPED_CALIBRATION_TEXT,
     )
     return {row.mode: row for row in report}
 
@@ -167,8 +170,4 @@ def test_cli_saves_a_png_chart(tmp_path):
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(capsys, arguments, expected):
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(arguments)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err
-    assert stderr.startswith("evaluate.py: error: ") and stderr.count("\n") == 1 and expected in stderr, stderr
+    assert expected in usage_error(evaluate.main, arguments, "evaluate.py", capsys)

@@ -13,23 +13,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
 
+import config
 import example
 import reference
+from hub import load_hf_model
 from tokenizer import gpt2_encoding
-from weight_loader import HUB_MODELS, load_hf_model, load_twin
+from weight_loader import load_twin
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens
 NEW_TOKENS = 8
 FALLBACK_SEED = 3
-CALIBRATION_PARAGRAPHS = [
-    "The council approved the budget for road repairs on Tuesday.",
-    "Green plants turn light into chemical energy in their leaves.",
-    "Simmer the tomatoes with garlic and olive oil for twenty minutes.",
-    "The train left the station an hour late because of the snow.",
-]
 
 
 def run_arguments(
@@ -146,7 +142,7 @@ def test_greedy_generation_matches_hugging_face(runs, checkpoint):
     assert response(stdout) == encoding.decode(idx[0].tolist())
 
 
-@pytest.mark.parametrize("quant_mode", reference.QUANT_MODES)
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
 def test_quantized_generation(runs, quant_mode):
     stdout = succeeded(runs, quant_mode)
     assert f"Calibrated {quant_mode} on 4 samples" in stdout
@@ -233,9 +229,3 @@ def test_help_explains_the_dtype_default():
     result = subprocess.run([sys.executable, "example.py", "--help"], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0
     assert "float16 matmuls are slow on a CPU" in " ".join(result.stdout.split())
-
-
-def test_cli_names_are_the_libraries():
-    """example.py lists the modes and Hub models itself, so that --help needs no torch; they must be the real ones."""
-    assert example.QUANT_MODES == reference.QUANT_MODES
-    assert example.HUB_MODELS == HUB_MODELS

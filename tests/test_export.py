@@ -11,22 +11,16 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_gpt2
+from helpers import make_gpt2
 from safetensors import safe_open
 from transformers import AutoConfig, GPT2Config
 
+from config import INT4_BLOCK_SIZE, QUANT_MODES
 from export import export_checkpoint
 from quantization import modelopt_quantize
-from reference import GPT, INT4_BLOCK_SIZE, QUANT_MODES, Int4Linear, QuantLinear
+from reference import GPT, Int4Linear, QuantLinear
 from weight_loader import load_twin
 
-# Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.
-CALIBRATION_PARAGRAPHS = [
-    "The town council voted on Tuesday to repair the roads before winter.",
-    "Green plants turn sunlight, water and carbon dioxide into sugar.",
-    "The train to the coast leaves at nine and arrives just after noon.",
-    "She planted tomatoes along the fence and watered them every evening.",
-]
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {
     "float8": {
@@ -58,13 +52,6 @@ class Exported:
     twin: GPT  # loaded from the quantized model before the export
     logits_before: torch.Tensor  # the twin's logits before the export
     logits_after: torch.Tensor  # a twin loaded from the same model after the export
-
-
-@pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("calibration") / "calibration.txt"
-    path.write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
-    return str(path)
 
 
 @pytest.fixture(scope="module", params=QUANT_MODES)

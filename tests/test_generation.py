@@ -8,35 +8,27 @@ weight_loader from a ModelOpt-quantized GPT-2, calibrated once for the whole mod
 
 import pytest
 import torch
-from conftest import make_gpt2
+from helpers import make_gpt2
 
 import reference
+from config import QUANT_MODES
 from quantization import modelopt_quantize
-from reference import GPT, QUANT_MODES, generate
+from reference import GPT, generate
 from weight_loader import load_twin
 
 MODES = (None, *QUANT_MODES)
-# Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.
-CALIBRATION_PARAGRAPHS = [
-    "The town council voted on Tuesday to repair the roads before winter.",
-    "Green plants turn sunlight, water and carbon dioxide into sugar.",
-    "The train to the coast leaves at nine and arrives just after noon.",
-    "She planted tomatoes along the fence and watered them every evening.",
-]
 PROMPT_LEN = 5
 
 
 @pytest.fixture(scope="module")
-def twins(tmp_path_factory) -> dict[str | None, GPT]:
+def twins(calibration_file) -> dict[str | None, GPT]:
     """The twin in each mode, float32, loaded from the same random GPT-2 (quantized by ModelOpt for each mode)."""
-    calibration_file = tmp_path_factory.mktemp("calibration") / "calibration.txt"
-    calibration_file.write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
     twins = {}
     for mode in MODES:
         hf_model = make_gpt2()
         quantized = None
         if mode is not None:
-            quantized = modelopt_quantize(hf_model, mode, str(calibration_file), batch_size=4, num_samples=4)
+            quantized = modelopt_quantize(hf_model, mode, calibration_file, batch_size=4, num_samples=4)
         twins[mode] = load_twin(hf_model, mode, quantized)
     return twins
 

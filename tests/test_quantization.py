@@ -9,8 +9,9 @@ import re
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, make_gpt2
+from helpers import make_gpt2
 
+from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import create_forward_loop, modelopt_quantize
 from reference import GPT
 from tokenizer import gpt2_tokenizer

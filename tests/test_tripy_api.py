@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
+from helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The files with code that runs only with nvtripy (weight_loader.py: loading into the Tripy model).
 CHECKED_FILES = ("model.py", "example.py", "weight_loader.py", "tests/test_tripy_model.py")
 

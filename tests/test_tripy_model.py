@@ -10,9 +10,12 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, make_gpt2
+from helpers import make_gpt2
 
+import config
 import reference
+from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
+from sampling import sample_next_token
 from weight_loader import config_from_hf, load_quant_weights_from_hf, load_weights_from_hf
 
 
@@ -38,7 +41,7 @@ if TRIPY_MISSING is None:
 
     import model
 
-MODES = (None, *reference.QUANT_MODES)
+MODES = (None, *config.QUANT_MODES)
 SEQ_LEN = 32
 # Logit difference allowed, relative to the largest logit. TensorRT may run float32 matmuls in TF32.
 TOLERANCE = {"float32": 1e-2, "float16": 5e-2}
@@ -96,9 +99,9 @@ def test_state_dict_has_the_twins_names_and_shapes(quantized_gpt2, quant_mode):
 
 
 def test_compile_refuses_a_model_without_weights():
-    config = reference.GPTConfig(num_layers=1, num_heads=2, embedding_size=8, vocab_size=16, block_size=8, seq_len=8)
+    gpt_config = config.GPTConfig(num_layers=1, num_heads=2, embedding_size=8, vocab_size=16, block_size=8, seq_len=8)
     with pytest.raises(ValueError, match="Load the weights before compiling"):
-        model.compile_model(model.GPT(config), config)
+        model.compile_model(model.GPT(gpt_config), gpt_config)
 
 
 @pytest.fixture(scope="module", params=[(d, m) for d in ("float32", "float16") for m in MODES], ids=str)
@@ -144,7 +147,7 @@ def test_generation_matches_uncached_and_twin(twin_and_compiled):
     uncached, generator = idx, torch.Generator().manual_seed(3)
     for _ in range(10):  # the whole sequence every step, through the prefill executable
         logits, _, _ = model.run(compiled.prefill, model.gpu_tokens(uncached))
-        uncached = torch.cat([uncached, reference.sample_next_token(logits[:, -1, :], 1.0, 20, generator)], dim=1)
+        uncached = torch.cat([uncached, sample_next_token(logits[:, -1, :], 1.0, 20, generator)], dim=1)
     twin_tokens = reference.generate(twin, idx, 10, top_k=20, generator=torch.Generator().manual_seed(3))
 
     assert torch.equal(cached, uncached)

@@ -6,16 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from hub import HubUnreachableError, load_hf_model
 from reference import GPT
 from tokenizer import gpt2_encoding, gpt2_tokenizer
-from weight_loader import (
-    HubUnreachableError,
-    config_from_hf,
-    convert_to_scale,
-    get_submodule,
-    load_hf_model,
-    load_weights_from_hf,
-)
+from weight_loader import config_from_hf, convert_to_scale, get_submodule, load_weights_from_hf
 
 
 def test_get_submodule_follows_attributes_lists_and_dicts():

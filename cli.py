@@ -1,0 +1,38 @@
+"""What every command-line script here shares: a mistake in the user's input is one line on stderr and exit status 2.
+
+Each script ends with
+
+    if __name__ == "__main__":
+        cli.run(main)
+
+and reports a bad argument, file or folder by raising `UsageError` wherever it is found: in its `parse_args`, before
+the imports that take seconds, or at the boundary where a library turns down the input. `run` prints it as
+`script.py: error: what was wrong and what is accepted`, without a traceback. Anything else is a bug, and keeps its
+traceback.
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+
+class UsageError(Exception):
+    """A mistake in the user's input (an argument, a file, a folder), reported as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        """argparse's own errors (a bad number, an unknown choice) in the same one-line form as ours."""
+        raise UsageError(f"{message} (see --help)")
+
+
+def run(main: Callable[[], Any], prog: str | None = None) -> None:
+    """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2."""
+    try:
+        main()
+    except UsageError as error:
+        prog = prog or os.path.basename(sys.argv[0])
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)

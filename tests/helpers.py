@@ -1,0 +1,55 @@
+"""What several test files build: small GPT-2 models and a few paragraphs of calibration text."""
+
+import os
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import cli
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Short paragraphs keep AWQ's search, the slow part, to a few seconds on CPU.
+CALIBRATION_PARAGRAPHS = [
+    "The town council voted on Tuesday to repair the roads before winter.",
+    "Green plants turn sunlight, water and carbon dioxide into sugar.",
+    "The train to the coast leaves at nine and arrives just after noon.",
+    "She planted tomatoes along the fence and watered them every evening.",
+]
+
+
+def make_gpt2(
+    n_embd: int = 256,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_positions: int = 128,
+    outlier_gain: float = 20.0,
+    seed: int = 0,
+) -> GPT2LMHeadModel:
+    """A small random GPT-2 with the real vocabulary.
+
+    n_embd >= 256 gives every int4 row at least two blocks of 128. Some LayerNorm gains are scaled up so a few
+    input features carry outliers, as in trained LLMs: that is what AWQ's pre_quant_scale exists for.
+    """
+    torch.manual_seed(seed)
+    config = GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions)
+    config.architectures = ["GPT2LMHeadModel"]
+    model = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for layer_norm in (block.ln_1, block.ln_2):
+                outliers = torch.randperm(n_embd)[: n_embd // 16]
+                layer_norm.weight[outliers] *= outlier_gain
+    return model
+
+
+def usage_error(main: Callable[[list[str]], object], argv: list[str], prog: str, capsys) -> str:
+    """Runs a script's `main(argv)` the way its command line does (cli.run); checks that it stops with exit status 2
+    and one line `prog: error: ...` on stderr, no traceback; returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: main(argv), prog)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"{prog}: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    return stderr.strip()
