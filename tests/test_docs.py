@@ -1,0 +1,154 @@
+"""The README and docs/ as a newcomer uses them, and the shape of the code behind them.
+
+- Every relative link and image resolves to a file in the repository.
+- Every command shown runs as shown: each `python SCRIPT.py ...` line in a ```bash block or after `$ ` in a ```console
+  block names a script that exists and passes that script's own `parse_args`; each file a command names exists.
+- CI (.ci/run) runs the README's test line verbatim.
+- No module imports another in a circle, and none imports a command-line script.
+"""
+
+import ast
+import glob
+import importlib
+import os
+import re
+import shlex
+
+import pytest
+from helpers import REPO
+
+from cli import UsageError
+
+PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "docs", "*.md")))]
+SCRIPTS = ("example", "evaluate", "benchmark", "train")
+# Options whose value a command creates: a later command on the same page may read it.
+CREATING_OPTIONS = ("--export-dir", "--out-dir", "--chart", "--save-quantized", "--recipe-out")
+
+
+def read(page: str) -> str:
+    with open(os.path.join(REPO, page), encoding="utf-8") as file:
+        return file.read()
+
+
+def shell_commands(text: str) -> list[tuple[str, str]]:
+    """(command, the output shown after it) for every line of a ```bash block and every `$ ` line of a ```console
+    block; a command joined with `&&` counts as several."""
+    commands = []
+    for language, block in re.findall(r"```(bash|console)\n(.*?)```", text, flags=re.S):
+        lines = block.splitlines()
+        for i, line in enumerate(lines):
+            if language == "console" and not line.startswith("$ "):
+                continue
+            output = []
+            if language == "console":
+                next_command = next((j for j, later in enumerate(lines[i + 1 :]) if later.startswith("$ ")), None)
+                output = lines[i + 1 : i + 1 + next_command] if next_command is not None else lines[i + 1 :]
+            line = line.removeprefix("$ ").split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.extend((part.strip(), "\n".join(output)) for part in line.split("&&"))
+    return commands
+
+
+def python_commands(page: str) -> list[tuple[list[str], str]]:
+    """`python SCRIPT.py args` commands of a page as argument lists without shell redirections, with their output."""
+    found = []
+    for command, output in shell_commands(read(page)):
+        words = [word for word in shlex.split(command) if not re.match(r"^\d?>", word)]
+        if len(words) >= 2 and words[0] == "python" and words[1].endswith(".py"):
+            found.append((words[1:], output))
+    return found
+
+
+def bash_lines(text: str) -> list[str]:
+    """Whole lines of the ```bash blocks, as a reader copies them."""
+    return [line.strip() for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) for line in block.splitlines()]
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_links_resolve(page):
+    folder = os.path.dirname(os.path.join(REPO, page))
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", read(page)):
+        if not re.match(r"^[a-z]+://", target):
+            assert os.path.exists(os.path.join(folder, target)), f"{page} links to {target}, which does not exist"
+
+
+def test_every_docs_page_is_linked_from_the_readme():
+    readme = read("README.md")
+    for page in PAGES[1:]:
+        assert f"]({page})" in readme, f"README.md does not link {page}"
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_python_commands_parse(page, monkeypatch):
+    monkeypatch.chdir(REPO)
+    created = set()
+    for words, output in python_commands(page):
+        script, argv = words[0], words[1:]
+        assert os.path.isfile(os.path.join(REPO, script)), f"{page}: {script} does not exist"
+        module_name = script.removesuffix(".py")
+        documented_error = next((line for line in output.splitlines() if line.startswith(f"{script}: error: ")), None)
+        if module_name in SCRIPTS:
+            try:
+                importlib.import_module(module_name).parse_args(argv)
+            except UsageError as error:
+                if documented_error is not None:  # shown failing: with the message the page shows
+                    assert documented_error == f"{script}: error: {' '.join(str(error).split())}", page
+                # A folder or file that an earlier command on the page writes is there when the reader gets here.
+                elif not any(path in str(error) for path in created):
+                    raise AssertionError(f"{page}: `python {' '.join(words)}` fails: {error}") from None
+        for option, value in zip(argv, argv[1:], strict=False):
+            if option in CREATING_OPTIONS:
+                created.add(value.rstrip("/"))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_files_that_commands_name_exist(page):
+    for command, _ in shell_commands(read(page)):
+        words = shlex.split(command)
+        for option, value in zip(words, words[1:], strict=False):
+            if option == "-r" or (words[:3] == ["python", "-m", "pytest"] and value.startswith("tests/")):
+                assert os.path.exists(os.path.join(REPO, value)), f"{page}: `{command}` names {value}, not found"
+
+
+def test_ci_runs_the_readme_test_line_verbatim():
+    readme_commands = [line for line in bash_lines(read("README.md")) if line.endswith("pytest -q")]
+    assert len(readme_commands) == 1, readme_commands
+    with open(os.path.join(REPO, ".ci", "run")) as file:
+        assert readme_commands[0] in file.read().splitlines()
+
+
+def local_imports() -> dict[str, set[str]]:
+    """module -> the repository's modules it imports, for every module at the root."""
+    modules = {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, "*.py"))}
+    graph = {}
+    for module in modules:
+        with open(os.path.join(REPO, f"{module}.py")) as file:
+            tree = ast.parse(file.read())
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module.split(".")[0])
+        graph[module] = names & modules
+    return graph
+
+
+def test_no_import_cycles_and_no_script_imports_a_script():
+    graph = local_imports()
+    for module, imported in graph.items():
+        assert not imported & set(SCRIPTS), f"{module}.py imports the script(s) {imported & set(SCRIPTS)}"
+    done, in_progress = set(), []
+
+    def visit(module: str) -> None:
+        assert module not in in_progress, f"import cycle: {' -> '.join([*in_progress, module])}"
+        if module in done:
+            return
+        in_progress.append(module)
+        for imported in sorted(graph[module]):
+            visit(imported)
+        in_progress.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
