@@ -24,9 +24,10 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import checks
 from cli import ArgumentParser, UsageError, run
 from config import INT4_BLOCK_SIZE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
+from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS, check_checkpoint_dir
 
 if TYPE_CHECKING:
     import tiktoken
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
     from config import GPTConfig
 
 DEFAULT_PROMPT = "The best way to learn something new is"
-CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
+# Below this the sampling is greedy in all but name, and far below it logits / temperature overflows float32.
+MIN_TEMPERATURE = 1e-3
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
 # generate(idx [1, prompt], max_new_tokens, temperature, top_k, generator, on_token) -> [1, prompt + new tokens]
@@ -134,12 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument(
-        "--seed", type=int, default=0, help="sampling seed: the same seed gives the same text (default: 0)"
+        "--seed",
+        type=checks.seed,
+        default=0,
+        help="sampling seed, 0 to 2**64 - 1: the same seed gives the same text (default: 0)",
     )
     parser.add_argument(
         "--temperature",
         metavar="T",
-        type=float,
+        type=checks.finite_float,
         default=0.8,
         help="below 1 more predictable, above 1 wilder (default: 0.8)",
     )
@@ -180,21 +185,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and vLLM load",
     )
     parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --export-dir write into a folder that is not empty, replacing the files of the same names",
+    )
     args = parser.parse_args(argv)
 
-    if args.model_type is not None and args.model_type not in HUB_MODELS and not os.path.isdir(args.model_type):
-        raise UsageError(
-            f"unknown --model-type {args.model_type!r}: expected one of {', '.join(HUB_MODELS)} "
-            "or a local GPT-2 checkpoint directory"
-        )
-    if not args.input_text.strip():
-        raise UsageError("--input-text is empty: give a prompt for the model to continue")
+    check_model_type(args.model_type)
+    check_input_text(args.input_text)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature <= 0:
-        raise UsageError(
-            f"--temperature must be greater than 0, got {args.temperature} (for the likeliest tokens: --top-k 1)"
-        )
+    check_temperature(args.temperature)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
     if args.num_calibration_samples < 1:
@@ -202,23 +204,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.calibration_data is not None:
         if args.quant_mode is None:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
-        check_calibration_file(args.calibration_data)
+        if args.calibration_data != "cnn_dailymail":
+            checks.check_calibration_file(args.calibration_data)
     if args.export_dir is not None and args.quant_mode is None:
         raise UsageError("--export-dir needs --quant-mode: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None:
         raise UsageError("--export-only needs --export-dir")
+    if args.overwrite and args.export_dir is None:
+        raise UsageError("--overwrite needs --export-dir: it is the only thing example.py writes")
+    if args.export_dir is not None:
+        check_export_dir(args.export_dir, args.model_type, args.overwrite)
     return args
 
 
-def check_calibration_file(calibration_data: str) -> None:
-    if calibration_data == "cnn_dailymail":
+def check_model_type(model_type: str | None) -> None:
+    """A Hub name, or a folder that holds a readable GPT-2 checkpoint (config.json and weights' headers only)."""
+    if model_type is None or model_type in HUB_MODELS:
         return
-    if not os.path.isfile(calibration_data):
+    if not os.path.isdir(model_type):
         raise UsageError(
-            f"calibration data not found: {calibration_data} (expected cnn_dailymail or a .txt/.json/.jsonl file)"
+            f"unknown --model-type {model_type!r}: expected one of {', '.join(HUB_MODELS)} "
+            "or a local GPT-2 checkpoint directory"
         )
-    if os.path.splitext(calibration_data)[1].lower() not in CALIBRATION_EXTENSIONS:
-        raise UsageError(f"unsupported calibration file {calibration_data}: expected a .txt, .json or .jsonl file")
+    try:
+        check_checkpoint_dir(model_type)
+    except ValueError as error:
+        raise UsageError(f"--model-type: {error}") from None
+
+
+def check_input_text(input_text: str) -> None:
+    if not input_text.strip():
+        raise UsageError("--input-text is empty: give a prompt for the model to continue")
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer would silently replace
+        input_text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("--input-text is not valid UTF-8: check the terminal's encoding") from None
+
+
+def check_temperature(temperature: float) -> None:
+    if temperature < MIN_TEMPERATURE:
+        raise UsageError(
+            f"--temperature must be at least {MIN_TEMPERATURE}, got {temperature} "
+            "(for the likeliest token every time: --top-k 1)"
+        )
+
+
+def check_export_dir(export_dir: str, model_type: str | None, overwrite: bool) -> None:
+    """Before calibrating: the export replaces no file unless --overwrite, never the model's own, and can be
+    written. The bundled model counts as a source: it is what runs when the default cannot be downloaded."""
+    sources = tuple(path for path in (model_type, BUNDLED_MODEL_DIR) if path is not None and os.path.isdir(path))
+    checks.check_output_dir(export_dir, "--export-dir", overwrite, sources)
 
 
 def check_hub_reachable_for_calibration() -> None:

@@ -8,6 +8,7 @@ quantized model.
 """
 
 import copy
+import os
 
 import torch
 from modelopt.torch.export import export_hf_checkpoint
@@ -33,8 +34,28 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     # `weight.to(dtype)` then reads the string as a device (RuntimeError: Invalid device string: 'float32').
     dtype = next(model.parameters()).dtype
     model.config.dtype = dtype
+    before = _file_states(export_dir)
     with torch.inference_mode():
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+    # safetensors writes model.safetensors readable by its owner only, next to JSON files that follow the umask:
+    # every file the export wrote gets the mode a new file gets here.
+    umask = os.umask(0)
+    os.umask(umask)
+    for name, state in _file_states(export_dir).items():
+        if before.get(name) != state:
+            os.chmod(os.path.join(export_dir, name), 0o666 & ~umask)
+
+
+def _file_states(folder: str) -> dict[str, tuple[int, int, int]]:
+    """name -> (inode, size, modification time) of each file in `folder`: what tells a rewritten file."""
+    if not os.path.isdir(folder):
+        return {}
+    states = {}
+    for entry in os.scandir(folder):
+        if entry.is_file():
+            stat = entry.stat()
+            states[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return states
 
 
 def _is_quantized(module: torch.nn.Module) -> bool:

@@ -18,6 +18,14 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DEFAULT_MODEL = "gpt2"
 # A small GPT-2 trained for this example by train.py, run when the default model cannot be downloaded.
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
+NEEDS = "config.json with model_type 'gpt2'"
+# What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class HubUnreachableError(OSError):
@@ -35,19 +43,61 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_checkpoint_dir(folder: str) -> None:
+    """Raises ValueError, naming the file, unless `folder` looks like a loadable Hugging Face GPT-2 checkpoint.
+
+    Reads config.json and the header of model.safetensors only, so a command line can check a folder at once.
+    """
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}): is the checkpoint complete?") from None
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
+    # Until the exported format can be loaded, it is refused here, by name, rather than failing deep in transformers.
+    if os.path.isfile(os.path.join(folder, "hf_quant_config.json")) or "quantization_config" in config:
+        raise ValueError(
+            f"{folder!r} is a quantized checkpoint (as written by --export-dir), which cannot be loaded here yet: "
+            "pass the unquantized model it was exported from, with --quant-mode"
+        )
+    weights_path = os.path.join(folder, "model.safetensors")
+    if os.path.isfile(weights_path):
+        check_safetensors(weights_path)
+    elif not any(os.path.isfile(os.path.join(folder, name)) for name in WEIGHT_FILES):
+        raise ValueError(f"{folder!r} has config.json but no weights: expected {' or '.join(WEIGHT_FILES)}")
+
+
+def check_safetensors(path: str) -> None:
+    """Raises ValueError if a .safetensors file is cut short or its header is not what the format prescribes.
+
+    The format: 8 bytes (little-endian header length N), N bytes of JSON naming each tensor's byte range
+    ("data_offsets", counted from the end of the header), then the tensor data.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        header_length = int.from_bytes(file.read(8), "little")
+        if size < 8 or 8 + header_length > size:
+            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes): copy it again")
+        try:
+            header = json.loads(file.read(header_length))
+            data_end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ValueError(f"{path} has a corrupted header: copy it again") from None
+    if 8 + header_length + data_end > size:
+        raise ValueError(f"{path} is truncated: {size} bytes, its header describes {8 + header_length + data_end}")
+
+
 def load_hf_model(model_type: str) -> GPT2LMHeadModel:
     """GPT-2 from the Hub (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a local checkpoint directory, in float32."""
     import torch
     from transformers import GPT2LMHeadModel
 
     if os.path.isdir(model_type):
-        config_path = os.path.join(model_type, "config.json")
-        model_kind = json.load(open(config_path)).get("model_type") if os.path.isfile(config_path) else None
-        if model_kind != "gpt2":
-            raise ValueError(
-                f"{model_type!r} is not a Hugging Face GPT-2 checkpoint (needs config.json with model_type 'gpt2')"
-            )
-        return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
+        return _load_checkpoint_dir(model_type)
     if model_type not in HUB_MODELS:
         raise ValueError(
             f"Unknown model type {model_type!r}: expected one of {', '.join(HUB_MODELS)} "
@@ -62,3 +112,32 @@ def load_hf_model(model_type: str) -> GPT2LMHeadModel:
                 "Pass a local GPT-2 checkpoint directory instead."
             ) from None
     return GPT2LMHeadModel.from_pretrained(model_type, dtype=torch.float32).eval()
+
+
+def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
+    """A local checkpoint, strictly: any weight the checkpoint lacks or holds in another shape is an error, where
+    transformers would start it from random numbers and only log a report."""
+    import torch
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
+    from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as transformers_logging
+
+    check_checkpoint_dir(folder)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # the load report: its findings are raised below, in one line
+    try:
+        model, info = GPT2LMHeadModel.from_pretrained(
+            folder, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, StrictDataclassError) as error:
+        raise ValueError(f"cannot load the checkpoint in {folder!r}: {' '.join(str(error).split())}") from None
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    wrong = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]
+    if wrong:
+        raise ValueError(
+            f"the weights in {folder!r} do not match its config.json: {len(wrong)} missing or of another shape, "
+            f"such as {sorted(wrong)[0]}"
+        )
+    return model.eval()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from datasets import load_dataset
+from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE, check_quant_mode
@@ -78,7 +79,8 @@ def modelopt_quantize(
 
     start = time.perf_counter()
     mtq.quantize(model_hf, config, forward_loop)
-    print(f"Calibrated {quant_mode} on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    print(f"Calibrated {quant_mode} on {forward_loop.num_samples} samples in {seconds:.1f} s")
     return model_hf
 
 
@@ -96,6 +98,7 @@ def create_forward_loop(
     dataset_name: "cnn_dailymail" (articles, from the Hugging Face Hub), or a local file: .txt (one sample per
     paragraph), .json or .jsonl (a "text" field per record). tokenizer: a transformers GPT-2 tokenizer.
     Samples are truncated to `max_length` tokens, never beyond what the model's position embedding covers.
+    The loop's `num_samples` is how many it runs: fewer than asked when the data holds fewer.
     """
     if batch_size < 1 or num_samples < 1:
         raise ValueError(f"batch_size and num_samples must be at least 1, got {batch_size} and {num_samples}")
@@ -115,6 +118,7 @@ def create_forward_loop(
             tokens = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
             model(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
 
+    forward_loop.num_samples = len(texts)
     return forward_loop
 
 
@@ -134,13 +138,19 @@ def _load_texts(dataset_name: str, num_samples: int) -> list[str]:
             f"Calibration data not found: {dataset_name} (expected 'cnn_dailymail' or a local file)"
         )
     extension = os.path.splitext(dataset_name)[1].lower()
-    if extension == ".txt":
-        dataset = load_dataset("text", data_files=dataset_name, sample_by="paragraph", split="train")
-    elif extension in (".json", ".jsonl"):
-        dataset = load_dataset("json", data_files=dataset_name, split="train")
-        if "text" not in dataset.column_names:
-            raise ValueError(f"{dataset_name} has no 'text' field (fields: {', '.join(dataset.column_names)})")
-    else:
-        raise ValueError(f"Unsupported calibration file {dataset_name}: expected .txt, .json or .jsonl")
-    texts = [text.strip() for text in dataset["text"] if text and text.strip()]
+    try:
+        if extension == ".txt":
+            dataset = load_dataset("text", data_files=dataset_name, sample_by="paragraph", split="train")
+        elif extension in (".json", ".jsonl"):
+            dataset = load_dataset("json", data_files=dataset_name, split="train")
+        else:
+            raise ValueError(f"Unsupported calibration file {dataset_name}: expected .txt, .json or .jsonl")
+    except (DatasetGenerationError, StopIteration) as error:  # empty, binary, not UTF-8, malformed JSON
+        cause = error.__cause__ or error
+        raise ValueError(f"Cannot read {dataset_name} as {extension[1:]}: {type(cause).__name__}: {cause}") from None
+    if "text" not in dataset.column_names:
+        raise ValueError(f"{dataset_name} has no 'text' field (fields: {', '.join(dataset.column_names)})")
+    texts = [text.strip() for text in dataset["text"] if isinstance(text, str) and text.strip()]
+    if not texts:
+        raise ValueError(f"{dataset_name} holds no text to calibrate on")
     return texts[:num_samples]

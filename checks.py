@@ -1,0 +1,162 @@
+"""Checks of what a user hands the scripts, done where it enters, before any slow work: numbers, folders and files.
+
+Only the standard library is imported, so a script's `parse_args` can run these before torch. Each check raises
+`cli.UsageError` with one line that names the input, what is wrong with it, and what is accepted.
+"""
+
+import argparse
+import json
+import math
+import os
+import tempfile
+
+from cli import UsageError
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a real number; nan and inf are refused (inf as a temperature samples uniform noise)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def seed(text: str) -> int:
+    """argparse type: a seed torch accepts, 0 to 2**64 - 1 (torch also maps negative seeds onto that range)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
+def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
+    """Refuses a folder whose files a run would replace, unless `overwrite`; refuses the folders of `sources`
+    (the model being read) always; and checks that the folder can be created and written to."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a file, not a folder: choose a new or empty folder")
+    if os.path.isdir(path):
+        for source in sources:
+            if os.path.isdir(source) and os.path.samefile(path, source):
+                raise UsageError(f"{flag} {path} is the folder the model is read from: choose a new or empty folder")
+        if os.listdir(path) and not overwrite:
+            raise UsageError(
+                f"{flag} {path} is not empty: choose a new or empty folder, or pass --overwrite to replace the files "
+                "of the same names in it"
+            )
+    check_writable(path, flag)
+
+
+def check_output_file(path: str, flag: str) -> None:
+    """A file the run writes at the end (a chart): its folder must exist and be writable, and it is not a folder."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: name a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
+    check_writable(folder, flag)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Whether a folder could be created at `path` and written to, tried in its nearest existing ancestor.
+
+    A temporary folder is made and removed there: unlike os.access, that also catches a read-only file system,
+    and it works the same for root."""
+    ancestor = os.path.abspath(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UsageError(f"cannot create {flag} {path}: {ancestor} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor))
+    except OSError as error:
+        raise UsageError(f"cannot write {flag} {path}: {error.strerror} in {ancestor}") from None
+
+
+def check_calibration_file(path: str, flag: str = "--calibration-data") -> int:
+    """A local calibration file must be UTF-8 text with at least one sample; returns how many samples it holds.
+
+    .txt: one sample per paragraph (blank lines between). .json: a list of records; .jsonl: one record a line;
+    each record is an object whose "text" is a string (quantization.py reads the same layouts with `datasets`)."""
+    accepted = "cnn_dailymail or a .txt/.json/.jsonl file"
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path} is a folder: expected {accepted}")
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}: calibration data not found: {path} (expected {accepted})")
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in CALIBRATION_EXTENSIONS:
+        raise UsageError(f"{flag}: unsupported calibration file {path}: expected a .txt, .json or .jsonl file")
+    with open(path, "rb") as file:
+        data = file.read()
+    if b"\0" in data:
+        raise UsageError(f"{flag} {path} is a binary file: expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    if extension == ".txt":
+        count = sum(1 for paragraph in text.split("\n\n") if paragraph.strip())
+    else:
+        count = _count_json_texts(text, path, flag, extension)
+    if count == 0:
+        raise UsageError(f"{flag} {path} holds no text to calibrate on")
+    return count
+
+
+def _count_json_texts(text: str, path: str, flag: str, extension: str) -> int:
+    """How many records of a .json list of records, or of JSON lines, hold a non-empty "text" string."""
+    records = _json_records(text, path, flag, extension)
+    if not isinstance(records, list) or not all(isinstance(record, dict) for record in records):
+        raise UsageError(f"{flag} {path}: expected records (JSON objects) with a 'text' field each")
+    if records and all("text" not in record for record in records):
+        raise UsageError(f"{flag} {path} has no 'text' field (fields: {', '.join(sorted(records[0]))})")
+    count = 0
+    for number, record in enumerate(records, start=1):
+        value = record.get("text")
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{flag} {path}: the 'text' of record {number} is not a string: {value!r:.40}")
+        count += bool(value and value.strip())
+    return count
+
+
+def _json_records(text: str, path: str, flag: str, extension: str) -> object:
+    """A .json file's value, or the values of its lines; `datasets` reads JSON lines from a .json file too."""
+    whole_file_error = None
+    if extension == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            whole_file_error = error
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            line, column, message = number, error.colno, error.msg
+            if whole_file_error is not None:  # a .json file: report where the file as a whole stops parsing
+                line, column, message = whole_file_error.lineno, whole_file_error.colno, whole_file_error.msg
+            raise UsageError(
+                f"{flag} {path} is not valid JSON: {message} at line {line} column {column} (expected "
+                f"{'a list of records' if extension == '.json' else 'one JSON record a line'})"
+            ) from None
+    return records
+
+
+def check_fits_in_memory(what: str, num_bytes: float) -> None:
+    """Refuses sizes whose tensors alone would take more than the machine's memory, before allocating them."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if num_bytes > total:
+        raise UsageError(
+            f"{what} need about {num_bytes / 1e9:,.1f} GB, more than this machine's {total / 1e9:.1f} GB of memory: "
+            "choose smaller sizes"
+        )
