@@ -27,6 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as transformers_logging
 
+import checks
 from cli import ArgumentParser, UsageError, run
 from reference import GPT, generate
 from tokenizer import END_OF_TEXT
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-head", type=int, default=GPT2Config().n_head)
     parser.add_argument("--n-embd", type=int, default=GPT2Config().n_embd)
     parser.add_argument("--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests: {TINY}")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--chart", metavar="PNG", help="also save a chart of time per token against position")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -101,11 +102,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
-    if args.chart is not None and not args.chart.lower().endswith(".png"):
-        raise UsageError(f"--chart must name a .png file, got {args.chart}")
-    if args.n_head < 1 or args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    if args.threads > os.cpu_count():
+        raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
+    if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
+    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
+    if args.chart is not None:
+        if not args.chart.lower().endswith(".png"):
+            raise UsageError(f"--chart must name a .png file, got {args.chart}")
+        checks.check_output_file(args.chart, "--chart")
     return args
+
+
+def benchmark_bytes(args: argparse.Namespace) -> int:
+    """A floor on the float32 bytes a run holds: the weights (twice: Hugging Face's model and the twin), a key/value
+    cache and the logits of the largest batch's prompt."""
+    vocab, width, batch = GPT2Config().vocab_size, args.n_embd, max(args.batch_sizes)
+    weights = (vocab + BLOCK_SIZE) * width + args.n_layer * 12 * width * width
+    sequence = max(args.prompt_len + args.new_tokens, args.positions[-1] + STEPS_PER_POSITION + 1)
+    cache = 2 * args.n_layer * batch * sequence * width
+    return 4 * (2 * weights + cache + batch * args.prompt_len * vocab)
 
 
 def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT2LMHeadModel, GPT]:

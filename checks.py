@@ -11,6 +11,7 @@ import os
 import tempfile
 
 from cli import UsageError
+from hub import HUB_MODELS, check_checkpoint_dir
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
@@ -36,6 +37,40 @@ def seed(text: str) -> int:
     if not 0 <= value <= MAX_SEED:
         raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
     return value
+
+
+def check_model_type(model_type: str, flag: str = "--model-type") -> None:
+    """A Hub name, or a folder that holds a GPT-2 checkpoint (config.json and the weights' header are read)."""
+    if model_type in HUB_MODELS:
+        return
+    if not os.path.isdir(model_type):
+        raise UsageError(
+            f"unknown {flag} {model_type!r}: expected one of {', '.join(HUB_MODELS)} or a local GPT-2 checkpoint "
+            "directory"
+        )
+    try:
+        check_checkpoint_dir(model_type)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
+
+
+def check_text_file(path: str, flag: str) -> str:
+    """A file of UTF-8 text that is not empty; returns the text."""
+    if not os.path.isfile(path):
+        raise UsageError(
+            f"{flag}: {path} not found{' (it is a folder)' if os.path.isdir(path) else ''}: expected a text file"
+        )
+    with open(path, "rb") as file:
+        data = file.read()
+    if b"\0" in data:
+        raise UsageError(f"{flag} {path} is a binary file: expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    if not text.strip():
+        raise UsageError(f"{flag} {path} is empty: expected text")
+    return text
 
 
 def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
@@ -94,20 +129,13 @@ def check_calibration_file(path: str, flag: str = "--calibration-data") -> int:
     extension = os.path.splitext(path)[1].lower()
     if extension not in CALIBRATION_EXTENSIONS:
         raise UsageError(f"{flag}: unsupported calibration file {path}: expected a .txt, .json or .jsonl file")
-    with open(path, "rb") as file:
-        data = file.read()
-    if b"\0" in data:
-        raise UsageError(f"{flag} {path} is a binary file: expected UTF-8 text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{flag} {path} is not UTF-8 text (byte {error.start}): save it as UTF-8") from None
+    text = check_text_file(path, flag)
     if extension == ".txt":
         count = sum(1 for paragraph in text.split("\n\n") if paragraph.strip())
     else:
         count = _count_json_texts(text, path, flag, extension)
     if count == 0:
-        raise UsageError(f"{flag} {path} holds no text to calibrate on")
+        raise UsageError(f"{flag} {path} holds no text to calibrate on: expected {accepted}")
     return count
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.utils import logging as transformers_logging
 
+import checks
 from cli import ArgumentParser, UsageError, run
 from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
@@ -109,10 +110,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--context must be at least 1, got {args.context}")
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
+    checks.check_model_type(args.model_type)
     if not os.path.isfile(args.eval_data):
         raise UsageError(f"held-out text not found: {args.eval_data}")
-    if args.chart is not None and not args.chart.lower().endswith(".png"):
-        raise UsageError(f"--chart must name a .png file, got {args.chart}")
+    checks.check_text_file(args.eval_data, "--eval-data")
+    if args.calibration_data not in (None, "cnn_dailymail"):
+        checks.check_calibration_file(args.calibration_data)
+    if args.chart is not None:
+        if not args.chart.lower().endswith(".png"):
+            raise UsageError(f"--chart must name a .png file, got {args.chart}")
+        checks.check_output_file(args.chart, "--chart")
     return args
 
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import checks
 from cli import ArgumentParser, UsageError, run
 from config import INT4_BLOCK_SIZE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS, check_checkpoint_dir
+from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 if TYPE_CHECKING:
     import tiktoken
@@ -192,7 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    check_model_type(args.model_type)
+    if args.model_type is not None:
+        checks.check_model_type(args.model_type)
     check_input_text(args.input_text)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -215,21 +216,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
     return args
-
-
-def check_model_type(model_type: str | None) -> None:
-    """A Hub name, or a folder that holds a readable GPT-2 checkpoint (config.json and weights' headers only)."""
-    if model_type is None or model_type in HUB_MODELS:
-        return
-    if not os.path.isdir(model_type):
-        raise UsageError(
-            f"unknown --model-type {model_type!r}: expected one of {', '.join(HUB_MODELS)} "
-            "or a local GPT-2 checkpoint directory"
-        )
-    try:
-        check_checkpoint_dir(model_type)
-    except ValueError as error:
-        raise UsageError(f"--model-type: {error}") from None
 
 
 def check_input_text(input_text: str) -> None:
@@ -348,7 +334,7 @@ def export_quantized(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:
     start = time.perf_counter()
     try:
         export_checkpoint(quantized_model, export_dir)
-    except (ValueError, RuntimeError) as error:  # export.py's documented limitations
+    except (ValueError, RuntimeError, OSError) as error:  # export.py's documented limitations, a full disk
         raise UsageError(f"cannot export to {export_dir}: {error}") from None
     print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")
 

@@ -5,8 +5,8 @@ stdlib source directory. About 5% of the modules are held out for validation; th
 data/heldout.txt so later reports can measure perplexity on exactly the same text. The model is a Hugging Face
 GPT2LMHeadModel with GPT-2's own vocabulary, saved in float16 so the checkpoint stays small enough to commit:
 
-    python train.py                      # writes bundled_model/ and data/heldout.txt
-    python train.py --steps 300 --out-dir /tmp/quick
+    python train.py --overwrite          # replaces bundled_model/ and data/heldout.txt
+    python train.py --steps 300 --out-dir /tmp/quick   # writes /tmp/quick/ and /tmp/quick/heldout.txt
 """
 
 import argparse
@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import checks
 from cli import ArgumentParser, UsageError, run
 from perplexity import perplexity
 from tokenizer import gpt2_encoding
 
 REPO = Path(__file__).resolve().parent
-HELDOUT_PATH = REPO / "data" / "heldout.txt"
+BUNDLED_MODEL_DIR = REPO / "bundled_model"
+HELDOUT_PATH = REPO / "data" / "heldout.txt"  # the bundled model's held-out text, which evaluate.py reads
 # Test suites, IDLE, bundled wheels, code-page tables and demo scripts: code and boilerplate rather than prose.
 SKIP_DIRS = {
     "__phello__",
@@ -52,7 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
-    train_tokens, validation_tokens = load_corpus()
+    train_tokens, validation_tokens = load_corpus(heldout_path(args.out_dir))
+    if len(validation_tokens) < args.n_positions + 1:
+        raise UsageError(
+            f"--n-positions {args.n_positions} is longer than the held-out text ({len(validation_tokens)} tokens): "
+            f"at most {len(validation_tokens) - 1}"
+        )
     model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
     print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
     print(f"       n_embd {model.config.n_embd}, n_positions {model.config.n_positions}")
@@ -63,14 +70,25 @@ def main(argv: list[str] | None = None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=str(REPO / "bundled_model"), help="where to save the checkpoint")
+    parser.add_argument(
+        "--out-dir",
+        default=str(BUNDLED_MODEL_DIR),
+        help="where to save the checkpoint; a new or empty folder, unless --overwrite (default: bundled_model/)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="let --out-dir be a folder that is not empty, and replace its files of the same names",
+    )
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--lr", type=checks.finite_float, default=2e-3, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--dropout", type=float, default=0.1, help="the corpus is seen ~7 times: some regularization")
+    parser.add_argument("--weight-decay", type=checks.finite_float, default=0.1)
+    parser.add_argument(
+        "--dropout", type=checks.finite_float, default=0.1, help="the corpus is seen ~7 times: some regularization"
+    )
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128, help="a multiple of 128: int4 quantizes blocks of 128")
@@ -86,7 +104,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
         raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
+    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.dropout < 1:
+        raise UsageError(
+            f"--lr must be above 0, --weight-decay at least 0 and --dropout from 0 to below 1: got {args.lr}, "
+            f"{args.weight_decay} and {args.dropout}"
+        )
+    checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))
+    checks.check_output_dir(args.out_dir, "--out-dir", args.overwrite)
+    if not args.overwrite and heldout_path(args.out_dir) == HELDOUT_PATH:
+        raise UsageError(f"--out-dir {args.out_dir} would replace {os.path.relpath(HELDOUT_PATH)}: pass --overwrite")
     return args
+
+
+def training_bytes(args: argparse.Namespace) -> int:
+    """A floor on the float32 bytes training holds: weights, gradients and AdamW's two moments, and for one batch
+    the logits (with their gradient and softmax) and the attention scores of every layer."""
+    vocab, width, positions = 50257, args.n_embd, args.n_positions
+    weights = (vocab + positions) * width + args.n_layer * 12 * width * width
+    logits = 3 * args.batch_size * positions * vocab
+    attention = args.n_layer * args.batch_size * args.n_head * positions * positions
+    return 4 * (4 * weights + logits + attention)
+
+
+def heldout_path(out_dir: str) -> Path:
+    """data/heldout.txt goes with the bundled model; a model trained elsewhere keeps its held-out text beside it."""
+    if Path(out_dir).resolve() == BUNDLED_MODEL_DIR:
+        return HELDOUT_PATH
+    return Path(out_dir) / "heldout.txt"
 
 
 def stdlib_docstrings() -> dict[str, list[str]]:
@@ -178,18 +222,19 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation tokens; writes the validation text to data/heldout.txt for the quality report."""
+def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and validation tokens; writes the validation text to `heldout` for the quality report."""
     train_texts, validation_texts = split_corpus(stdlib_docstrings())
-    HELDOUT_PATH.parent.mkdir(exist_ok=True)
-    HELDOUT_PATH.write_text("\n\n".join(validation_texts) + "\n")
+    heldout.parent.mkdir(parents=True, exist_ok=True)
+    heldout.write_text("\n\n".join(validation_texts) + "\n")
     encoding = gpt2_encoding()
     # The training stream has the same layout as data/heldout.txt: docstrings separated by a blank line.
     train_tokens = torch.tensor(encoding.encode_ordinary("\n\n".join(train_texts)))
-    validation_tokens = torch.tensor(encoding.encode_ordinary(HELDOUT_PATH.read_text()))
+    validation_tokens = torch.tensor(encoding.encode_ordinary(heldout.read_text()))
     print(f"corpus: {len(train_texts)} train docstrings, {len(train_tokens):,} tokens;", end=" ")
-    heldout = os.path.relpath(HELDOUT_PATH)
-    print(f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({heldout})")
+    print(
+        f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({os.path.relpath(heldout)})"
+    )
     return train_tokens, validation_tokens
 
 

@@ -63,7 +63,7 @@ def test_peak_memory_counts_the_most_held_at_once():
         (["--batch-sizes", "1,x"], "comma-separated integers"),
         (["--prompt-len", "1000", "--new-tokens", "100"], "must be at most 1024"),
         (["--new-tokens", "0"], "must be >= 1"),
-        (["--n-embd", "100", "--n-head", "12"], "must be a multiple of --n-head"),
+        (["--n-embd", "100", "--n-head", "12"], "must be a positive multiple of --n-head"),
         (["--chart", "chart.jpg"], "--chart must name a .png file"),
     ],
 )
