@@ -1,0 +1,280 @@
+"""Every bad input a user can give the four scripts is one line on stderr, exit status 2, no traceback, and changes no
+file: arguments, model folders, calibration and text files, output folders and files.
+
+Most cases run the script's `main` in this process (tests/helpers.usage_error), as its command line does: the checks
+happen before anything slow. A few run as real subprocesses (bytes that are not UTF-8 in argv, the CLI end to end),
+all started at once, two at a time. Before and after every case the files it could touch are hashed: the workspace
+the cases point at, bundled_model/ and data/.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from helpers import CALIBRATION_PARAGRAPHS, REPO, usage_error
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import benchmark
+import evaluate
+import example
+import train
+
+SCRIPTS = {
+    "example.py": example.main,
+    "evaluate.py": evaluate.main,
+    "benchmark.py": benchmark.main,
+    "train.py": train.main,
+}
+
+
+def build_workspace(root: Path) -> None:
+    """What the cases point at: checkpoints broken in each way a copy or an edit breaks them, calibration files, and
+    folders that an output must not land in."""
+    good = root / "gpt2"
+    # A vocabulary of 512 keeps each copy at 180 KB; these checkpoints are refused before any token is sampled.
+    config = GPT2Config(vocab_size=512, n_embd=64, n_layer=1, n_head=2, n_positions=32)
+    config.architectures = ["GPT2LMHeadModel"]
+    GPT2LMHeadModel(config).save_pretrained(good)
+    config = json.loads((good / "config.json").read_text())
+    weights = (good / "model.safetensors").read_bytes()
+
+    def variant(name: str, config_text: str | None = None, weights_bytes: bytes | None = weights) -> None:
+        folder = root / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config) if config_text is None else config_text)
+        if weights_bytes is not None:
+            (folder / "model.safetensors").write_bytes(weights_bytes)
+
+    variant("truncated", weights_bytes=weights[: len(weights) // 2])  # a download or copy cut short
+    variant("header-only", weights_bytes=weights[:6])
+    variant("corrupt-config", config_text=json.dumps(config)[:-20])
+    variant("config-list", config_text="[]")
+    variant("bert", config_text=json.dumps({"model_type": "bert"}))
+    variant("no-weights", weights_bytes=None)
+    variant("more-layers", config_text=json.dumps({**config, "n_layer": 2}))  # transformers would init layer 2 randomly
+    variant("wider", config_text=json.dumps({**config, "n_embd": 128}))
+    variant("bad-heads", config_text=json.dumps({**config, "n_head": 5}))
+    variant("string-layers", config_text=json.dumps({**config, "n_layer": "one"}))
+    # What --export-dir writes: ModelOpt's hf_quant_config.json and a quantization_config in config.json.
+    variant("export", config_text=json.dumps({**config, "quantization_config": {"quant_method": "modelopt"}}))
+    (root / "export" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+
+    data = root / "data"
+    data.mkdir()
+    (data / "good.txt").write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    (data / "empty.txt").write_text("")
+    (data / "blank.txt").write_text("\n\n   \n\n")
+    (data / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (data / "latin1.txt").write_bytes("Un café au lait, s'il vous plaît.".encode("latin-1"))
+    (data / "malformed.json").write_text('[{"text": "One sample."}, {"text": "Two.",}]')
+    (data / "bad-line.jsonl").write_text('{"text": "One sample."}\n{"text": "Two."\n')
+    (data / "no-text.jsonl").write_text('{"article": "One sample."}\n')
+    (data / "number.jsonl").write_text('{"text": 5}\n')
+    (data / "strings.json").write_text('["One sample.", "Two."]')
+    (data / "empty.json").write_text("[]")
+    (data / "table.csv").write_text("text\nOne sample.\n")
+    (data / "folder.txt").mkdir()
+
+    users = root / "users-folder"  # a folder of the user's own, which an output must not replace
+    users.mkdir()
+    (users / "config.json").write_text('{"mine": true}\n')
+    (root / "empty-folder").mkdir()
+    (root / "chart-folder.png").mkdir()
+
+
+def tree_hash(*folders: Path) -> str:
+    """Names, modes, modification times and contents of every file and folder under `folders`."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*")):
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder)} {stat.st_mode:o} {stat.st_mtime_ns}".encode())
+            if path.is_file():
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad-input")
+    build_workspace(root)
+    return root
+
+
+# (script, arguments with {w} for the workspace, what the error line must say)
+CASES = [
+    # example.py: numbers
+    ("example.py", ["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
+    ("example.py", ["--temperature", "inf"], "expected a finite number, got 'inf'"),
+    ("example.py", ["--temperature=-inf"], "expected a finite number, got '-inf'"),
+    ("example.py", ["--temperature", "1e-50"], "--temperature must be at least 0.001, got 1e-50"),
+    ("example.py", ["--temperature", "0"], "--temperature must be at least 0.001, got 0.0"),
+    ("example.py", ["--temperature", "-1"], "--temperature must be at least 0.001, got -1.0"),
+    ("example.py", ["--temperature", "warm"], "expected a number, got 'warm'"),
+    (
+        "example.py",
+        ["--seed", str(2**64)],
+        "--seed: expected an integer from 0 to 2**64 - 1, got '18446744073709551616'",
+    ),
+    ("example.py", ["--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1, got '-1'"),
+    ("example.py", ["--seed", "1.5"], "--seed: expected an integer from 0 to 2**64 - 1, got '1.5'"),
+    ("example.py", ["--top-k", "-5"], "--top-k must be at least 1, got -5"),
+    ("example.py", ["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1, got -1"),
+    ("example.py", ["--quant-mode", "float8", "--num-calibration-samples", "-3"], "must be at least 1, got -3"),
+    ("example.py", ["--input-text", "   "], "--input-text is empty"),
+    ("example.py", ["--backend", "cuda"], "argument --backend: invalid choice: 'cuda'"),
+    ("example.py", ["--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
+    # example.py: model folders
+    ("example.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated: "),
+    ("example.py", ["--model-type", "{w}/header-only"], "header-only/model.safetensors is truncated or not a safe"),
+    ("example.py", ["--model-type", "{w}/corrupt-config"], "corrupt-config/config.json is not valid JSON"),
+    ("example.py", ["--model-type", "{w}/config-list"], "is not a Hugging Face GPT-2 checkpoint"),
+    ("example.py", ["--model-type", "{w}/bert"], "is not a Hugging Face GPT-2 checkpoint"),
+    ("example.py", ["--model-type", "{w}/no-weights"], "has config.json but no weights: expected model.safetensors"),
+    ("example.py", ["--model-type", "{w}/export"], "is a quantized checkpoint (as written by --export-dir)"),
+    ("example.py", ["--model-type", "{w}/data/good.txt"], "unknown --model-type"),
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/more-layers"], "do not match its config.json: 12 "),
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/wider"], "do not match its config.json"),
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/bad-heads"], "must be divisible by num_heads"),
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/string-layers"], "Field 'n_layer' expected int"),
+    # example.py: calibration files
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/blank.txt"], "blank.txt is empty"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/binary.txt"], "is a binary file"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/latin1.txt"], "is not UTF-8 text"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--calibration-data", "{w}/data/malformed.json"],
+        "malformed.json is not valid JSON: Expecting property name enclosed in double quotes at line 1 column 43",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--calibration-data", "{w}/data/bad-line.jsonl"],
+        "bad-line.jsonl is not valid JSON: Expecting ',' delimiter at line 2",
+    ),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/no-text.jsonl"], "no 'text' field"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/number.jsonl"], "is not a string: 5"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/strings.json"], "expected records"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/empty.json"], "holds no text"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/table.csv"], "unsupported calibration"),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/folder.txt"], "folder.txt is a folder"),
+    # example.py: where the export goes
+    ("example.py", ["--quant-mode", "float8", "--export-dir", "{w}/users-folder"], "users-folder is not empty"),
+    ("example.py", ["--quant-mode", "float8", "--export-dir", "{w}/data/good.txt"], "is a file, not a folder"),
+    ("example.py", ["--quant-mode", "float8", "--export-dir", "{w}/data/good.txt/out"], "good.txt is a file"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--model-type", "{w}/gpt2", "--export-dir", "{w}/gpt2", "--overwrite"],
+        "gpt2 is the folder the model is read from",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-dir", os.path.join(REPO, "bundled_model"), "--overwrite"],
+        "bundled_model is the folder the model is read from",
+    ),
+    ("example.py", ["--overwrite"], "--overwrite needs --export-dir"),
+    # evaluate.py
+    ("evaluate.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated"),
+    ("evaluate.py", ["--model-type", "{w}/export"], "is a quantized checkpoint"),
+    ("evaluate.py", ["--model-type", "{w}/more-layers"], "do not match its config.json"),
+    ("evaluate.py", ["--model-type", "gpt5"], "unknown --model-type 'gpt5'"),
+    ("evaluate.py", ["--eval-data", "{w}/data/empty.txt"], "--eval-data {w}/data/empty.txt is empty"),
+    ("evaluate.py", ["--eval-data", "{w}/data/binary.txt"], "--eval-data {w}/data/binary.txt is a binary file"),
+    ("evaluate.py", ["--calibration-data", "{w}/data/malformed.json"], "malformed.json is not valid JSON"),
+    ("evaluate.py", ["--chart", "{w}/no-such-folder/quality.png"], "the folder {w}/no-such-folder does not exist"),
+    ("evaluate.py", ["--chart", "{w}/chart-folder.png"], "chart-folder.png is a folder"),
+    ("evaluate.py", ["--context", "0"], "--context must be at least 1, got 0"),
+    ("evaluate.py", ["--num-calibration-samples", "0"], "--num-calibration-samples must be at least 1, got 0"),
+    # benchmark.py
+    ("benchmark.py", ["--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1"),
+    ("benchmark.py", ["--threads", "0"], "must be >= 1"),
+    ("benchmark.py", ["--threads", "100000"], "--threads must be from 1 to "),
+    ("benchmark.py", ["--n-embd", "0"], "--n-embd (0) must be a positive multiple of --n-head (12)"),
+    ("benchmark.py", ["--n-embd", "-768"], "--n-embd (-768) must be a positive multiple"),
+    ("benchmark.py", ["--n-layer", "100000"], "a GPT-2 of these sizes and the batches need about"),
+    ("benchmark.py", ["--batch-sizes", "1,100000"], "more than this machine's"),
+    ("benchmark.py", ["--positions", ""], "comma-separated integers"),
+    ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
+    # train.py
+    ("train.py", ["--out-dir", "{w}/new", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr must be above 0"),
+    ("train.py", ["--out-dir", "{w}/new", "--dropout", "1.5"], "--dropout from 0 to below 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay at least 0"),
+    ("train.py", ["--out-dir", "{w}/new", "--seed", str(2**64)], "expected an integer from 0 to 2**64 - 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--n-positions", "1000000"], "training a GPT-2 of these sizes"),
+    ("train.py", ["--out-dir", "{w}/new", "--batch-size", "100000"], "more than this machine's"),
+    ("train.py", ["--out-dir", "{w}/users-folder"], "--out-dir {w}/users-folder is not empty"),
+    ("train.py", ["--out-dir", "{w}/data/good.txt"], "is a file, not a folder"),
+    ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
+]
+
+
+def case_id(case: tuple) -> str:
+    script, arguments, _ = case
+    return f"{script} {' '.join(arguments)}".replace("{w}/", "")
+
+
+@pytest.mark.parametrize("script, arguments, expected", CASES, ids=[case_id(case) for case in CASES])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, capsys, script, arguments, expected):
+    watched = (workspace, Path(REPO, "bundled_model"), Path(REPO, "data"))
+    before = tree_hash(*watched)
+    argv = [argument.replace("{w}", str(workspace)) for argument in arguments]
+    line = usage_error(SCRIPTS[script], argv, script, capsys)
+    assert expected.replace("{w}", str(workspace)) in line
+    assert tree_hash(*watched) == before
+
+
+def test_good_inputs_pass_the_same_checks(workspace):
+    """The checks refuse what is wrong, not more: the cases above with the mistake taken out are accepted."""
+    good = ["--quant-mode", "float8", "--model-type", str(workspace / "gpt2")]
+    example.parse_args([*good, "--calibration-data", str(workspace / "data" / "good.txt"), "--temperature", "1e-3"])
+    example.parse_args([*good, "--seed", str(2**64 - 1), "--export-dir", str(workspace / "empty-folder")])
+    example.parse_args([*good, "--export-dir", str(workspace / "users-folder"), "--overwrite"])
+    example.parse_args([*good, "--export-dir", str(workspace / "new" / "nested")])
+    assert not (workspace / "new").exists()  # checking that it can be created does not create it
+    train.parse_args(["--out-dir", str(workspace / "users-folder"), "--overwrite"])
+    evaluate.parse_args(["--eval-data", str(workspace / "data" / "good.txt"), "--chart", str(workspace / "q.png")])
+
+
+# Run as users run them: what only the real command line shows.
+SUBPROCESS_CASES = {
+    # A terminal in another encoding: the bytes reach Python as lone surrogates, which the tokenizer would replace.
+    "prompt that is not UTF-8": (["example.py", b"--input-text", b"caf\xe9"], "--input-text is not valid UTF-8"),
+    "truncated checkpoint": (["example.py", "--model-type", "{w}/truncated"], "model.safetensors is truncated"),
+    "export over a user's files": (
+        ["example.py", "--quant-mode", "float8", "--export-dir", "{w}/users-folder"],
+        "users-folder is not empty",
+    ),
+    "train over the bundled model": (["train.py"], "bundled_model is not empty"),
+}
+
+
+@pytest.fixture(scope="module")
+def subprocess_runs(workspace) -> dict[str, subprocess.CompletedProcess]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def run(arguments: list) -> subprocess.CompletedProcess:
+        argv = [a.replace("{w}", str(workspace)) if isinstance(a, str) else a for a in arguments]
+        return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, timeout=300)
+
+    before = tree_hash(workspace, Path(REPO, "bundled_model"), Path(REPO, "data"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, arguments) for name, (arguments, _) in SUBPROCESS_CASES.items()}
+        results = {name: future.result() for name, future in futures.items()}
+    assert tree_hash(workspace, Path(REPO, "bundled_model"), Path(REPO, "data")) == before
+    return results
+
+
+@pytest.mark.parametrize("name", SUBPROCESS_CASES)
+def test_command_line_bad_input_is_one_line_and_exit_2(subprocess_runs, workspace, name):
+    result = subprocess_runs[name]
+    stderr = result.stderr.decode("utf-8", "replace")
+    script = SUBPROCESS_CASES[name][0][0]
+    assert result.returncode == 2, stderr
+    assert "Traceback" not in stderr and stderr.count("\n") == 1 and stderr.startswith(f"{script}: error: "), stderr
+    assert SUBPROCESS_CASES[name][1].replace("{w}", str(workspace)) in stderr
