@@ -37,8 +37,18 @@ def run_arguments(
     calibrate = ["--calibration-data", calibration, "--num-calibration-samples", "4"]
     return {
         "int4-weight-only": [*on_checkpoint, "--quant-mode", "int4-weight-only", *calibrate],
-        "float8": [*on_checkpoint, "--quant-mode", "float8", *calibrate, "--export-dir", export_dir],
-        "int8-weight-only": [*on_checkpoint, "--quant-mode", "int8-weight-only", *calibrate],
+        # Into a folder that holds a file of the user's: --overwrite replaces the export's files, and only those.
+        "float8": [*on_checkpoint, "--quant-mode", "float8", *calibrate, "--export-dir", export_dir, "--overwrite"],
+        # More samples than the file holds: the run uses, and reports, the 4 there are.
+        "int8-weight-only": [
+            *on_checkpoint,
+            "--quant-mode",
+            "int8-weight-only",
+            "--calibration-data",
+            calibration,
+            "--num-calibration-samples",
+            "100000",
+        ],
         "greedy": [*on_checkpoint, "--top-k", "1"],
         "fallback": [*generate, "--seed", str(FALLBACK_SEED)],
         # Bad input: first what needs a model or the Hub, then what is caught before anything heavy is imported.
@@ -81,9 +91,16 @@ def checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
+USERS_FILE = "notes.txt"  # a file of the user's in the export folder, which --overwrite leaves alone
+
+
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("export") / "gpt2-float8")
+    path = tmp_path_factory.mktemp("export") / "gpt2-float8"
+    path.mkdir()
+    (path / USERS_FILE).write_text("mine\n")
+    (path / "config.json").write_text("{}\n")  # replaced by the export
+    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +163,8 @@ def test_greedy_generation_matches_hugging_face(runs, checkpoint):
 def test_quantized_generation(runs, quant_mode):
     stdout = succeeded(runs, quant_mode)
     assert f"Calibrated {quant_mode} on 4 samples" in stdout
+    if quant_mode == "int8-weight-only":
+        assert "has only 4 samples, fewer than the 100000 asked for: using 4" in stdout
     text = response(stdout)
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
 
@@ -156,6 +175,16 @@ def test_export_writes_a_checkpoint_and_carries_on(runs, export_dir):
     with open(os.path.join(export_dir, "config.json")) as file:
         assert json.load(file)["quantization_config"]["quant_algo"] == "FP8"
     assert response(stdout).startswith(PROMPT)
+    with open(os.path.join(export_dir, USERS_FILE)) as file:
+        assert file.read() == "mine\n"
+    # Every file the export wrote has the mode the umask gives a new file (safetensors alone would make it 0600).
+    umask = os.umask(0)
+    os.umask(umask)
+    written = sorted(name for name in os.listdir(export_dir) if name != USERS_FILE)
+    assert written == ["config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors"]
+    assert {name: os.stat(os.path.join(export_dir, name)).st_mode & 0o777 for name in written} == dict.fromkeys(
+        written, 0o666 & ~umask
+    )
 
 
 def test_offline_default_falls_back_to_the_bundled_model(runs):
@@ -185,7 +214,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("empty prompt", "--input-text is empty"),
         ("no new tokens", "--max-new-tokens must be at least 1, got 0"),
         ("not a number", "--max-new-tokens: invalid int value: 'many'"),
-        ("zero temperature", "--temperature must be greater than 0"),
+        ("zero temperature", "--temperature must be at least 0.001, got 0.0"),
         ("zero top-k", "--top-k must be at least 1, got 0"),
         ("missing calibration file", "calibration data not found: no/such/file.txt"),
         ("export without quantizing", "--export-dir needs --quant-mode"),
