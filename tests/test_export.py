@@ -95,6 +95,14 @@ def test_hf_quant_config_names_the_algorithm_and_the_excluded_modules(exported):
     assert hf_quant_config["quantization"] == EXPECTED_QUANT_CONFIG[exported.mode]
 
 
+def test_every_exported_file_has_the_mode_the_umask_gives(exported):
+    """safetensors writes model.safetensors for its owner only (0600); the JSON files follow the umask (0644)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {entry.name: entry.stat().st_mode & 0o777 for entry in os.scandir(exported.export_dir)}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
+
+
 def test_config_loads_with_transformers(exported):
     config = AutoConfig.from_pretrained(exported.export_dir)
     assert isinstance(config, GPT2Config)
