@@ -76,6 +76,8 @@ def check_text_file(path: str, flag: str) -> str:
 def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
     """Refuses a folder whose files a run would replace, unless `overwrite`; refuses the folders of `sources`
     (the model being read) always; and checks that the folder can be created and written to."""
+    if not path.strip():  # "" would mean the current folder to the code that writes
+        raise UsageError(f"{flag} is empty: name a folder")
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file, not a folder: choose a new or empty folder")
     if os.path.isdir(path):
@@ -92,6 +94,8 @@ def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, 
 
 def check_output_file(path: str, flag: str) -> None:
     """A file the run writes at the end (a chart): its folder must exist and be writable, and it is not a folder."""
+    if not path.strip():
+        raise UsageError(f"{flag} is empty: name a file")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder: name a file")
     folder = os.path.dirname(os.path.abspath(path))

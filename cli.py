@@ -7,8 +7,8 @@ Each script ends with
 
 and reports a bad argument, file or folder by raising `UsageError` wherever it is found: in its `parse_args`, before
 the imports that take seconds, or at the boundary where a library turns down the input. `run` prints it as
-`script.py: error: what was wrong and what is accepted`, without a traceback. Anything else is a bug, and keeps its
-traceback.
+`script.py: error: what was wrong and what is accepted`, without a traceback. Ctrl-C and a closed pipe on stdout end
+the run without one too. Anything else is a bug, and keeps its traceback.
 """
 
 import argparse
@@ -30,9 +30,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def run(main: Callable[[], Any], prog: str | None = None) -> None:
     """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2."""
+    prog = prog or os.path.basename(sys.argv[0])
     try:
         main()
     except UsageError as error:
-        prog = prog or os.path.basename(sys.argv[0])
         print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a bug
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # whatever read stdout stopped early (`python example.py | head`): stop quietly
+        # Python would report the pipe again when it flushes stdout on exit; point stdout at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

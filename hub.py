@@ -19,6 +19,7 @@ DEFAULT_MODEL = "gpt2"
 # A small GPT-2 trained for this example by train.py, run when the default model cannot be downloaded.
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
 NEEDS = "config.json with model_type 'gpt2'"
+GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
 # What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -139,5 +140,10 @@ def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
         raise ValueError(
             f"the weights in {folder!r} do not match its config.json: {len(wrong)} missing or of another shape, "
             f"such as {sorted(wrong)[0]}"
+        )
+    if model.config.vocab_size < GPT2_VOCAB_SIZE:  # token ids from GPT-2's tokenizer would index past its embedding
+        raise ValueError(
+            f"{folder!r} has a vocabulary of {model.config.vocab_size} tokens: this example encodes text with GPT-2's "
+            f"tokenizer, which needs at least {GPT2_VOCAB_SIZE}"
         )
     return model.eval()

@@ -20,6 +20,7 @@ from helpers import CALIBRATION_PARAGRAPHS, REPO, usage_error
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import benchmark
+import cli
 import evaluate
 import example
 import train
@@ -142,6 +143,8 @@ CASES = [
     ("example.py", ["--backend", "torch", "--model-type", "{w}/wider"], "do not match its config.json"),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/bad-heads"], "must be divisible by num_heads"),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/string-layers"], "Field 'n_layer' expected int"),
+    # GPT-2's tokenizer gives ids up to 50256: a smaller embedding would be indexed past its end while generating.
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
     # example.py: calibration files
     ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
     ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/blank.txt"], "blank.txt is empty"),
@@ -178,11 +181,13 @@ CASES = [
         "bundled_model is the folder the model is read from",
     ),
     ("example.py", ["--overwrite"], "--overwrite needs --export-dir"),
+    ("example.py", ["--quant-mode", "float8", "--export-dir", ""], "--export-dir is empty: name a folder"),
     # evaluate.py
     ("evaluate.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated"),
     ("evaluate.py", ["--model-type", "{w}/export"], "is a quantized checkpoint"),
     ("evaluate.py", ["--model-type", "{w}/more-layers"], "do not match its config.json"),
     ("evaluate.py", ["--model-type", "gpt5"], "unknown --model-type 'gpt5'"),
+    ("evaluate.py", ["--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
     ("evaluate.py", ["--eval-data", "{w}/data/empty.txt"], "--eval-data {w}/data/empty.txt is empty"),
     ("evaluate.py", ["--eval-data", "{w}/data/binary.txt"], "--eval-data {w}/data/binary.txt is a binary file"),
     ("evaluate.py", ["--calibration-data", "{w}/data/malformed.json"], "malformed.json is not valid JSON"),
@@ -210,6 +215,7 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/new", "--batch-size", "100000"], "more than this machine's"),
     ("train.py", ["--out-dir", "{w}/users-folder"], "--out-dir {w}/users-folder is not empty"),
     ("train.py", ["--out-dir", "{w}/data/good.txt"], "is a file, not a folder"),
+    ("train.py", ["--out-dir", ""], "--out-dir is empty: name a folder"),
     ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
 ]
 
@@ -262,10 +268,21 @@ def subprocess_runs(workspace) -> dict[str, subprocess.CompletedProcess]:
         argv = [a.replace("{w}", str(workspace)) if isinstance(a, str) else a for a in arguments]
         return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, timeout=300)
 
+    def read_one_line() -> subprocess.CompletedProcess:
+        """`python example.py | head -1`: stdout is closed while the model still writes to it."""
+        command = [sys.executable, "example.py", "--backend", "torch", "--max-new-tokens", "64"]
+        with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+            process.stdout.readline()
+            process.stdout.close()
+            stderr = process.stderr.read()
+            return subprocess.CompletedProcess(command, process.wait(timeout=300), None, stderr)
+
     before = tree_hash(workspace, Path(REPO, "bundled_model"), Path(REPO, "data"))
     with ThreadPoolExecutor(max_workers=2) as pool:
+        closed_pipe = pool.submit(read_one_line)
         futures = {name: pool.submit(run, arguments) for name, (arguments, _) in SUBPROCESS_CASES.items()}
         results = {name: future.result() for name, future in futures.items()}
+        results["closed pipe"] = closed_pipe.result()
     assert tree_hash(workspace, Path(REPO, "bundled_model"), Path(REPO, "data")) == before
     return results
 
@@ -278,3 +295,18 @@ def test_command_line_bad_input_is_one_line_and_exit_2(subprocess_runs, workspac
     assert result.returncode == 2, stderr
     assert "Traceback" not in stderr and stderr.count("\n") == 1 and stderr.startswith(f"{script}: error: "), stderr
     assert SUBPROCESS_CASES[name][1].replace("{w}", str(workspace)) in stderr
+
+
+def test_closing_the_pipe_early_ends_the_run_without_a_traceback(subprocess_runs):
+    result = subprocess_runs["closed pipe"]
+    assert result.returncode == 1 and result.stderr == b"", result.stderr.decode()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(interrupted, "example.py")
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "\nexample.py: interrupted\n"
