@@ -82,13 +82,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-layer", type=int, default=GPT2Config().n_layer)
     parser.add_argument("--n-head", type=int, default=GPT2Config().n_head)
     parser.add_argument("--n-embd", type=int, default=GPT2Config().n_embd)
-    parser.add_argument("--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests: {TINY}")
+    parser.add_argument(
+        "--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests, unless given otherwise: {TINY}"
+    )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--chart", metavar="PNG", help="also save a chart of time per token against position")
     args = parser.parse_args(argv)
-    if args.tiny:
-        for name, value in TINY.items():
-            setattr(args, name, value)
+    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
+        parser.set_defaults(**TINY)
+        args = parser.parse_args(argv)
     try:
         args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
         args.positions = [int(position) for position in args.positions.split(",")]

@@ -37,8 +37,9 @@ if TYPE_CHECKING:
     from config import GPTConfig
 
 DEFAULT_PROMPT = "The best way to learn something new is"
-# Below this the sampling is greedy in all but name, and far below it logits / temperature overflows float32.
-MIN_TEMPERATURE = 1e-3
+# Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
+# the most, every token among the top k is about as likely as another, which is noise, not text.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
 # generate(idx [1, prompt], max_new_tokens, temperature, top_k, generator, on_token) -> [1, prompt + new tokens]
@@ -146,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="T",
         type=checks.finite_float,
         default=0.8,
-        help="below 1 more predictable, above 1 wilder (default: 0.8)",
+        help=f"{MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}: below 1 more predictable, above 1 wilder (default: 0.8)",
     )
     parser.add_argument(
         "--top-k", metavar="K", type=int, default=40, help="sample among the K most likely tokens (default: 40)"
@@ -228,9 +229,9 @@ def check_input_text(input_text: str) -> None:
 
 
 def check_temperature(temperature: float) -> None:
-    if temperature < MIN_TEMPERATURE:
+    if not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
         raise UsageError(
-            f"--temperature must be at least {MIN_TEMPERATURE}, got {temperature} "
+            f"--temperature must be from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}, got {temperature} "
             "(for the likeliest token every time: --top-k 1)"
         )
 

@@ -113,9 +113,10 @@ CASES = [
     ("example.py", ["--temperature", "nan"], "argument --temperature: expected a finite number, got 'nan'"),
     ("example.py", ["--temperature", "inf"], "expected a finite number, got 'inf'"),
     ("example.py", ["--temperature=-inf"], "expected a finite number, got '-inf'"),
-    ("example.py", ["--temperature", "1e-50"], "--temperature must be at least 0.001, got 1e-50"),
-    ("example.py", ["--temperature", "0"], "--temperature must be at least 0.001, got 0.0"),
-    ("example.py", ["--temperature", "-1"], "--temperature must be at least 0.001, got -1.0"),
+    ("example.py", ["--temperature", "1e-50"], "--temperature must be from 0.001 to 100, got 1e-50"),
+    ("example.py", ["--temperature", "0"], "--temperature must be from 0.001 to 100, got 0.0"),
+    ("example.py", ["--temperature", "-1"], "--temperature must be from 0.001 to 100, got -1.0"),
+    ("example.py", ["--temperature", "1e300"], "--temperature must be from 0.001 to 100, got 1e+300"),
     ("example.py", ["--temperature", "warm"], "expected a number, got 'warm'"),
     (
         "example.py",
@@ -239,6 +240,7 @@ def test_good_inputs_pass_the_same_checks(workspace):
     """The checks refuse what is wrong, not more: the cases above with the mistake taken out are accepted."""
     good = ["--quant-mode", "float8", "--model-type", str(workspace / "gpt2")]
     example.parse_args([*good, "--calibration-data", str(workspace / "data" / "good.txt"), "--temperature", "1e-3"])
+    example.parse_args([*good, "--temperature", "100"])
     example.parse_args([*good, "--seed", str(2**64 - 1), "--export-dir", str(workspace / "empty-folder")])
     example.parse_args([*good, "--export-dir", str(workspace / "users-folder"), "--overwrite"])
     example.parse_args([*good, "--export-dir", str(workspace / "new" / "nested")])

@@ -42,6 +42,11 @@ def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads, tmp_path)
         assert sum(line.startswith(name) for line in printed.splitlines()) == 2  # a row in each table
 
 
+def test_tiny_sets_defaults_and_given_options_still_count():
+    args = benchmark.parse_args(["--tiny", "--n-layer", "3", "--positions", "8,16"])
+    assert (args.n_layer, args.positions, args.n_embd, args.repeats) == (3, [8, 16], 64, 1)
+
+
 def test_peak_memory_counts_the_most_held_at_once():
     megabyte = 2**20
 

@@ -214,7 +214,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("empty prompt", "--input-text is empty"),
         ("no new tokens", "--max-new-tokens must be at least 1, got 0"),
         ("not a number", "--max-new-tokens: invalid int value: 'many'"),
-        ("zero temperature", "--temperature must be at least 0.001, got 0.0"),
+        ("zero temperature", "--temperature must be from 0.001 to 100, got 0.0"),
         ("zero top-k", "--top-k must be at least 1, got 0"),
         ("missing calibration file", "calibration data not found: no/such/file.txt"),
         ("export without quantizing", "--export-dir needs --quant-mode"),
