@@ -52,19 +52,22 @@ HELDOUT_PERCENT = 5
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
-    train_tokens, validation_tokens = load_corpus(heldout_path(args.out_dir))
+    heldout = heldout_path(args.out_dir)
+    train_tokens, validation_tokens, heldout_text = load_corpus(heldout)
     if len(validation_tokens) < args.n_positions + 1:
         raise UsageError(
             f"--n-positions {args.n_positions} is longer than the held-out text ({len(validation_tokens)} tokens): "
             f"at most {len(validation_tokens) - 1}"
         )
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
     model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
     print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
     print(f"       n_embd {model.config.n_embd}, n_positions {model.config.n_positions}")
     train(model, train_tokens, validation_tokens, args, started)
     save(model, args.out_dir, validation_tokens)
+    # Written with the model, not before training: an interrupted run leaves the pair as it was.
+    heldout.write_text(heldout_text)
     print(f"total time {(time.time() - started) / 60:.1f} min")
 
 
@@ -222,20 +225,19 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and validation tokens; writes the validation text to `heldout` for the quality report."""
+def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Train and validation tokens, and the validation text that main writes to `heldout` for the quality report."""
     train_texts, validation_texts = split_corpus(stdlib_docstrings())
-    heldout.parent.mkdir(parents=True, exist_ok=True)
-    heldout.write_text("\n\n".join(validation_texts) + "\n")
+    heldout_text = "\n\n".join(validation_texts) + "\n"
     encoding = gpt2_encoding()
     # The training stream has the same layout as data/heldout.txt: docstrings separated by a blank line.
     train_tokens = torch.tensor(encoding.encode_ordinary("\n\n".join(train_texts)))
-    validation_tokens = torch.tensor(encoding.encode_ordinary(heldout.read_text()))
+    validation_tokens = torch.tensor(encoding.encode_ordinary(heldout_text))
     print(f"corpus: {len(train_texts)} train docstrings, {len(train_tokens):,} tokens;", end=" ")
     print(
         f"{len(validation_texts)} validation docstrings, {len(validation_tokens):,} tokens ({os.path.relpath(heldout)})"
     )
-    return train_tokens, validation_tokens
+    return train_tokens, validation_tokens, heldout_text
 
 
 def train(

@@ -195,6 +195,7 @@ CASES = [
     ("evaluate.py", ["--chart", "{w}/no-such-folder/quality.png"], "the folder {w}/no-such-folder does not exist"),
     ("evaluate.py", ["--chart", "{w}/chart-folder.png"], "chart-folder.png is a folder"),
     ("evaluate.py", ["--context", "0"], "--context must be at least 1, got 0"),
+    ("evaluate.py", ["--modes", "unquantized", "--calibration-data", "{w}/data/good.txt"], "needs a quantized mode"),
     ("evaluate.py", ["--num-calibration-samples", "0"], "--num-calibration-samples must be at least 1, got 0"),
     # benchmark.py
     ("benchmark.py", ["--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1"),
@@ -217,6 +218,12 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/users-folder"], "--out-dir {w}/users-folder is not empty"),
     ("train.py", ["--out-dir", "{w}/data/good.txt"], "is a file, not a folder"),
     ("train.py", ["--out-dir", ""], "--out-dir is empty: name a folder"),
+    # The held-out text has 8,205 tokens (docs/training.md): a window of 9,000 could never be validated on.
+    (
+        "train.py",
+        ["--out-dir", "{w}/new", "--n-positions", "9000", "--n-layer", "1", "--batch-size", "1"],
+        "is longer than the held-out",
+    ),
     ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
 ]
 
