@@ -218,6 +218,26 @@ class TestForwardLoop:
         with pytest.raises(ValueError, match="must be at least 1"):
             create_forward_loop(small_model, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", batch_size, num_samples)
 
+    def test_the_loop_counts_the_samples_it_runs(self, small_model, tmp_path):
+        path = tmp_path / "three.txt"
+        path.write_text("First paragraph.\n\nSecond paragraph.\n\nThird paragraph.\n")
+        assert create_forward_loop(small_model, str(path), gpt2_tokenizer(), "cpu", 2, 100).num_samples == 3
+
+    @pytest.mark.parametrize(
+        "name, content, expected",
+        [
+            ("empty.txt", b"", "Cannot read"),
+            ("blank.txt", b"\n\n  \n", "holds no text"),
+            ("binary.txt", bytes(range(256)), "UnicodeDecodeError"),
+            ("malformed.json", b'[{"text": "One."},]', "Cannot read"),
+        ],
+    )
+    def test_unreadable_files_are_a_value_error_that_names_them(self, small_model, tmp_path, name, content, expected):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))}.*{expected}|{expected}.*{re.escape(str(path))}"):
+            create_forward_loop(small_model, str(path), gpt2_tokenizer(), "cpu", 4, 4)
+
     def test_missing_file_is_named(self, small_model, tmp_path):
         missing = str(tmp_path / "nope.txt")
         with pytest.raises(FileNotFoundError, match=re.escape(missing)):
