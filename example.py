@@ -95,8 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
         quant_mode=args.quant_mode,
     )
-    if backend == "tripy":
-        generate = build_tripy_generator(config, model_type, hf_model)
+    if backend in ("tripy", "tripy-cpu"):
+        generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
         generate = build_torch_generator(config, model_type, hf_model)
 
@@ -148,10 +148,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "tripy", "torch"),
+        choices=("auto", "tripy", "tripy-cpu", "torch"),
         default="auto",
-        help="tripy: TensorRT on a CUDA GPU; torch: the PyTorch twin on the CPU; auto (default): tripy when nvtripy "
-        "imports and a CUDA GPU is visible, otherwise torch",
+        help="tripy: TensorRT on a CUDA GPU; torch: the PyTorch twin on the CPU; tripy-cpu: model.py through nvtripy's "
+        "frontend, its graph run by PyTorch on the CPU (tripy_cpu/, no TensorRT; for reading the Tripy code, not for "
+        "speed); auto (default): tripy when nvtripy imports and a CUDA GPU is visible, otherwise torch",
     )
     parser.add_argument(
         "--dtype",
@@ -232,7 +233,11 @@ def check_hub_reachable_for_calibration() -> None:
 
 
 def choose_backend(requested: str) -> tuple[str, str]:
-    """The backend to run on, "tripy" or "torch", and why, in a few words."""
+    """The backend to run on, "tripy", "tripy-cpu" or "torch", and why, in a few words. auto never picks tripy-cpu."""
+    if requested == "tripy-cpu":
+        if importlib.util.find_spec("nvtripy") is None:
+            fail("--backend tripy-cpu needs nvtripy's frontend: pip install --no-deps nvtripy==0.1.7 colored")
+        return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
     if requested == "tripy" and missing is not None:
         install = "" if missing == "a CUDA GPU" else f"; install it with: {NVTRIPY_INSTALL}"
@@ -335,8 +340,14 @@ def build_torch_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHe
     return generate
 
 
-def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel) -> Generate:
-    """Loads the weights into the Tripy GPT and compiles it; returns generate(idx, max_new_tokens, ...)."""
+def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel, backend: str) -> Generate:
+    """Loads the weights into the Tripy GPT and compiles it; returns generate(idx, max_new_tokens, ...).
+
+    On tripy-cpu, tripy_cpu runs what TensorRT would; on both, it makes nvtripy's tracing faster.
+    """
+    import tripy_cpu
+
+    tripy_cpu.use()
     import nvtripy as tp
 
     import model
@@ -345,9 +356,11 @@ def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHe
     tripy_gpt = model.GPT(config)
     load_weights(tripy_gpt, config, model_type, hf_model, getattr(tp, config.dtype))
     print(f"Loaded the weights into the Tripy GPT in {time.perf_counter() - start:.1f} s")
+    compiler = "TensorRT" if backend == "tripy" else "the CPU executor (no TensorRT)"
+    print(f"Tracing and compiling with {compiler}, twice (prompt and one-token steps); this takes a while", flush=True)
     start = time.perf_counter()
     compiled = model.compile_model(tripy_gpt, config)
-    print(f"Compiled with TensorRT in {time.perf_counter() - start:.1f} s")
+    print(f"Compiled with {compiler} in {time.perf_counter() - start:.1f} s")
 
     def generate(idx, max_new_tokens, temperature, top_k, generator, on_token):
         return model.generate(compiled, idx, max_new_tokens, temperature, top_k, generator, on_token)

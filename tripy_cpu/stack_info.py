@@ -14,6 +14,7 @@ import nvtripy.utils.function_registry
 from nvtripy.utils import stack_info
 
 MAX_STACK_DEPTH = 100  # as in nvtripy 0.1.7
+NVTRIPY_GET_STACK_INFO = stack_info.get_stack_info  # kept for the test that compares the two
 
 
 @functools.cache
