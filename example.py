@@ -39,6 +39,7 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
+FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
 # generate(idx [1, prompt], max_new_tokens, temperature, top_k, generator, on_token) -> [1, prompt + new tokens]
 Generate = Callable[..., "torch.Tensor"]
 
@@ -46,6 +47,8 @@ Generate = Callable[..., "torch.Tensor"]
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     backend, backend_reason = choose_backend(args.backend)
+    if backend == "tripy" and args.quant_mode == "float8":
+        check_float8_gpu()
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     print(f"Backend: {backend} ({backend_reason})")
 
@@ -251,6 +254,19 @@ def choose_backend(requested: str) -> tuple[str, str]:
     import torch
 
     return "tripy", f"Tripy + TensorRT on {torch.cuda.get_device_name()}"
+
+
+def check_float8_gpu() -> None:
+    """TensorRT's float8 kernels need compute capability 8.9 (Ada) or newer: fail at once on an older GPU."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        fail(
+            f"--quant-mode float8 on --backend tripy needs a GPU of compute capability "
+            f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} or newer (Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}: use int8-weight-only or int4-weight-only"
+        )
 
 
 def tripy_missing() -> str | None:
