@@ -239,7 +239,9 @@ def choose_backend(requested: str) -> tuple[str, str]:
     """The backend to run on, "tripy", "tripy-cpu" or "torch", and why, in a few words. auto never picks tripy-cpu."""
     if requested == "tripy-cpu":
         if importlib.util.find_spec("nvtripy") is None:
-            fail("--backend tripy-cpu needs nvtripy's frontend: pip install --no-deps nvtripy==0.1.7 colored")
+            raise UsageError(
+                "--backend tripy-cpu needs nvtripy's frontend: pip install --no-deps nvtripy==0.1.7 colored"
+            )
         return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
     if requested == "tripy" and missing is not None:
@@ -262,7 +264,7 @@ def check_float8_gpu() -> None:
 
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < FLOAT8_MIN_CAPABILITY:
-        fail(
+        raise UsageError(
             f"--quant-mode float8 on --backend tripy needs a GPU of compute capability "
             f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} or newer (Ada, Hopper, Blackwell); "
             f"{torch.cuda.get_device_name()} is {major}.{minor}: use int8-weight-only or int4-weight-only"

@@ -18,6 +18,7 @@ from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
 import config
 import example
 import reference
+from cli import UsageError
 from hub import load_hf_model
 from tokenizer import gpt2_encoding
 from weight_loader import load_twin
@@ -240,15 +241,14 @@ def test_auto_never_picks_tripy_cpu():
     assert example.choose_backend("auto")[0] in ("tripy", "torch")
 
 
-def test_float8_on_a_gpu_older_than_ada_is_one_line_error(monkeypatch, capsys):
+def test_float8_on_a_gpu_older_than_ada_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(UsageError) as error:
         example.check_float8_gpu()
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err == (
-        "example.py: error: --quant-mode float8 on --backend tripy needs a GPU of compute capability 8.9 or newer "
-        "(Ada, Hopper, Blackwell); NVIDIA A10 is 8.6: use int8-weight-only or int4-weight-only\n"
+    assert str(error.value) == (
+        "--quant-mode float8 on --backend tripy needs a GPU of compute capability 8.9 or newer "
+        "(Ada, Hopper, Blackwell); NVIDIA A10 is 8.6: use int8-weight-only or int4-weight-only"
     )
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     example.check_float8_gpu()  # an Ada GPU: no error
