@@ -10,6 +10,8 @@ weight_loader, so nothing is downloaded; random weights take exactly as long to 
     python benchmark.py                                   # the gpt2 (124M) shape: a few minutes on 2 cores
     python benchmark.py --chart docs/time_per_token.png   # and a chart of time per token against position
     python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
+    python benchmark.py --backend tripy                   # on a GPU: the Tripy engine against transformers on CUDA
+    python benchmark.py --backend tripy --tiny            # without one: the CPU executor, a smoke test, not speed
 """
 
 import argparse
@@ -87,7 +89,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--chart", metavar="PNG", help="also save a chart of time per token against position")
+    parser.add_argument(
+        "--backend",
+        choices=("torch", "tripy"),
+        default="torch",
+        help="torch (default): the twin with and without its cache against transformers, on the CPU; tripy: model.py "
+        "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
+        "only with --tiny, as a smoke test",
+    )
     args = parser.parse_args(argv)
+    if args.backend == "tripy" and not torch.cuda.is_available() and not args.tiny:
+        raise UsageError(
+            "--backend tripy without a CUDA GPU runs the CPU executor, which shows that the benchmark runs, not how "
+            "fast Tripy is: add --tiny"
+        )
     if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
         parser.set_defaults(**TINY)
         args = parser.parse_args(argv)
@@ -157,8 +172,11 @@ class CallbackStreamer(BaseStreamer):
 
 
 def hf_generate(hf_model: GPT2LMHeadModel) -> Generate:
+    device = hf_model.device
+
     @torch.no_grad()
     def run(prompt, new_tokens, on_token):
+        prompt = prompt.to(device)
         return hf_model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
@@ -168,7 +186,30 @@ def hf_generate(hf_model: GPT2LMHeadModel) -> Generate:
             pad_token_id=END_OF_TEXT,
             use_cache=True,
             streamer=CallbackStreamer(on_token),
-        )
+        ).cpu()
+
+    return run
+
+
+def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: int) -> Generate:
+    """model.py compiled once per batch size (a compiled batch is fixed), greedy, in float32 like the others."""
+    import tripy_cpu
+
+    tripy_cpu.use()
+    import nvtripy as tp
+
+    import model
+    from weight_loader import config_from_hf, load_weights_from_hf
+
+    compiled = {}
+    for batch in batch_sizes:
+        config = config_from_hf(hf_model, seq_len=seq_len, batch_size=batch, dtype="float32")
+        gpt = model.GPT(config)
+        load_weights_from_hf(gpt, None, tp.float32, hf_model=hf_model)
+        compiled[batch] = model.compile_model(gpt, config)
+
+    def run(prompt, new_tokens, on_token):
+        return model.generate(compiled[prompt.shape[0]], prompt, new_tokens, top_k=1, on_token=on_token)
 
     return run
 
@@ -254,11 +295,22 @@ def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, po
 def run_benchmark(args: argparse.Namespace) -> Results:
     torch.set_num_threads(args.threads)
     hf_model, twin = build_models(args.n_layer, args.n_head, args.n_embd, args.seed)
-    contenders = [
-        Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),
-        Contender("twin, no cache", twin_generate(twin, use_cache=False), uses_cache=False),
-        Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
-    ]
+    if args.backend == "tripy":
+        # The longest run: the cached time-per-token run, from positions[0] to past positions[-1].
+        seq_len = min(BLOCK_SIZE, max(args.prompt_len + args.new_tokens, args.positions[-1] + STEPS_PER_POSITION + 1))
+        on_gpu = torch.cuda.is_available()
+        print(f"Compiling model.py for batch sizes {args.batch_sizes}, up to {seq_len} tokens", flush=True)
+        tripy = tripy_generate(hf_model, args.batch_sizes, seq_len)
+        contenders = [
+            Contender("Tripy (TensorRT)" if on_gpu else "Tripy, CPU executor (smoke test)", tripy, uses_cache=True),
+            Contender("transformers generate", hf_generate(hf_model.to("cuda" if on_gpu else "cpu")), uses_cache=True),
+        ]
+    else:
+        contenders = [
+            Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),
+            Contender("twin, no cache", twin_generate(twin, use_cache=False), uses_cache=False),
+            Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
+        ]
     random_tokens = torch.Generator().manual_seed(args.seed)
     vocab_size = hf_model.config.vocab_size
     prompts = torch.randint(0, vocab_size, (max(args.batch_sizes), args.prompt_len), generator=random_tokens)
@@ -301,7 +353,7 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
         times = results.ms_per_token[name]
         cells = "".join(f"{times[p]:>8.1f}" for p in positions)
         print(f"{name:<{width}}{cells}{times[positions[-1]] / times[positions[0]]:>11.2f}x")
-    print(f"\nAll three generated the same tokens: {'yes' if results.same_tokens else 'NO'}")
+    print(f"\nAll {len(names)} generated the same tokens: {'yes' if results.same_tokens else 'NO'}")
 
 
 def save_chart(results: Results, path: str) -> None:

@@ -42,6 +42,7 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
+FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
 # generate(idx [1, prompt], max_new_tokens, temperature, top_k, generator, on_token) -> [1, prompt + new tokens]
 Generate = Callable[..., "torch.Tensor"]
 
@@ -49,6 +50,8 @@ Generate = Callable[..., "torch.Tensor"]
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     backend, backend_reason = choose_backend(args.backend)
+    if backend == "tripy" and args.quant_mode == "float8":
+        check_float8_gpu()
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     print(f"Backend: {backend} ({backend_reason})")
 
@@ -98,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         dtype=dtype,
         quant_mode=args.quant_mode,
     )
-    if backend == "tripy":
-        generate = build_tripy_generator(config, model_type, hf_model)
+    if backend in ("tripy", "tripy-cpu"):
+        generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
         generate = build_torch_generator(config, model_type, hf_model)
 
@@ -154,10 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("auto", "tripy", "torch"),
+        choices=("auto", "tripy", "tripy-cpu", "torch"),
         default="auto",
-        help="tripy: TensorRT on a CUDA GPU; torch: the PyTorch twin on the CPU; auto (default): tripy when nvtripy "
-        "imports and a CUDA GPU is visible, otherwise torch",
+        help="tripy: TensorRT on a CUDA GPU; torch: the PyTorch twin on the CPU; tripy-cpu: model.py through nvtripy's "
+        "frontend, its graph run by PyTorch on the CPU (tripy_cpu/, no TensorRT; for reading the Tripy code, not for "
+        "speed); auto (default): tripy when nvtripy imports and a CUDA GPU is visible, otherwise torch",
     )
     parser.add_argument(
         "--dtype",
@@ -254,7 +258,13 @@ def check_hub_reachable_for_calibration() -> None:
 
 
 def choose_backend(requested: str) -> tuple[str, str]:
-    """The backend to run on, "tripy" or "torch", and why, in a few words."""
+    """The backend to run on, "tripy", "tripy-cpu" or "torch", and why, in a few words. auto never picks tripy-cpu."""
+    if requested == "tripy-cpu":
+        if importlib.util.find_spec("nvtripy") is None:
+            raise UsageError(
+                "--backend tripy-cpu needs nvtripy's frontend: pip install --no-deps nvtripy==0.1.7 colored"
+            )
+        return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
     if requested == "tripy" and missing is not None:
         install = "" if missing == "a CUDA GPU" else f"; install it with: {NVTRIPY_INSTALL}"
@@ -268,6 +278,19 @@ def choose_backend(requested: str) -> tuple[str, str]:
     import torch
 
     return "tripy", f"Tripy + TensorRT on {torch.cuda.get_device_name()}"
+
+
+def check_float8_gpu() -> None:
+    """TensorRT's float8 kernels need compute capability 8.9 (Ada) or newer: fail at once on an older GPU."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < FLOAT8_MIN_CAPABILITY:
+        raise UsageError(
+            f"--quant-mode float8 on --backend tripy needs a GPU of compute capability "
+            f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} or newer (Ada, Hopper, Blackwell); "
+            f"{torch.cuda.get_device_name()} is {major}.{minor}: use int8-weight-only or int4-weight-only"
+        )
 
 
 def tripy_missing() -> str | None:
@@ -357,8 +380,14 @@ def build_torch_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHe
     return generate
 
 
-def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel) -> Generate:
-    """Loads the weights into the Tripy GPT and compiles it; returns generate(idx, max_new_tokens, ...)."""
+def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel, backend: str) -> Generate:
+    """Loads the weights into the Tripy GPT and compiles it; returns generate(idx, max_new_tokens, ...).
+
+    On tripy-cpu, tripy_cpu runs what TensorRT would; on both, it makes nvtripy's tracing faster.
+    """
+    import tripy_cpu
+
+    tripy_cpu.use()
     import nvtripy as tp
 
     import model
@@ -367,9 +396,11 @@ def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHe
     tripy_gpt = model.GPT(config)
     load_weights(tripy_gpt, config, model_type, hf_model, getattr(tp, config.dtype))
     print(f"Loaded the weights into the Tripy GPT in {time.perf_counter() - start:.1f} s")
+    compiler = "TensorRT" if backend == "tripy" else "the CPU executor (no TensorRT)"
+    print(f"Tracing and compiling with {compiler}, twice (prompt and one-token steps); this takes a while", flush=True)
     start = time.perf_counter()
     compiled = model.compile_model(tripy_gpt, config)
-    print(f"Compiled with TensorRT in {time.perf_counter() - start:.1f} s")
+    print(f"Compiled with {compiler} in {time.perf_counter() - start:.1f} s")
 
     def generate(idx, max_new_tokens, temperature, top_k, generator, on_token):
         return model.generate(compiled, idx, max_new_tokens, temperature, top_k, generator, on_token)

@@ -147,6 +147,22 @@ def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str
     }
 
 
+def _check_scales_fit(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Raises if a quantization scale is below `dtype`'s smallest normal number.
+
+    Below it (6.1e-5 in float16) a number keeps fewer significant bits the smaller it is, down to zero, where
+    quantizing divides by zero: every weight of the block or channel would change without a word. int8 scales are
+    amax / 127: a gpt2-shaped model with small random weights has some of 8e-5.
+    """
+    tiny = torch.finfo(dtype).tiny
+    for name, tensor in tensors.items():
+        if name.endswith("_scale") and tensor.numel() and tensor.min().item() < tiny:
+            raise ValueError(
+                f"{name} has a scale of {tensor.min().item():.3g}, below {dtype}'s smallest normal number "
+                f"({tiny:.3g}): it would lose precision or become zero. Run in float32 instead"
+            )
+
+
 def _load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None:
     """Checks names and shapes against the model's parameters, casts to `dtype`, and loads."""
     expected = model.state_dict()
@@ -163,6 +179,8 @@ def _load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None
     ]
     if wrong_shapes:
         raise ValueError(f"Weight shapes do not match the model: {'; '.join(wrong_shapes)}")
+    # Both models hold their scales in the model's dtype (nvtripy requires it): in float16 a scale may not fit.
+    _check_scales_fit(tensors, dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype.name))
 
     if isinstance(model, nn.Module):
         model.load_state_dict({name: tensor.to(dtype) for name, tensor in tensors.items()})

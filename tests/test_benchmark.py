@@ -31,7 +31,7 @@ def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads, tmp_path)
 
     # The twin holds Hugging Face's weights, so greedy decoding picks the same tokens: all three did the same work.
     assert results.same_tokens
-    assert "All three generated the same tokens: yes" in printed
+    assert "All 3 generated the same tokens: yes" in printed
     for batch in (1, 8):
         assert list(results.tokens_per_second[batch]) == NAMES
         assert all(value > 0 for value in results.tokens_per_second[batch].values())
@@ -74,3 +74,17 @@ def test_peak_memory_counts_the_most_held_at_once():
 )
 def test_bad_options_exit_with_status_2_and_say_what_is_wrong(argv, message, capsys):
     assert message in usage_error(benchmark.main, argv, "benchmark.py", capsys)
+
+
+def test_tripy_backend_runs_model_py_and_agrees_with_transformers(capsys, restore_torch_threads):
+    """On the CPU executor (no GPU): a smoke test that the Tripy contender runs and generates transformers' tokens."""
+    results = benchmark.main(["--backend", "tripy", "--tiny", "--threads", "1", "--batch-sizes", "1,2"])
+    name = "Tripy (TensorRT)" if torch.cuda.is_available() else "Tripy, CPU executor (smoke test)"
+    assert list(results.tokens_per_second[2]) == [name, "transformers generate"]
+    assert results.same_tokens
+    assert "All 2 generated the same tokens: yes" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --backend tripy runs the real engine")
+def test_tripy_backend_without_a_gpu_needs_tiny(capsys):
+    assert "add --tiny" in usage_error(benchmark.main, ["--backend", "tripy"], "benchmark.py", capsys)

@@ -18,6 +18,7 @@ from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
 import config
 import example
 import reference
+from cli import UsageError
 from hub import load_hf_model
 from tokenizer import gpt2_encoding
 from weight_loader import load_twin
@@ -80,6 +81,14 @@ def run_arguments(
         ],
         "no calibration samples": ["--quant-mode", "float8", "--num-calibration-samples", "0"],
         "tripy": ["--backend", "tripy", "--model-type", checkpoint],
+        "tripy-cpu int4-weight-only": [
+            *on_checkpoint,
+            "--quant-mode",
+            "int4-weight-only",
+            *calibrate,
+            "--backend",
+            "tripy-cpu",
+        ],
     }
 
 
@@ -239,12 +248,8 @@ def test_hub_model_offline_suggests_a_local_directory(runs):
 
 def test_tripy_backend_without_nvtripy_or_gpu(runs):
     """Where Tripy cannot run (no compiler/runtime, as here and in CI, or no GPU), --backend tripy says what to do."""
-    try:
-        import nvtripy  # noqa: F401
-
-        nvtripy_imports = True
-    except ImportError:
-        nvtripy_imports = False
+    # Asked in a fresh interpreter: in this one, tests of the CPU executor may have made nvtripy importable.
+    nvtripy_imports = subprocess.run([sys.executable, "-c", "import nvtripy"], capture_output=True).returncode == 0
     if nvtripy_imports and torch.cuda.is_available():
         pytest.skip("Tripy runs on this machine, so --backend tripy is no mistake")
     result = runs["tripy"].result()
@@ -252,6 +257,30 @@ def test_tripy_backend_without_nvtripy_or_gpu(runs):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("example.py: error: --backend tripy needs "), result.stderr
     assert ("a CUDA GPU" if nvtripy_imports else NVTRIPY_INSTALL) in lines[0]
+
+
+def test_tripy_cpu_generates_the_twins_text(runs):
+    """model.py through nvtripy's frontend and the CPU executor, calibrated on the same data: the twin's very text."""
+    tripy_cpu = succeeded(runs, "tripy-cpu int4-weight-only")
+    assert "no TensorRT involved" in tripy_cpu.splitlines()[0]
+    assert response(tripy_cpu) == response(succeeded(runs, "int4-weight-only"))
+
+
+def test_auto_never_picks_tripy_cpu():
+    assert example.choose_backend("auto")[0] in ("tripy", "torch")
+
+
+def test_float8_on_a_gpu_older_than_ada_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
+    with pytest.raises(UsageError) as error:
+        example.check_float8_gpu()
+    assert str(error.value) == (
+        "--quant-mode float8 on --backend tripy needs a GPU of compute capability 8.9 or newer "
+        "(Ada, Hopper, Blackwell); NVIDIA A10 is 8.6: use int8-weight-only or int4-weight-only"
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    example.check_float8_gpu()  # an Ada GPU: no error
 
 
 def test_help_explains_the_dtype_default():

@@ -4,12 +4,20 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import make_gpt2
 from torch import nn
 
 from hub import HubUnreachableError, load_hf_model
+from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from reference import GPT
 from tokenizer import gpt2_encoding, gpt2_tokenizer
-from weight_loader import config_from_hf, convert_to_scale, get_submodule, load_weights_from_hf
+from weight_loader import (
+    config_from_hf,
+    convert_to_scale,
+    get_submodule,
+    load_quant_weights_from_hf,
+    load_weights_from_hf,
+)
 
 
 def test_get_submodule_follows_attributes_lists_and_dicts():
@@ -84,3 +92,19 @@ def test_offline_tokenizers_match_gpt2_known_encoding():
     assert gpt2_tokenizer().encode("Hello world") == [15496, 995]
     text = "ModelOpt's amax -> scale = amax / 127.\n\nIt's 2026; naïve café!"
     assert gpt2_encoding().encode(text) == gpt2_tokenizer().encode(text)
+
+
+def test_a_scale_float16_cannot_hold_is_an_error_not_a_silent_loss():
+    """A layer with tiny weights gets int8 scales below float16's smallest normal (6.1e-5): loading it in float16
+    names the scale; float32 holds it."""
+    from quantization import modelopt_quantize
+
+    hf_model = make_gpt2(n_embd=128, n_layer=1, n_head=4, n_positions=32)
+    with torch.no_grad():
+        hf_model.transformer.h[0].attn.c_proj.weight.mul_(1e-3)  # row amax ~1e-4: scale ~1e-6
+    modelopt_quantize(hf_model, "int8-weight-only", CALIBRATION_TEXT, batch_size=4, num_samples=4)
+    config = config_from_hf(hf_model, dtype="float16", quant_mode="int8-weight-only")
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.c_proj\.weight_scale has a scale of .* float32"):
+        load_quant_weights_from_hf(GPT(config), None, torch.float16, "int8-weight-only", quantized_model=hf_model)
+    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode="int8-weight-only"))
+    load_quant_weights_from_hf(twin, None, torch.float32, "int8-weight-only", quantized_model=hf_model)
