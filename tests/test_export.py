@@ -113,6 +113,9 @@ def test_config_loads_with_transformers(exported):
     assert config.architectures == ["GPT2LMHeadModel"]
     assert config.quantization_config["quant_method"] == "modelopt"
     assert config.quantization_config["quant_algo"] == EXPECTED_QUANT_CONFIG[exported.mode]["quant_algo"]
+    assert config.quantization_config["weight_layout"] == "conv1d"
+    # float8 exports lm_head as its own float8 tensor: a loader must not tie it back to wte.
+    assert config.tie_word_embeddings == (exported.mode != "float8")
 
 
 def test_weights_are_stored_quantized_with_the_tripy_scales(exported):
