@@ -324,7 +324,7 @@ def read_export(export_dir: str, quant_mode: str | None) -> tuple[object, str]:
         raise UsageError(str(error)) from None
     if quant_mode is not None and quant_mode != fmt.quant_mode:
         raise UsageError(
-            f"--quant-mode {quant_mode} conflicts with {export_dir}, a {fmt.quant_mode} export ({fmt.quant_algo}); "
+            f"--quant-mode {quant_mode} conflicts with {export_dir}, exported in {fmt.quant_mode} ({fmt.quant_algo}); "
             "leave --quant-mode out to run an export in the mode it was calibrated in"
         )
     return hf_config, fmt.quant_mode
