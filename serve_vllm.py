@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"largest gap between vLLM's and the twin's top-{TOP_LOGPROBS} log-probabilities: {gap:.4f}")
     if vllm_ids != twin_ids:
-        print("vLLM's greedy tokens differ from the twin's")
+        step = next(i for i, (a, b) in enumerate(zip(vllm_ids, twin_ids, strict=False)) if a != b)
+        margin = twin_logprobs[step][twin_ids[step]] - twin_logprobs[step][vllm_ids[step]]
+        print(
+            f"vLLM's greedy tokens differ from the twin's from token {step} on, where the twin prefers its token by "
+            f"{margin:.4f} in log-probability (bfloat16 flips a near tie)"
+        )
         sys.exit(1)
     print("vLLM's greedy tokens equal the twin's")
 
@@ -87,6 +92,7 @@ def vllm_greedy(
     """vLLM's (prompt ids, greedy ids, text, top log-probabilities per step), from the directory alone."""
     from vllm import LLM, SamplingParams
 
+    # vLLM's ModelOpt method computes in bfloat16 or float16 only (it refuses float32); vLLM picks bfloat16.
     # On the CPU, gpu_memory_utilization is the share of the machine's memory vLLM reserves (0.92 by default).
     llm = LLM(model=export_dir, seed=0, gpu_memory_utilization=MEMORY_SHARE)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)

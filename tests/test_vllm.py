@@ -18,10 +18,12 @@ from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize  # noqa: E4
 
 
 def test_vllm_generates_the_twins_greedy_tokens(tmp_path):
-    # The bundled model is trained: its greedy continuation is not a near tie, as a random model's can be.
+    # The export docs/export.md shows: the bundled model calibrated as example.py calibrates it. vLLM computes in
+    # bfloat16 and the twin in float32, so greedy decoding agrees only where no step is a near tie: calibrated on 8
+    # samples instead, the twin's 4th token wins by 0.005 in log-probability and vLLM picks the runner-up.
     hf_model = load_hf_model(BUNDLED_MODEL_DIR)
     export_dir = str(tmp_path / "float8")
-    export_checkpoint(modelopt_quantize(hf_model, "float8", SHIPPED_CALIBRATION_TEXT, num_samples=8), export_dir)
+    export_checkpoint(modelopt_quantize(hf_model, "float8", SHIPPED_CALIBRATION_TEXT, num_samples=32), export_dir)
     result = subprocess.run(
         [sys.executable, "serve_vllm.py", export_dir, "--max-tokens", "16"],
         cwd=REPO,
