@@ -19,6 +19,7 @@ import argparse
 import codecs
 import importlib
 import importlib.util
+import json
 import os
 import time
 from collections.abc import Callable
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     from tokenizer import gpt2_encoding
-    from weight_loader import config_from_hf
+    from weight_loader import config_from_export, config_from_hf
 
     transformers.logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     encoding = gpt2_encoding()
@@ -70,23 +71,31 @@ def main(argv: list[str] | None = None) -> None:
         check_hub_reachable_for_calibration()
 
     start = time.perf_counter()
-    model_type, hf_model = load_hf_model(args.model_type)
-    num_params = sum(p.numel() for p in hf_model.parameters())
-    print(f"Model: {model_type} ({num_params / 1e6:.1f}M parameters), loaded in {time.perf_counter() - start:.1f} s")
-    context = hf_model.config.n_positions
+    if is_export(args.model_type):  # calibrated already: its weights and scales go straight into the model
+        model_type, hf_model = args.model_type, None
+        hf_config, quant_mode = read_export(args.model_type, args.quant_mode)
+        print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
+    else:
+        model_type, hf_model = load_hf_model(args.model_type)
+        hf_config, quant_mode = hf_model.config, args.quant_mode
+        num_params = sum(p.numel() for p in hf_model.parameters())
+        print(
+            f"Model: {model_type} ({num_params / 1e6:.1f}M parameters), loaded in {time.perf_counter() - start:.1f} s"
+        )
+    context = hf_config.n_positions
     if len(prompt_tokens) + args.max_new_tokens > context and not args.export_only:
         raise UsageError(
             f"the prompt ({len(prompt_tokens)} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
             f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
         )
-    width = hf_model.config.n_embd
-    if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE and not args.export_only:
+    width = hf_config.n_embd
+    if quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE and not args.export_only:
         raise UsageError(
             f"--quant-mode int4-weight-only quantizes blocks of {INT4_BLOCK_SIZE} input features, and {model_type} is "
             f"{width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
         )
 
-    if args.quant_mode is not None:
+    if args.quant_mode is not None and hf_model is not None:
         device = "cuda" if backend == "tripy" else "cpu"
         quantize(hf_model, args.quant_mode, args.calibration_data, args.num_calibration_samples, device)
     if args.export_dir is not None:
@@ -94,13 +103,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.export_only:
             return
 
-    config = config_from_hf(
-        hf_model,
-        seq_len=len(prompt_tokens) + args.max_new_tokens,
-        batch_size=1,
-        dtype=dtype,
-        quant_mode=args.quant_mode,
-    )
+    shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
+    if hf_model is None:
+        config = config_from_export(model_type, **shape)
+    else:
+        config = config_from_hf(hf_model, quant_mode=quant_mode, **shape)
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
@@ -132,7 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
-        help=f"{', '.join(HUB_MODELS)} (from the Hugging Face Hub), or a local GPT-2 checkpoint directory "
+        help=f"{', '.join(HUB_MODELS)} (from the Hugging Face Hub), a local GPT-2 checkpoint directory, or one "
+        "written by --export-dir, which runs with the weights and scales it holds "
         f"(default: {DEFAULT_MODEL}, or the bundled model in bundled_model/ when {DEFAULT_MODEL} cannot be downloaded)",
     )
     parser.add_argument(
@@ -197,8 +205,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    if args.model_type is not None:
+    if args.model_type is not None and not is_export(args.model_type):  # an export is checked as it is read
         checks.check_model_type(args.model_type)
+    if is_export(args.model_type) and (args.calibration_data is not None or args.export_dir is not None):
+        raise UsageError(
+            f"{args.model_type} is an exported checkpoint, calibrated already: --calibration-data and --export-dir "
+            "are for a model that example.py quantizes"
+        )
     check_input_text(args.input_text)
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -221,6 +234,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
     return args
+
+
+def is_export(model_type: str | None) -> bool:
+    """Whether --model-type names a checkpoint written by --export-dir (ModelOpt's unified format)."""
+    if model_type is None or not os.path.isdir(model_type):
+        return False
+    if os.path.isfile(os.path.join(model_type, "hf_quant_config.json")):
+        return True
+    config_path = os.path.join(model_type, "config.json")
+    if not os.path.isfile(config_path):
+        return False
+    try:
+        with open(config_path, encoding="utf-8") as file:
+            config = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False  # not an export; checks.check_model_type names what is wrong with the file
+    quantization_config = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "modelopt"
 
 
 def check_input_text(input_text: str) -> None:
@@ -330,6 +361,24 @@ def load_hf_model(model_type: str | None) -> tuple[str, GPT2LMHeadModel]:
     return os.path.relpath(BUNDLED_MODEL_DIR), hub.load_hf_model(BUNDLED_MODEL_DIR)
 
 
+def read_export(export_dir: str, quant_mode: str | None) -> tuple[object, str]:
+    """(its GPT2Config, its quantization mode) of an export, checked down to every tensor's shape."""
+    from modelopt_hf import ExportFormatError, check_tensors
+    from modelopt_hf import read_export as read_export_format
+
+    try:
+        fmt, hf_config = read_export_format(export_dir)
+        check_tensors(export_dir, fmt, hf_config)
+    except (ExportFormatError, OSError) as error:
+        raise UsageError(str(error)) from None
+    if quant_mode is not None and quant_mode != fmt.quant_mode:
+        raise UsageError(
+            f"--quant-mode {quant_mode} conflicts with {export_dir}, exported in {fmt.quant_mode} ({fmt.quant_algo}); "
+            "leave --quant-mode out to run an export in the mode it was calibrated in"
+        )
+    return hf_config, fmt.quant_mode
+
+
 def quantize(
     hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int, device: str
 ) -> None:
@@ -409,12 +458,14 @@ def build_tripy_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHe
 
 
 def load_weights(
-    backend_model: object, config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel, dtype: object
+    backend_model: object, config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel | None, dtype: object
 ) -> None:
-    """Copies the (quantized) Hugging Face model's weights and scales into the backend's GPT, leaving it unchanged."""
-    from weight_loader import load_quant_weights_from_hf, load_weights_from_hf
+    """Copies the (quantized) Hugging Face model's weights and scales, or an export's, into the backend's GPT."""
+    from weight_loader import load_quant_weights_from_hf, load_weights_from_export, load_weights_from_hf
 
-    if config.quant_mode is None:
+    if hf_model is None:
+        load_weights_from_export(backend_model, model_type, dtype)
+    elif config.quant_mode is None:
         load_weights_from_hf(backend_model, model_type, dtype, hf_model=hf_model)
     else:
         load_quant_weights_from_hf(backend_model, model_type, dtype, config.quant_mode, quantized_model=hf_model)

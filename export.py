@@ -2,25 +2,34 @@
 
 ModelOpt's `export_hf_checkpoint` writes each quantized weight in its stored type (float8 E4M3, int8, or int4 packed
 two per byte) next to its scales, as safetensors, and names the algorithm in hf_quant_config.json (also copied into
-config.json as `quantization_config`). TensorRT-LLM, vLLM and SGLang read that format. The scales come from the same
-calibrated amaxes that weight_loader.py turns into the Tripy model's scales, so the engine and Tripy run the same
-quantized model.
+config.json as `quantization_config`). The scales come from the same calibrated amaxes that weight_loader.py turns
+into the Tripy model's scales, so an engine and Tripy run the same quantized model.
+
+Two things are added so that the directory is all a consumer needs (modelopt_hf.py describes the format):
+- GPT-2's c_attn/c_proj/c_fc weights are rewritten [in, out], the layout of GPT-2's Conv1D that GPT-2 loaders expect
+  (vLLM's transposes every one of them; ModelOpt writes [out, in]), recorded as "weight_layout": "conv1d";
+- GPT-2's tokenizer files, so that `vllm serve DIR` or `AutoTokenizer.from_pretrained(DIR)` work offline.
 """
 
 import copy
+import json
 import os
 
 import torch
 from modelopt.torch.export import export_hf_checkpoint
+from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
+
+from modelopt_hf import CONV1D_LAYERS, safetensors_files
+from tokenizer import gpt2_tokenizer
 
 
 def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:
     """Writes a GPT-2 quantized by `quantization.modelopt_quantize` to `export_dir` as ModelOpt's unified checkpoint.
 
-    Files: model.safetensors, hf_quant_config.json, config.json, generation_config.json. Unquantized tensors
-    (embeddings, LayerNorms, biases) keep the model's dtype. `quantized_model` is left as it was, so weight_loader can
-    still read it afterwards.
+    Files: model.safetensors, hf_quant_config.json, config.json, generation_config.json, and the tokenizer's
+    (tokenizer.json, tokenizer_config.json). Unquantized tensors (embeddings, LayerNorms, biases) keep the model's
+    dtype. `quantized_model` is left as it was, so weight_loader can still read it afterwards.
     """
     if not any(_is_quantized(module) for module in quantized_model.modules()):
         raise ValueError("export_checkpoint needs a GPT-2 quantized by modelopt_quantize; this model has no quantizers")
@@ -37,6 +46,8 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     before = _file_states(export_dir)
     with torch.inference_mode():
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+    _write_conv1d_layout(export_dir)
+    gpt2_tokenizer().save_pretrained(export_dir)
     # safetensors writes model.safetensors readable by its owner only, next to JSON files that follow the umask:
     # every file the export wrote gets the mode a new file gets here.
     umask = os.umask(0)
@@ -44,6 +55,38 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     for name, state in _file_states(export_dir).items():
         if before.get(name) != state:
             os.chmod(os.path.join(export_dir, name), 0o666 & ~umask)
+
+
+def _write_conv1d_layout(export_dir: str) -> None:
+    """Transposes the quantized Conv1D weights to [in, out], records the layout in both quantization configs, and
+    unties lm_head from wte in config.json when the export holds a quantized lm_head of its own."""
+    for path in safetensors_files(export_dir):
+        tensors = load_file(path)
+        for name in list(tensors):
+            layer = name.removesuffix(".weight")
+            if layer != name and layer.endswith(CONV1D_LAYERS) and f"{layer}.weight_scale" in tensors:
+                # int4's packed [out / 2, in] becomes [in, out / 2]: each byte still holds two output rows.
+                tensors[name] = tensors[name].t().contiguous()
+        save_file(tensors, path, metadata={"format": "pt"})
+
+    quant_config_path = os.path.join(export_dir, "hf_quant_config.json")
+    with open(quant_config_path) as file:
+        hf_quant_config = json.load(file)
+    hf_quant_config["quantization"]["weight_layout"] = "conv1d"
+    with open(quant_config_path, "w") as file:
+        json.dump(hf_quant_config, file, indent=4)
+    # transformers reads config.json's copy, which ModelOpt writes without group_size.
+    config_path = os.path.join(export_dir, "config.json")
+    with open(config_path) as file:
+        config = json.load(file)
+    config["quantization_config"]["weight_layout"] = "conv1d"
+    # float8 quantizes lm_head and exports it as its own tensor: loaders that tie it to wte would drop it.
+    if "lm_head" not in hf_quant_config["quantization"]["exclude_modules"]:
+        config["tie_word_embeddings"] = False
+    if "group_size" in hf_quant_config["quantization"]:
+        config["quantization_config"]["group_size"] = hf_quant_config["quantization"]["group_size"]
+    with open(config_path, "w") as file:
+        json.dump(config, file, indent=2)
 
 
 def _file_states(folder: str) -> dict[str, tuple[int, int, int]]:

@@ -59,11 +59,11 @@ def check_checkpoint_dir(folder: str) -> None:
         raise ValueError(f"{config_path} is not valid JSON ({error}): is the checkpoint complete?") from None
     if not isinstance(config, dict) or config.get("model_type") != "gpt2":
         raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
-    # Until the exported format can be loaded, it is refused here, by name, rather than failing deep in transformers.
+    # An export holds quantized weights, which a plain GPT2LMHeadModel would load as noise: refused by name.
     if os.path.isfile(os.path.join(folder, "hf_quant_config.json")) or "quantization_config" in config:
         raise ValueError(
-            f"{folder!r} is a quantized checkpoint (as written by --export-dir), which cannot be loaded here yet: "
-            "pass the unquantized model it was exported from, with --quant-mode"
+            f"{folder!r} is a quantized checkpoint (as written by --export-dir): example.py runs it with "
+            "--model-type; here, pass the unquantized model it was exported from"
         )
     weights_path = os.path.join(folder, "model.safetensors")
     if os.path.isfile(weights_path):

@@ -1,25 +1,32 @@
-"""The exported checkpoint holds what a serving engine reads, and it is the model Tripy runs.
+"""The exported checkpoint holds what a serving engine reads, it is the model Tripy runs, and transformers loads it.
 
 Each mode is calibrated once (module-scoped fixture). The exported files are read back with safetensors and json and
 checked against the PyTorch twin loaded by weight_loader from the same quantized model: same scales, and the exported
-weights dequantize to the twin's weights.
+weights dequantize to the twin's weights. Then the export is loaded the ways a user loads it: with transformers'
+from_pretrained (through modelopt_hf's HfQuantizer) and into a twin (weight_loader.load_weights_from_export), and
+both must compute what the twin of the calibrated model computes.
 """
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 from helpers import make_gpt2
 from safetensors import safe_open
-from transformers import AutoConfig, GPT2Config
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
+import modelopt_hf
+import reference
 from config import INT4_BLOCK_SIZE, QUANT_MODES
+from evaluate import weight_bytes
 from export import export_checkpoint
 from quantization import modelopt_quantize
 from reference import GPT, Int4Linear, QuantLinear
-from weight_loader import load_twin
+from weight_loader import load_export_twin, load_twin
 
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {
@@ -27,11 +34,13 @@ EXPECTED_QUANT_CONFIG = {
         "quant_algo": "FP8",
         "kv_cache_quant_algo": None,
         "exclude_modules": ["transformer.wpe", "transformer.wte"],  # lm_head is quantized in float8
+        "weight_layout": "conv1d",
     },
     "int8-weight-only": {
         "quant_algo": "W8A16",
         "kv_cache_quant_algo": None,
         "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
+        "weight_layout": "conv1d",
     },
     "int4-weight-only": {
         "quant_algo": "W4A16_AWQ",
@@ -40,9 +49,11 @@ EXPECTED_QUANT_CONFIG = {
         "has_zero_point": False,
         "pre_quant_scale": True,
         "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
+        "weight_layout": "conv1d",
     },
 }
 STORED_DTYPE = {"float8": torch.float8_e4m3fn, "int8-weight-only": torch.int8, "int4-weight-only": torch.uint8}
+IDX = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
 
 
 @dataclass
@@ -58,13 +69,12 @@ class Exported:
 def exported(request, calibration_file, tmp_path_factory) -> Exported:
     mode = request.param
     quantized_model = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
-    idx = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
     twin = load_twin(quantized_model, mode, quantized_model)
     with torch.no_grad():
-        logits_before = twin(idx)
+        logits_before = twin(IDX)
         export_dir = str(tmp_path_factory.mktemp(f"export-{mode}"))
         export_checkpoint(quantized_model, export_dir)
-        logits_after = load_twin(quantized_model, mode, quantized_model)(idx)
+        logits_after = load_twin(quantized_model, mode, quantized_model)(IDX)
     return Exported(mode, export_dir, twin, logits_before, logits_after)
 
 
@@ -78,10 +88,11 @@ def quantized_layers(twin: GPT) -> dict[str, torch.nn.Module]:
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """ModelOpt's packed int4 [out / 2, in] (uint8; low nibble: row 2i, high nibble: row 2i + 1) -> int [out, in]."""
-    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).to(torch.int16)  # [out / 2, 2, in]
+    """Packed int4 in GPT-2's layout [in, out / 2] (uint8; low nibble: output 2i, high nibble: output 2i + 1)
+    -> int [in, out]."""
+    nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=2).to(torch.int16)  # [in, out / 2, 2]
     nibbles = torch.where(nibbles > 7, nibbles - 16, nibbles)  # two's complement
-    return nibbles.reshape(-1, packed.shape[1])
+    return nibbles.reshape(packed.shape[0], -1)
 
 
 def test_export_leaves_the_quantized_model_as_it_was(exported):
@@ -110,6 +121,9 @@ def test_config_loads_with_transformers(exported):
     assert config.architectures == ["GPT2LMHeadModel"]
     assert config.quantization_config["quant_method"] == "modelopt"
     assert config.quantization_config["quant_algo"] == EXPECTED_QUANT_CONFIG[exported.mode]["quant_algo"]
+    assert config.quantization_config["weight_layout"] == "conv1d"
+    # float8 exports lm_head as its own float8 tensor: a loader must not tie it back to wte.
+    assert config.tie_word_embeddings == (exported.mode != "float8")
 
 
 def test_weights_are_stored_quantized_with_the_tripy_scales(exported):
@@ -121,13 +135,15 @@ def test_weights_are_stored_quantized_with_the_tripy_scales(exported):
         assert weight.dtype == STORED_DTYPE[exported.mode], name
         if exported.mode == "int4-weight-only":
             in_features, out_features = layer.weight.shape
-            assert weight.shape == (out_features // 2, in_features), name  # two output rows per byte
+            assert weight.shape == (in_features, out_features // 2), name  # GPT-2's [in, out], two outputs per byte
             # Exported [out, in / 128]; the Tripy layer blocks along its dim 0: [in / 128, out].
             assert weight_scale.shape == (out_features, in_features // INT4_BLOCK_SIZE), name
             assert torch.equal(weight_scale.t(), layer.weight_scale.detach()), name
             assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
         else:
-            assert weight.shape == layer.weight.shape, name  # [out, in]
+            out_features, in_features = layer.weight.shape
+            # GPT-2's Conv1D layout, [in, out], except lm_head, an nn.Linear in GPT-2 too.
+            assert weight.shape == ((out_features, in_features) if name == "lm_head" else (in_features, out_features))
             assert torch.equal(weight_scale, layer.weight_scale.detach()), name
         if exported.mode == "float8":
             assert torch.equal(tensors[f"{name}.input_scale"], layer.input_scale.detach()), name
@@ -141,13 +157,15 @@ def test_exported_weights_dequantize_to_the_twins_weights(exported):
     tensors = read_tensors(exported.export_dir)
     for name, layer in quantized_layers(exported.twin).items():
         weight, weight_scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+        if name != "lm_head":
+            weight = weight.t()  # GPT-2's [in, out] -> [out, in] (int4: [out / 2, in])
         if exported.mode == "float8":
             dequantized = weight.float() * weight_scale  # [out, in]
         elif exported.mode == "int8-weight-only":
             dequantized = weight.float() * weight_scale[:, None]  # [out, in]
         else:
-            scale = weight_scale.repeat_interleave(INT4_BLOCK_SIZE, dim=1)  # [out, in]
-            dequantized = (unpack_int4(weight) * scale).t()  # [in, out], as the twin holds it
+            scale = weight_scale.t().repeat_interleave(INT4_BLOCK_SIZE, dim=0)  # [in, out]
+            dequantized = unpack_int4(weight.t()) * scale  # [in, out], as the twin holds it
         torch.testing.assert_close(dequantized, layer.dequantized_weight, rtol=1e-6, atol=1e-7, msg=name)
 
 
@@ -182,3 +200,92 @@ def test_exports_a_saved_model_without_architectures(calibration_file, tmp_path)
 def test_unquantized_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no quantizers"):
         export_checkpoint(make_gpt2(), str(tmp_path))
+
+
+def test_export_carries_gpt2s_tokenizer(exported):
+    tokenizer = AutoTokenizer.from_pretrained(exported.export_dir)
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]  # GPT-2's ids, as tiktoken's gpt2 gives them
+    assert tokenizer.eos_token_id == 50256
+
+
+def load_with_transformers(export_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(export_dir, dtype=dtype).eval()
+
+
+def test_transformers_holds_the_weights_in_their_stored_types(exported):
+    model = load_with_transformers(exported.export_dir)
+    tensors = read_tensors(exported.export_dir)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, modelopt_hf.ModelOptLinear)}
+    assert sorted(layers) == sorted(quantized_layers(exported.twin))
+    for name, layer in layers.items():
+        for param_name, param in layer.named_parameters():
+            assert param.dtype == tensors[f"{name}.{param_name}"].dtype, f"{name}.{param_name}"
+            assert torch.equal(param, tensors[f"{name}.{param_name}"]), f"{name}.{param_name}"
+    assert layers["transformer.h.0.mlp.c_fc"].weight.dtype == STORED_DTYPE[exported.mode]
+
+
+def test_transformers_layers_compute_the_twins_weights(exported):
+    """Layer by layer, so that a square layer (attn.c_proj, [256, 256]) read in the wrong layout is caught by name."""
+    model = load_with_transformers(exported.export_dir)
+    twin_layers = quantized_layers(exported.twin)
+    for name, layer in model.named_modules():
+        if isinstance(layer, modelopt_hf.ModelOptLinear):
+            weight = modelopt_hf.dequantize_weight(
+                layer.weight, layer.weight_scale, exported.mode, layer.conv1d, layer.group_size
+            )  # [out, in]
+            expected = twin_layers[name].dequantized_weight  # [out, in], int4 [in, out]
+            if exported.mode == "int4-weight-only":
+                expected = expected.t()
+            torch.testing.assert_close(weight, expected, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_transformers_logits_equal_the_twins(exported):
+    """float8 bit for bit; int8 and int4 within 1e-5 of the largest logit (transformers' GPT-2 and the twin order
+    some float32 sums differently)."""
+    with torch.no_grad():
+        logits = load_with_transformers(exported.export_dir)(IDX).logits
+    if exported.mode == "float8":
+        assert torch.equal(logits, exported.logits_before)
+    else:
+        gap = (logits - exported.logits_before).abs().max()
+        assert gap <= 1e-5 * exported.logits_before.abs().max()
+
+
+def test_transformers_generates_the_twins_greedy_tokens(exported):
+    model = load_with_transformers(exported.export_dir)
+    generated = model.generate(IDX, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    expected = reference.generate(exported.twin, IDX, 8, top_k=1)
+    assert torch.equal(generated, expected)
+
+
+def test_transformers_weights_take_the_bytes_the_quality_report_counts(exported):
+    """Loaded in float16, the precision evaluate.weight_bytes counts high-precision tensors in."""
+    model = load_with_transformers(exported.export_dir, dtype=torch.float16)
+    loaded_bytes = sum(param.numel() * param.element_size() for param in model.parameters())  # tied: counted once
+    assert loaded_bytes == weight_bytes(exported.twin)
+
+
+def test_transformers_reads_modelopts_own_layout_too(exported, tmp_path):
+    """An export in ModelOpt's layout (weights [out, in], no weight_layout recorded) loads to the same model."""
+    linear_dir = tmp_path / "linear-layout"
+    shutil.copytree(exported.export_dir, linear_dir)
+    tensors = load_file(linear_dir / "model.safetensors")
+    for name in quantized_layers(exported.twin):
+        if name != "lm_head":
+            tensors[f"{name}.weight"] = tensors[f"{name}.weight"].t().contiguous()
+    save_file(tensors, linear_dir / "model.safetensors", metadata={"format": "pt"})
+    for file_name, section in (("hf_quant_config.json", "quantization"), ("config.json", "quantization_config")):
+        config = json.loads((linear_dir / file_name).read_text())
+        del config[section]["weight_layout"]
+        (linear_dir / file_name).write_text(json.dumps(config))
+    with torch.no_grad():
+        logits = load_with_transformers(str(linear_dir))(IDX).logits
+        exported_logits = load_with_transformers(exported.export_dir)(IDX).logits
+    assert torch.equal(logits, exported_logits)
+
+
+def test_twin_loaded_from_the_export_computes_the_exporting_runs_logits(exported):
+    """What example.py --model-type EXPORT_DIR runs: no calibration, the same logits, bit for bit."""
+    with torch.no_grad():
+        logits = load_export_twin(exported.export_dir)(IDX)
+    assert torch.equal(logits, exported.logits_before)

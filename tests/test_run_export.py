@@ -1,0 +1,177 @@
+"""Running and loading an export: `example.py --model-type EXPORT_DIR` runs what the exporting run ran, with no
+calibration, and a directory that is not a good export is one clear error, from example.py and from transformers.
+
+The runs are subprocesses, as users run them, two at a time; the broken exports are copies of one good export with
+one thing changed each.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import example
+import modelopt_hf
+from config import GPTConfig
+from export import export_checkpoint
+from quantization import modelopt_quantize
+from reference import GPT
+from weight_loader import load_weights_from_export
+
+PROMPT = "The town council voted"
+NEW_TOKENS = 8
+SCALE = "transformer.h.1.mlp.c_fc.weight_scale"  # int8: [out] = [512]
+
+
+def edit_json(path: str, edit) -> None:
+    with open(path) as file:
+        content = json.load(file)
+    edit(content)
+    with open(path, "w") as file:
+        json.dump(content, file)
+
+
+def edit_tensors(export_dir: str, edit) -> None:
+    path = os.path.join(export_dir, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> dict[str, str]:
+    """A good int8 export of a small GPT-2 and broken copies of it, by name."""
+    tmp = tmp_path_factory.mktemp("exports")
+    calibration = tmp / "calibration.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    model = make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128)
+    good = str(tmp / "good")
+    export_checkpoint(modelopt_quantize(model, "int8-weight-only", str(calibration), num_samples=4), good)
+    paths = {"good": good}
+
+    def broken(name: str) -> str:
+        paths[name] = str(tmp / name.replace(" ", "-"))
+        shutil.copytree(good, paths[name])
+        return paths[name]
+
+    path = broken("no hf_quant_config.json")
+    os.remove(os.path.join(path, "hf_quant_config.json"))
+
+    def unknown_algo(config: dict) -> None:
+        section = config.get("quantization") or config["quantization_config"]
+        section["quant_algo"] = "NVFP4"
+
+    path = broken("unknown quant_algo")
+    edit_json(os.path.join(path, "hf_quant_config.json"), unknown_algo)
+    edit_json(os.path.join(path, "config.json"), unknown_algo)
+    edit_tensors(broken("missing tensor"), lambda tensors: tensors.pop(SCALE))
+    edit_tensors(broken("scale of the wrong shape"), lambda tensors: tensors.update({SCALE: tensors[SCALE][:-1]}))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, exports):
+    """name -> Future of a subprocess.CompletedProcess of example.py."""
+    tmp = tmp_path_factory.mktemp("runs")
+    checkpoint = tmp / "gpt2-128"
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128, seed=1).save_pretrained(checkpoint)
+    calibration = tmp / "calibration.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    exported_by_a_run = str(tmp / "float8-export")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
+    generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--top-k", "1"]
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "example.py", *generate, *arguments]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    def export_then_run() -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+        calibrate = ["--calibration-data", str(calibration), "--num-calibration-samples", "4"]
+        exporting = run(
+            "--model-type", str(checkpoint), "--quant-mode", "float8", *calibrate, "--export-dir", exported_by_a_run
+        )
+        return exporting, run("--model-type", exported_by_a_run)
+
+    arguments = {
+        "run an export": ["--model-type", exports["good"]],
+        "conflicting --quant-mode": ["--model-type", exports["good"], "--quant-mode", "float8"],
+        "calibrating an export": ["--model-type", exports["good"], "--calibration-data", str(calibration)],
+        **{name: ["--model-type", path] for name, path in exports.items() if name != "good"},
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {"export then run": pool.submit(export_then_run)}
+        futures.update({name: pool.submit(run, *args) for name, args in arguments.items()})
+        yield futures
+
+
+def generated_text(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    return result.stdout.split(example.SEPARATOR)[1]
+
+
+def test_running_an_export_generates_what_the_exporting_run_generated(runs):
+    exporting, running = runs["export then run"].result()
+    assert "Calibrated float8" in exporting.stdout
+    assert "a ModelOpt export, float8: no calibration" in running.stdout and "Calibrat" not in running.stdout
+    assert generated_text(running) == generated_text(exporting)
+
+
+def test_running_an_export_uses_its_weights(runs, exports):
+    """The greedy text is the one the twin loaded from the export gives (and example.py printed no calibration)."""
+    import reference
+    from tokenizer import gpt2_encoding
+    from weight_loader import load_export_twin
+
+    encoding = gpt2_encoding()
+    idx = torch.tensor([encoding.encode(PROMPT)])
+    expected = encoding.decode(
+        reference.generate(load_export_twin(exports["good"]), idx, NEW_TOKENS, top_k=1)[0].tolist()
+    )
+    assert generated_text(runs["run an export"].result()).strip("\n") == expected
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("no hf_quant_config.json", "is not a ModelOpt export: it has no hf_quant_config.json"),
+        ("unknown quant_algo", "quant_algo 'NVFP4'; this loader reads W8A16 (int8-weight-only), W4A16_AWQ"),
+        ("missing tensor", f"is missing the tensor {SCALE}"),
+        ("scale of the wrong shape", f"{SCALE} has shape [511], expected [512]"),
+        ("conflicting --quant-mode", "--quant-mode float8 conflicts with"),
+        ("calibrating an export", "is an exported checkpoint, calibrated already"),
+    ],
+)
+def test_bad_export_is_one_line_and_exit_status_2(runs, name, expected):
+    result = runs[name].result()
+    assert result.returncode == 2, f"{name}: exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), result.stderr
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("unknown quant_algo", "quant_algo 'NVFP4'"),
+        ("missing tensor", f"is missing the tensor {SCALE}"),
+        ("scale of the wrong shape", f"{SCALE} has shape [511], expected [512]"),
+    ],
+)
+def test_transformers_refuses_a_bad_export(exports, name, expected):
+    with pytest.raises(ValueError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        AutoModelForCausalLM.from_pretrained(exports[name])
+
+
+def test_a_plain_checkpoint_is_not_an_export(tmp_path):
+    make_gpt2(n_embd=128, n_layer=1).save_pretrained(tmp_path)
+    with pytest.raises(modelopt_hf.ExportFormatError, match="is not a ModelOpt export"):
+        load_weights_from_export(GPT(GPTConfig(quant_mode="int8-weight-only")), str(tmp_path), torch.float32)
