@@ -5,6 +5,8 @@ from dataclasses import dataclass
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
 # A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quantization.py).
 AUTO_QUANT_MODE = "auto"
+# The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
+EFFECTIVE_BITS_RANGE = (4.0, 16.0)
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
 
 

@@ -18,7 +18,7 @@ import torch
 from datasets import load_dataset
 from tqdm import tqdm
 
-from config import INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode
+from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode
 from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
 
@@ -32,9 +32,8 @@ SHIPPED_CALIBRATION_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__
 # attention matmuls stay in high precision.
 BLOCK_LINEARS = ("*attn.c_attn", "*attn.c_proj", "*mlp.c_fc", "*mlp.c_proj")
 # The bits per weight AutoQuantize counts for each format (it leaves scales out); None: left unquantized.
+# EFFECTIVE_BITS_RANGE (config.py) is the least and the most of these.
 FORMAT_BITS = {"int4-weight-only": 4.0, "int8-weight-only": 8.0, "float8": 8.0, None: 16.0}
-# The effective bits the formats can reach: every block linear in int4, or every one unquantized.
-EFFECTIVE_BITS_RANGE = (min(FORMAT_BITS.values()), max(FORMAT_BITS.values()))
 UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
 
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_gpt2
+from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
 
 from config import AUTO_QUANT_MODE
 from quantization import (
@@ -28,17 +28,7 @@ from quantization import (
 from reference import Int4Linear, QuantLinear
 from weight_loader import get_submodule, load_twin
 
-# Every format, and an unquantized layer, in one model of two blocks.
-MIXED = {
-    "transformer.h.0.attn.c_attn": "int4-weight-only",
-    "transformer.h.0.attn.c_proj": "int8-weight-only",
-    "transformer.h.0.mlp.c_fc": "float8",
-    "transformer.h.0.mlp.c_proj": None,
-    "transformer.h.1.attn.c_attn": "float8",
-    "transformer.h.1.attn.c_proj": "int4-weight-only",
-    "transformer.h.1.mlp.c_fc": "int8-weight-only",
-    "transformer.h.1.mlp.c_proj": "int4-weight-only",
-}
+MIXED = MIXED_LAYER_QUANT_MODES
 SAMPLES = dict(batch_size=4, num_samples=8)
 
 
