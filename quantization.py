@@ -4,6 +4,7 @@ ModelOpt inserts quantizers into the model and calibrates them on sample text: i
 quantized tensor's largest magnitude (amax). weight_loader.py turns those into the scales the Tripy model uses.
 """
 
+import copy
 import fnmatch
 import json
 import os
@@ -34,6 +35,11 @@ BLOCK_LINEARS = ("*attn.c_attn", "*attn.c_proj", "*mlp.c_fc", "*mlp.c_proj")
 # The bits per weight AutoQuantize counts for each format (it leaves scales out); None: left unquantized.
 # EFFECTIVE_BITS_RANGE (config.py) is the least and the most of these.
 FORMAT_BITS = {"int4-weight-only": 4.0, "int8-weight-only": 8.0, "float8": 8.0, None: 16.0}
+# AutoQuantize scores a layer by the squared product of the loss's gradient and the change quantizing makes to the
+# layer's output: on small models that is 1e-9 to 1e-6, below the tolerances of the solver it then runs (CBC through
+# PuLP), which then returns any mix within the budget. Scaling the loss by 1000 scales every score by a million and
+# changes no ranking.
+SCORE_SCALE = 1000.0
 UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
 
 
@@ -55,11 +61,18 @@ def auto_quantize_format(quant_mode: str) -> dict:
     AutoQuantize applies a format to one layer at a time, matching its patterns against the names of the layer's own
     quantizers ("weight_quantizer"), not against the model's ("transformer.h.0.mlp.c_fc.weight_quantizer"): the
     patterns of `quant_config` would match nothing there. Which layers are searched is `auto_quantize`'s business.
+
+    The order of the entries matters for float8. AutoQuantize sorts a layer's formats by bits, ties by their config's
+    JSON, and never lets a larger format score worse than a smaller one before it (it lowers the score to match). int8
+    and float8 both count 8 bits: whichever comes second can be tied with the first and then chosen even where it
+    does worse. float8's input_quantizer entry first ("*input" < "*weight") puts float8 first, so float8 keeps its
+    own score, and int8, which quantizes the weights only, is the one that may be raised to a tie.
     """
     weight, inputs, algorithm = _layer_format(quant_mode)
-    quant_cfg = [{"quantizer_name": "*", "enable": False}, {"quantizer_name": "*weight_quantizer", "cfg": weight}]
+    quant_cfg = [{"quantizer_name": "*", "enable": False}]
     if inputs is not None:
         quant_cfg.append({"quantizer_name": "*input_quantizer", "cfg": inputs})
+    quant_cfg.append({"quantizer_name": "*weight_quantizer", "cfg": weight})
     return {"quant_cfg": quant_cfg, "algorithm": algorithm}
 
 
@@ -138,6 +151,49 @@ def auto_quantize(
     return recipe
 
 
+def search_recipes(
+    model_hf: torch.nn.Module,
+    budgets: list[float],
+    dataset_name: str | None = None,
+    batch_size: int = 4,
+    num_samples: int = 64,
+) -> list[Recipe]:
+    """The recipe AutoQuantize picks for each budget of effective bits, from one search on a copy of `model_hf`.
+
+    The scores do not depend on the budget, only the choice that follows them does: ModelOpt's
+    `get_auto_quantize_config` solves that choice again for each budget, without calibrating or scoring again.
+    """
+    low, high = EFFECTIVE_BITS_RANGE
+    if not budgets or not all(low <= bits <= high for bits in budgets):
+        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
+    start = time.perf_counter()
+    searched, state = _run_auto_quantize(copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples)
+    layers = _block_linears(searched)
+    recipes = []
+    for bits in budgets:
+        with warnings.catch_warnings():
+            # It warns that its config calibrates with "max" only: the config is read here for its formats only.
+            warnings.filterwarnings("ignore", message=r"get_auto_quantize_config: returned config uses")
+            config = mtq.get_auto_quantize_config(state, {"effective_bits": bits})
+        enabled = {
+            entry["quantizer_name"].removesuffix(".weight_quantizer"): entry.get("cfg", {})
+            for entry in config["quant_cfg"]
+            if entry["quantizer_name"].endswith(".weight_quantizer") and entry.get("enable", True)
+        }
+        recipes.append(_recipe(searched, {layer: _format_of(enabled.get(layer)) for layer in layers}))
+    print(f"AutoQuantize searched {len(layers)} layers on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    return recipes
+
+
+def _format_of(weight_cfg: dict | None) -> str | None:
+    """The mode whose weight quantizer `weight_cfg` (an entry's cfg from `get_auto_quantize_config`) is."""
+    if weight_cfg is None:
+        return None
+    if isinstance(weight_cfg["num_bits"], (list, tuple)):  # (exponent bits, mantissa bits): float8's (4, 3)
+        return "float8"
+    return "int4-weight-only" if weight_cfg.get("block_sizes") else "int8-weight-only"
+
+
 def quantize_with_recipe(
     model_hf: torch.nn.Module,
     recipe: Recipe,
@@ -196,7 +252,7 @@ def _run_auto_quantize(
             quantization_formats=[auto_quantize_format(mode) for mode in QUANT_MODES],
             data_loader=batches,
             forward_step=lambda model, batch: model(**batch),
-            loss_func=lambda output, batch: output.loss,  # the scores are gradients of the language-model loss
+            loss_func=lambda output, batch: output.loss * SCORE_SCALE,
             disabled_layers=["lm_head", *(unquantized or [])],
             module_search_spaces=search_spaces,
             num_calib_steps=len(batches),
@@ -215,13 +271,14 @@ def _block_linears(model_hf: torch.nn.Module) -> list[str]:
 
 def _recipe_from_model(model_hf: torch.nn.Module) -> Recipe:
     """Reads each block linear's format back from its quantizers, the way weight_loader.py will read it."""
-    layers, bits, weights = {}, 0.0, 0
-    for name in _block_linears(model_hf):
-        module = model_hf.get_submodule(name)
-        layers[name] = _quantizer_mode(module)
-        bits += module.weight.numel() * FORMAT_BITS[layers[name]]
-        weights += module.weight.numel()
-    return Recipe(layers, bits / weights)
+    return _recipe(model_hf, {name: _quantizer_mode(model_hf.get_submodule(name)) for name in _block_linears(model_hf)})
+
+
+def _recipe(model_hf: torch.nn.Module, layers: dict[str, str | None]) -> Recipe:
+    """The recipe of these formats, with its effective bits counted over the model's weights."""
+    sizes = {name: model_hf.get_submodule(name).weight.numel() for name in layers}
+    bits = sum(sizes[name] * FORMAT_BITS[mode] for name, mode in layers.items())
+    return Recipe(layers, bits / sum(sizes.values()))
 
 
 def _quantizer_mode(module: torch.nn.Module) -> str | None:

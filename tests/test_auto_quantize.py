@@ -24,6 +24,7 @@ from quantization import (
     load_recipe,
     quantize_with_recipe,
     save_recipe,
+    search_recipes,
 )
 from reference import Int4Linear, QuantLinear
 from weight_loader import get_submodule, load_twin
@@ -55,6 +56,13 @@ def searched(hf_model):
     """ModelOpt's search at 6 bits: the model, its search state, and the recipe read back from the model."""
     model, state = _run_auto_quantize(copy.deepcopy(hf_model), 6.0, SHIPPED_CALIBRATION_TEXT, **SAMPLES)
     return model, state, _recipe_from_model(model)
+
+
+def mode_of(quant_recipe) -> str | None:
+    """ModelOpt names the custom formats CUSTOM_<index in quantization_formats>, which _run_auto_quantize passes in
+    QUANT_MODES order; NONE is its unquantized choice."""
+    label = str(quant_recipe).split("(")[0]
+    return None if label == "NONE" else QUANT_MODES[int(label.removeprefix("CUSTOM_"))]
 
 
 def mixed_twin(hf_model, quantized, layers):
@@ -126,17 +134,38 @@ def test_quantizers_only_where_the_recipe_says(mixed):
 def test_search_keeps_to_the_budget_and_the_recipe_reads_back_modelopts_choice(searched):
     model, state, recipe = searched
     assert state["best"]["is_satisfied"]
-    # ModelOpt names the custom formats CUSTOM_<index in quantization_formats>, which _run_auto_quantize passes in
-    # QUANT_MODES order; "NONE" is its unquantized choice.
-    chosen = {}
-    for name, quant_recipe in state["best"]["recipe"].items():
-        label = str(quant_recipe).split("(")[0]
-        chosen[name.removesuffix(".quant_recipe")] = None if label == "NONE" else QUANT_MODES[int(label.split("_")[1])]
+    chosen = {name.removesuffix(".quant_recipe"): mode_of(r) for name, r in state["best"]["recipe"].items()}
     assert chosen.pop("lm_head") is None
     assert chosen == recipe.layers
     assert recipe.effective_bits == pytest.approx(state["best"]["constraints"]["effective_bits"])
     assert recipe.effective_bits <= 6.0
     assert len({mode for mode in recipe.layers.values()}) > 1  # a mix, not one format everywhere
+
+
+def test_search_spends_the_budget(hf_model):
+    """Every budget is used up to the last layer that fits, and more bits buy better formats: the solver sees
+    scores large enough to tell apart (SCORE_SCALE). Unscaled, it returned all int4 for 4.5 bits here, and 7.5
+    bits, nothing left unquantized, for 12."""
+    recipes = search_recipes(hf_model, [4.5, 6.0, 12.0], SHIPPED_CALIBRATION_TEXT, **SAMPLES)
+    # The smallest layer (attn.c_proj, 1/24 of the weights) moves the count by 1/6 bit from int4 to int8.
+    for recipe, budget in zip(recipes, [4.5, 6.0, 12.0], strict=True):
+        assert budget - 0.5 < recipe.effective_bits <= budget, budget
+    assert None in recipes[2].layers.values()  # 12 bits leave layers unquantized, the best choice when they fit
+    assert "float8" not in recipes[1].layers.values()  # see test_float8_scores_its_own
+
+
+def test_float8_scores_its_own(searched):
+    """int8 and float8 both count 8 bits; ModelOpt lowers the later one's score to the earlier one's. float8 comes
+    first (auto_quantize_format), so its score is its own: here it quantizes activations too and scores worse than
+    int8 on every layer, rather than tying with it and being picked at random."""
+    _, state, _ = searched
+    for name, stats in state["candidate_stats"].items():
+        if name.startswith("lm_head"):
+            continue
+        labels = [mode_of(quant_recipe) for quant_recipe in stats["formats"]]
+        scores = dict(zip(labels, stats["scores"], strict=True))
+        assert labels == ["int4-weight-only", "float8", "int8-weight-only", None], name
+        assert scores["float8"] > scores["int8-weight-only"], name
 
 
 @torch.no_grad()
