@@ -159,7 +159,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "new search",
     )
     parser.add_argument(
-        "--save-recipe",
+        "--recipe-out",
         metavar="FILE",
         help=f"where to save the searched per-layer formats, for --recipe (default: {DEFAULT_RECIPE})",
     )
@@ -259,9 +259,9 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
             f"got {args.effective_bits:g}"
         )
     if args.recipe is not None and not os.path.isfile(args.recipe):
-        raise UsageError(f"recipe not found: {args.recipe} (a file that --save-recipe wrote)")
-    if args.save_recipe is not None and args.effective_bits is None:
-        raise UsageError("--save-recipe needs --effective-bits: it saves what the search chose")
+        raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
+    if args.recipe_out is not None and args.effective_bits is None:
+        raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
 
 
 def check_calibration_file(calibration_data: str) -> None:
@@ -381,7 +381,7 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     hf_model.to("cpu")
     print(quantization.format_recipe(recipe))
     if args.recipe is None:
-        path = args.save_recipe or DEFAULT_RECIPE
+        path = args.recipe_out or DEFAULT_RECIPE
         quantization.save_recipe(recipe, path)
         print(f"Saved the per-layer formats to {path}: --recipe {path} reuses them without searching")
     return recipe.layers

@@ -38,7 +38,7 @@ def run_arguments(
     calibrate = ["--calibration-data", calibration, "--num-calibration-samples", "4"]
     auto = [*on_checkpoint, "--quant-mode", "auto", *calibrate]
     return {
-        "auto": [*auto, "--effective-bits", "6", "--save-recipe", f"{tmp}/saved.json", "--export-dir", f"{tmp}/mixed"],
+        "auto": [*auto, "--effective-bits", "6", "--recipe-out", f"{tmp}/saved.json", "--export-dir", f"{tmp}/mixed"],
         "auto recipe": [*auto, "--recipe", f"{tmp}/mixed.json"],
         "int4-weight-only": [*on_checkpoint, "--quant-mode", "int4-weight-only", *calibrate],
         "float8": [*on_checkpoint, "--quant-mode", "float8", *calibrate, "--export-dir", export_dir],
