@@ -372,8 +372,8 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
     try:
         if args.recipe is not None:
-            recipe = quantization.load_recipe(args.recipe)
-            quantization.quantize_with_recipe(hf_model, recipe, **samples)
+            quantization.quantize_with_recipe(hf_model, quantization.load_recipe(args.recipe), **samples)
+            recipe = quantization.recipe_from_model(hf_model)  # what the model now is, whatever the file says
         else:
             recipe = quantization.auto_quantize(hf_model, args.effective_bits, **samples)
     except (OSError, ValueError) as error:  # unreadable calibration data, a recipe for another model

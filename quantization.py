@@ -143,7 +143,7 @@ def auto_quantize(
     model_hf, state = _run_auto_quantize(model_hf, effective_bits, dataset_name, batch_size, num_samples)
     if not state["best"]["is_satisfied"]:
         raise ValueError(f"AutoQuantize found no mix of formats within {effective_bits} effective bits")
-    recipe = _recipe_from_model(model_hf)
+    recipe = recipe_from_model(model_hf)
     print(
         f"AutoQuantize searched {len(recipe.layers)} layers on {num_samples} samples for {effective_bits:g} effective "
         f"bits in {time.perf_counter() - start:.1f} s: {recipe.effective_bits:.2f} effective bits"
@@ -236,6 +236,11 @@ def _run_auto_quantize(
     unquantized: list[str] | None = None,
     score_steps: int | None = None,
 ) -> tuple[torch.nn.Module, dict]:
+    """mtq.auto_quantize over this example's modes on `num_samples` samples; returns the model and the search state.
+
+    search_spaces and unquantized narrow the search per layer (see `quantize_with_recipe`); score_steps: the batches
+    to score on (default: all of them).
+    """
     dataset_name = _default_dataset(dataset_name)
     device = next(model_hf.parameters()).device
     batches = calibration_batches(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
@@ -269,8 +274,8 @@ def _block_linears(model_hf: torch.nn.Module) -> list[str]:
     return sorted(name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in BLOCK_LINEARS))
 
 
-def _recipe_from_model(model_hf: torch.nn.Module) -> Recipe:
-    """Reads each block linear's format back from its quantizers, the way weight_loader.py will read it."""
+def recipe_from_model(model_hf: torch.nn.Module) -> Recipe:
+    """Each block linear's format, read back from its quantizers the way weight_loader.py reads them."""
     return _recipe(model_hf, {name: _quantizer_mode(model_hf.get_submodule(name)) for name in _block_linears(model_hf)})
 
 

@@ -17,12 +17,12 @@ from quantization import (
     QUANT_MODES,
     SHIPPED_CALIBRATION_TEXT,
     Recipe,
-    _recipe_from_model,
     _run_auto_quantize,
     auto_quantize,
     format_recipe,
     load_recipe,
     quantize_with_recipe,
+    recipe_from_model,
     save_recipe,
     search_recipes,
 )
@@ -55,7 +55,7 @@ def mixed(hf_model):
 def searched(hf_model):
     """ModelOpt's search at 6 bits: the model, its search state, and the recipe read back from the model."""
     model, state = _run_auto_quantize(copy.deepcopy(hf_model), 6.0, SHIPPED_CALIBRATION_TEXT, **SAMPLES)
-    return model, state, _recipe_from_model(model)
+    return model, state, recipe_from_model(model)
 
 
 def mode_of(quant_recipe) -> str | None:
