@@ -27,7 +27,7 @@ from transformers import GPT2LMHeadModel
 from transformers.utils import logging as transformers_logging
 
 from cli import ArgumentParser, UsageError, run
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
@@ -307,23 +307,49 @@ def format_table(rows: list[Row]) -> str:
 
 
 def save_chart(rows: list[Row], path: str, title: str = "") -> None:
-    """A PNG of perplexity against weight size: a labelled point per mode, and the auto rows as one curve."""
+    """A PNG of perplexity against weight size: a labelled point per mode, and the auto rows as one curve.
+
+    With auto rows a second panel zooms in on them, between the sizes of the uniform modes they fall among: next to
+    a broken model or a float8 lm_head copy, the differences they make would not show.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # draws to files only: no display needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+    auto = sorted((row for row in rows if row.effective_bits is not None), key=lambda row: row.weight_bytes)
+    figure, panels = plt.subplots(1, 2 if auto else 1, figsize=(14 if auto else 8, 5.5), squeeze=False)
+    for axes in panels[0]:
+        draw_rows(axes, rows, auto)
+        axes.set_xlabel("weight size (MB, float16 where not quantized)")
+        axes.set_ylabel("perplexity on held-out text (lower is better)")
+        axes.margins(x=0.2, y=0.2)
+    panels[0][0].set_title(f"Quality against size: {title}" if title else "Quality against size")
     # A legend rather than text beside each point: modes of nearly the same size and quality would overlap.
+    panels[0][0].legend(loc="best", fontsize=8)
+    if auto:
+        zoom = panels[0][1]
+        near = [row for row in rows if row.effective_bits is not None or row.mode in (UNQUANTIZED, *QUANT_MODES)]
+        near = [row for row in near if row.weight_bytes <= rows[0].weight_bytes]  # what is no larger than float16
+        low, high = min(r.perplexity for r in near), max(r.perplexity for r in near)
+        small, large = min(r.weight_bytes for r in near) / 1e6, max(r.weight_bytes for r in near) / 1e6
+        zoom.set_ylim(low - 0.15 * (high - low), high + 0.15 * (high - low))
+        zoom.set_xlim(small - 0.05 * (large - small), large + 0.05 * (large - small))
+        zoom.set_title("Zoomed in: the AutoQuantize mixes (labelled with their effective bits)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def draw_rows(axes, rows: list[Row], auto: list[Row]) -> None:
+    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
     uniform = [row for row in rows if row.effective_bits is None]
     for row, marker in zip(uniform, "os^Dv<>p", strict=False):
         label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
         axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label, zorder=3)
-    auto = sorted((row for row in rows if row.effective_bits is not None), key=lambda row: row.weight_bytes)
     if auto:
         sizes, perplexities = [row.weight_bytes / 1e6 for row in auto], [row.perplexity for row in auto]
-        axes.plot(sizes, perplexities, "-x", color="black", linewidth=1, label="AutoQuantize mixes (bits per weight)")
+        axes.plot(sizes, perplexities, "-x", color="black", linewidth=1, label="AutoQuantize mixes")
         for row, size in zip(auto, sizes, strict=True):
             axes.annotate(
                 f"{row.effective_bits:.2f}",
@@ -333,14 +359,6 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
                 ha="center",
                 fontsize=8,
             )
-    axes.set_xlabel("weight size (MB, float16 where not quantized)")
-    axes.set_ylabel("perplexity on held-out text (lower is better)")
-    axes.set_title(f"Quality against size: {title}" if title else "Quality against size")
-    axes.legend(loc="best", fontsize=9)
-    axes.margins(x=0.2, y=0.2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 if __name__ == "__main__":
