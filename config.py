@@ -3,6 +3,10 @@
 from dataclasses import dataclass
 
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
+# A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quantization.py).
+AUTO_QUANT_MODE = "auto"
+# The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
+EFFECTIVE_BITS_RANGE = (4.0, 16.0)
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
 
 
@@ -17,10 +21,26 @@ class GPTConfig:
     seq_len: int = 1024  # longest sequence (prompt + new tokens) the compiled Tripy model accepts
     batch_size: int = 1  # batch size the compiled Tripy model accepts
     dtype: str = "float16"  # "float16" or "float32"; each backend maps it to its own dtype
-    quant_mode: str | None = None  # None or one of QUANT_MODES
+    quant_mode: str | None = None  # None, one of QUANT_MODES for every block linear, or AUTO_QUANT_MODE
+    # With AUTO_QUANT_MODE: each block linear's format by its name ("transformer.h.0.attn.c_attn"), None or one of
+    # QUANT_MODES. Layers it does not name, lm_head among them, stay unquantized.
+    layer_quant_modes: dict[str, str | None] | None = None
 
 
 def check_quant_mode(quant_mode: str) -> None:
     """Raises ValueError unless `quant_mode` is one of QUANT_MODES."""
     if quant_mode not in QUANT_MODES:
         raise ValueError(f"Unknown quant_mode {quant_mode!r}; supported: {', '.join(QUANT_MODES)}")
+
+
+def layer_quant_mode(config: GPTConfig, layer: str) -> str | None:
+    """The format of the linear layer named `layer` as in Hugging Face's GPT-2 ("transformer.h.0.mlp.c_fc",
+    "lm_head"): None (unquantized) or one of QUANT_MODES. One mode for the whole model quantizes lm_head only in
+    float8."""
+    if config.quant_mode == AUTO_QUANT_MODE:
+        if config.layer_quant_modes is None:
+            raise ValueError(f"quant_mode {AUTO_QUANT_MODE!r} needs layer_quant_modes, each layer's format")
+        return config.layer_quant_modes.get(layer)
+    if layer == "lm_head" and config.quant_mode != "float8":
+        return None
+    return config.quant_mode

@@ -8,7 +8,9 @@ evaluating:
     python evaluate.py                                  # the bundled model on data/heldout.txt: a few minutes
     python evaluate.py --model-type gpt2 --chart quality.png
 
-One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale.
+One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
+auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quantization.py), one per budget of effective bits
+(--auto-bits), all from one search.
 """
 
 import argparse
@@ -26,6 +28,7 @@ from transformers.utils import logging as transformers_logging
 
 import checks
 from cli import ArgumentParser, UsageError, run
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, hub_reachable, load_hf_model
 from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
@@ -38,7 +41,15 @@ DEFAULT_EVAL_DATA = os.path.join(SCRIPT_DIR, "data", "heldout.txt")
 UNQUANTIZED = "unquantized"
 # AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
 INT4_WITHOUT_PRE_QUANT_SCALE = "int4-weight-only-no-pre-quant-scale"
-REPORT_MODES = (UNQUANTIZED, "int8-weight-only", "float8", "int4-weight-only", INT4_WITHOUT_PRE_QUANT_SCALE)
+REPORT_MODES = (
+    UNQUANTIZED,
+    "int8-weight-only",
+    "float8",
+    "int4-weight-only",
+    INT4_WITHOUT_PRE_QUANT_SCALE,
+    AUTO_QUANT_MODE,  # a row per budget in auto_bits, named "auto <bits> bits"
+)
+DEFAULT_AUTO_BITS = (4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
 QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
@@ -51,6 +62,7 @@ class Row:
     weight_bytes: int
     calibration_seconds: float
     eval_seconds: float
+    effective_bits: float | None = None  # auto rows: the bits per block-linear weight of the mix chosen
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -65,6 +77,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.context,
             args.num_calibration_samples,
             args.calibration_data,
+            args.auto_bits,
         )
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
         raise UsageError(str(error)) from None
@@ -101,6 +114,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="cnn_dailymail, or a local .txt/.json/.jsonl file [default: cnn_dailymail, or data/calibration.txt "
         "when the Hugging Face Hub is unreachable]",
     )
+    parser.add_argument(
+        "--auto-bits",
+        nargs="+",
+        type=float,
+        default=list(DEFAULT_AUTO_BITS),
+        metavar="B",
+        help=f"the budgets of effective bits of the {AUTO_QUANT_MODE} rows, from {EFFECTIVE_BITS_RANGE[0]:g} to "
+        f"{EFFECTIVE_BITS_RANGE[1]:g}",
+    )
     parser.add_argument("--chart", metavar="PNG", help="also save a chart of perplexity against weight size")
     args = parser.parse_args(argv)
 
@@ -127,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not args.chart.lower().endswith(".png"):
             raise UsageError(f"--chart must name a .png file, got {args.chart}")
         checks.check_output_file(args.chart, "--chart")
+    low, high = EFFECTIVE_BITS_RANGE
+    outside = [bits for bits in args.auto_bits if not low <= bits <= high]
+    if outside:
+        raise UsageError(
+            f"--auto-bits must be between {low:g} (every layer int4) and {high:g} (none quantized), got {outside[0]:g}"
+        )
     return args
 
 
@@ -138,8 +166,10 @@ def evaluate(
     context: int | None = None,
     num_calibration_samples: int = 64,
     calibration_data: str | None = None,
+    auto_bits: Sequence[float] = DEFAULT_AUTO_BITS,
 ) -> list[Row]:
-    """One row per mode, unquantized first (the baseline), the others in REPORT_MODES order."""
+    """One row per mode, unquantized first (the baseline), the others in REPORT_MODES order, AUTO_QUANT_MODE as a row
+    per budget in `auto_bits`."""
     unknown = sorted(set(modes) - set(REPORT_MODES))
     if unknown:
         raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(REPORT_MODES)}")
@@ -154,6 +184,9 @@ def evaluate(
     rows = []
     calibrated = {}  # quant_mode -> (twin, calibration seconds): the int4 twin serves two rows
     for mode in (m for m in REPORT_MODES if m == UNQUANTIZED or m in modes):
+        if mode == AUTO_QUANT_MODE:
+            rows += auto_rows(hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples)
+            continue
         if mode == UNQUANTIZED:
             twin, calibration_seconds = load_twin(hf_model, None), 0.0
         else:
@@ -186,6 +219,35 @@ def calibrate(
     quantized = modelopt_quantize(copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples)
     seconds = time.perf_counter() - start
     return load_twin(hf_model, quant_mode, quantized), seconds
+
+
+def auto_rows(
+    hf_model: GPT2LMHeadModel,
+    budgets: Sequence[float],
+    tokens: torch.Tensor,
+    context: int,
+    calibration_data: str | None,
+    num_samples: int,
+) -> list[Row]:
+    """A row per budget: one AutoQuantize search, then each budget's mix calibrated and evaluated on its own.
+
+    The search's time is printed, not counted in the rows: it is spent once, for all budgets.
+    """
+    from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
+
+    rows = []
+    recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)
+    for bits, recipe in zip(budgets, recipes, strict=True):
+        start = time.perf_counter()
+        quantized = quantize_with_recipe(copy.deepcopy(hf_model), recipe, calibration_data, num_samples=num_samples)
+        calibration_seconds = time.perf_counter() - start
+        twin = load_twin(hf_model, AUTO_QUANT_MODE, quantized, layer_quant_modes=recipe.layers)
+        start = time.perf_counter()
+        mode = f"{AUTO_QUANT_MODE} {bits:g} bits"
+        ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
+        seconds = time.perf_counter() - start
+        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, recipe.effective_bits))
+    return rows
 
 
 def drop_pre_quant_scale(twin: GPT) -> GPT:
@@ -259,26 +321,58 @@ def format_table(rows: list[Row]) -> str:
 
 
 def save_chart(rows: list[Row], path: str, title: str = "") -> None:
-    """A PNG of perplexity against weight size, one labelled point per mode."""
+    """A PNG of perplexity against weight size: a labelled point per mode, and the auto rows as one curve.
+
+    With auto rows a second panel zooms in on them, between the sizes of the uniform modes they fall among: next to
+    a broken model or a float8 lm_head copy, the differences they make would not show.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # draws to files only: no display needed
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(8, 5))
-    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+    auto = sorted((row for row in rows if row.effective_bits is not None), key=lambda row: row.weight_bytes)
+    figure, panels = plt.subplots(1, 2 if auto else 1, figsize=(14 if auto else 8, 5.5), squeeze=False)
+    for axes in panels[0]:
+        draw_rows(axes, rows, auto)
+        axes.set_xlabel("weight size (MB, float16 where not quantized)")
+        axes.set_ylabel("perplexity on held-out text (lower is better)")
+        axes.margins(x=0.2, y=0.2)
+    panels[0][0].set_title(f"Quality against size: {title}" if title else "Quality against size")
     # A legend rather than text beside each point: modes of nearly the same size and quality would overlap.
-    for row, marker in zip(rows, "os^Dv<>p", strict=False):
-        label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
-        axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label)
-    axes.set_xlabel("weight size (MB, float16 where not quantized)")
-    axes.set_ylabel("perplexity on held-out text (lower is better)")
-    axes.set_title(f"Quality against size: {title}" if title else "Quality against size")
-    axes.legend(loc="best", fontsize=9)
-    axes.margins(x=0.2, y=0.2)
+    panels[0][0].legend(loc="best", fontsize=8)
+    if auto:
+        zoom = panels[0][1]
+        near = [row for row in rows if row.effective_bits is not None or row.mode in (UNQUANTIZED, *QUANT_MODES)]
+        near = [row for row in near if row.weight_bytes <= rows[0].weight_bytes]  # what is no larger than float16
+        low, high = min(r.perplexity for r in near), max(r.perplexity for r in near)
+        small, large = min(r.weight_bytes for r in near) / 1e6, max(r.weight_bytes for r in near) / 1e6
+        zoom.set_ylim(low - 0.15 * (high - low), high + 0.15 * (high - low))
+        zoom.set_xlim(small - 0.05 * (large - small), large + 0.05 * (large - small))
+        zoom.set_title("Zoomed in: the AutoQuantize mixes (labelled with their effective bits)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def draw_rows(axes, rows: list[Row], auto: list[Row]) -> None:
+    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+    uniform = [row for row in rows if row.effective_bits is None]
+    for row, marker in zip(uniform, "os^Dv<>p", strict=False):
+        label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
+        axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label, zorder=3)
+    if auto:
+        sizes, perplexities = [row.weight_bytes / 1e6 for row in auto], [row.perplexity for row in auto]
+        axes.plot(sizes, perplexities, "-x", color="black", linewidth=1, label="AutoQuantize mixes")
+        for row, size in zip(auto, sizes, strict=True):
+            axes.annotate(
+                f"{row.effective_bits:.2f}",
+                (size, row.perplexity),
+                textcoords="offset points",
+                xytext=(0, 6),
+                ha="center",
+                fontsize=8,
+            )
 
 
 if __name__ == "__main__":

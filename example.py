@@ -1,10 +1,12 @@
 """Generates text with GPT-2, optionally quantized by NVIDIA ModelOpt, on Tripy (TensorRT) or its PyTorch twin.
 
     python example.py --quant-mode int4-weight-only
+    python example.py --quant-mode auto --effective-bits 6    # a per-layer mix searched by ModelOpt's AutoQuantize
 
 The steps, top to bottom in `main`:
 1. load GPT-2 from Hugging Face (or the bundled model when the Hub is unreachable),
-2. quantize and calibrate it with ModelOpt (with --quant-mode),
+2. quantize and calibrate it with ModelOpt (with --quant-mode; with auto, each layer in the format AutoQuantize
+   chose for it, printed as a table and saved as a recipe that --recipe reuses),
 3. load its weights and scales into the Tripy GPT (model.py) and compile it with TensorRT, or, without a GPU or
    without nvtripy, into the PyTorch twin (reference.py), which runs the same math on the CPU,
 4. sample new tokens, printing each as soon as it exists.
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import checks
 from cli import ArgumentParser, UsageError, run
-from config import INT4_BLOCK_SIZE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 # Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
 # the most, every token among the top k is about as likely as another, which is noise, not text.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
+DEFAULT_RECIPE = "autoquantize_recipe.json"
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
@@ -89,13 +92,17 @@ def main(argv: list[str] | None = None) -> None:
             f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
         )
     width = hf_config.n_embd
-    if quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE and not args.export_only:
+    if quant_mode in ("int4-weight-only", AUTO_QUANT_MODE) and width % INT4_BLOCK_SIZE and not args.export_only:
         raise UsageError(
-            f"--quant-mode int4-weight-only quantizes blocks of {INT4_BLOCK_SIZE} input features, and {model_type} is "
-            f"{width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
+            f"--quant-mode {args.quant_mode} quantizes blocks of {INT4_BLOCK_SIZE} input features in int4, and "
+            f"{model_type} is {width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
         )
 
-    if args.quant_mode is not None and hf_model is not None:
+    layer_quant_modes = None
+    if args.quant_mode == AUTO_QUANT_MODE:
+        device = "cuda" if backend == "tripy" else "cpu"
+        layer_quant_modes = auto_quantize(hf_model, args, device)
+    elif args.quant_mode is not None and hf_model is not None:
         device = "cuda" if backend == "tripy" else "cpu"
         quantize(hf_model, args.quant_mode, args.calibration_data, args.num_calibration_samples, device)
     if args.export_dir is not None:
@@ -107,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if hf_model is None:
         config = config_from_export(model_type, **shape)
     else:
-        config = config_from_hf(hf_model, quant_mode=quant_mode, **shape)
+        config = config_from_hf(hf_model, quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, **shape)
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
@@ -144,7 +151,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default: {DEFAULT_MODEL}, or the bundled model in bundled_model/ when {DEFAULT_MODEL} cannot be downloaded)",
     )
     parser.add_argument(
-        "--quant-mode", choices=QUANT_MODES, help="quantize with ModelOpt before running (default: no quantization)"
+        "--quant-mode",
+        choices=(*QUANT_MODES, AUTO_QUANT_MODE),
+        help=f"quantize with ModelOpt before running; {AUTO_QUANT_MODE}: each block linear in the one of the three "
+        "modes, or unquantized, that ModelOpt's AutoQuantize finds costs the least quality within --effective-bits "
+        "(default: no quantization)",
+    )
+    parser.add_argument(
+        "--effective-bits",
+        metavar="B",
+        type=float,
+        help=f"with --quant-mode {AUTO_QUANT_MODE}: the average bits per block-linear weight to stay within, from "
+        f"{EFFECTIVE_BITS_RANGE[0]:g} (all int4) to {EFFECTIVE_BITS_RANGE[1]:g} (none quantized); int8 and float8 "
+        "count 8",
+    )
+    parser.add_argument(
+        "--recipe",
+        metavar="FILE",
+        help=f"with --quant-mode {AUTO_QUANT_MODE}: the per-layer formats a previous search saved, instead of a "
+        "new search",
+    )
+    parser.add_argument(
+        "--recipe-out",
+        metavar="FILE",
+        help=f"where to save the searched per-layer formats, for --recipe (default: {DEFAULT_RECIPE})",
     )
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument(
@@ -233,7 +263,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--overwrite needs --export-dir: it is the only thing example.py writes")
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
+    check_auto_quantize_args(args)
     return args
+
+
+def check_auto_quantize_args(args: argparse.Namespace) -> None:
+    """--quant-mode auto takes either --effective-bits (search, and save the result) or --recipe (reuse one)."""
+    auto = args.quant_mode == AUTO_QUANT_MODE
+    for option, value in (("--effective-bits", args.effective_bits), ("--recipe", args.recipe)):
+        if value is not None and not auto:
+            raise UsageError(f"{option} needs --quant-mode {AUTO_QUANT_MODE}")
+    if auto and (args.effective_bits is None) == (args.recipe is None):
+        raise UsageError(
+            f"--quant-mode {AUTO_QUANT_MODE} needs either --effective-bits (to search) or --recipe (a saved search)"
+        )
+    low, high = EFFECTIVE_BITS_RANGE
+    if args.effective_bits is not None and not low <= args.effective_bits <= high:
+        raise UsageError(
+            f"--effective-bits must be between {low:g} (every layer int4) and {high:g} (none quantized), "
+            f"got {args.effective_bits:g}"
+        )
+    if args.recipe is not None and not os.path.isfile(args.recipe):
+        raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
+    if args.recipe_out is not None and args.effective_bits is None:
+        raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
 
 
 def is_export(model_type: str | None) -> bool:
@@ -398,6 +451,33 @@ def quantize(
     except (OSError, ValueError) as error:  # calibration data that cannot be read
         raise UsageError(str(error)) from None
     hf_model.to("cpu")
+
+
+def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: str) -> dict[str, str | None]:
+    """Quantizes `hf_model` in place in a per-layer mix of formats: searched by AutoQuantize within
+    --effective-bits, and saved, or read from --recipe. Prints the formats; returns them by layer name."""
+    import datasets
+
+    import quantization
+
+    datasets.disable_progress_bars()
+    hf_model.to(device)  # as in `quantize`: calibration and scoring on the GPU when there is one
+    samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
+    try:
+        if args.recipe is not None:
+            quantization.quantize_with_recipe(hf_model, quantization.load_recipe(args.recipe), **samples)
+            recipe = quantization.recipe_from_model(hf_model)  # what the model now is, whatever the file says
+        else:
+            recipe = quantization.auto_quantize(hf_model, args.effective_bits, **samples)
+    except (OSError, ValueError) as error:  # unreadable calibration data, a recipe for another model
+        raise UsageError(str(error)) from None
+    hf_model.to("cpu")
+    print(quantization.format_recipe(recipe))
+    if args.recipe is None:
+        path = args.recipe_out or DEFAULT_RECIPE
+        quantization.save_recipe(recipe, path)
+        print(f"Saved the per-layer formats to {path}: --recipe {path} reuses them without searching")
+    return recipe.layers
 
 
 def export_quantized(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:

@@ -21,7 +21,7 @@ import torch
 # fills: it records the shape and dtype `load_state_dict` checks, and a module refuses to run while one is unset.
 from nvtripy.frontend.module.parameter import DefaultParameter
 
-from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode
+from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode
 from sampling import sample_next_token
 
 
@@ -62,28 +62,29 @@ class Int4Linear(tp.Module):
         return out
 
 
-def linear_layer(config: GPTConfig, in_features: int, out_features: int, is_lm_head: bool = False) -> tp.Module:
-    """The linear layer for the config's quantization mode (lm_head is quantized only in float8 mode)."""
+def linear_layer(
+    config: GPTConfig, quant_mode: str | None, in_features: int, out_features: int, bias: bool
+) -> tp.Module:
+    """A linear layer in `quant_mode`, the layer's own format (`layer_quant_mode`): None or one of QUANT_MODES."""
     dtype = getattr(tp, config.dtype)
-    mode = None if (is_lm_head and config.quant_mode != "float8") else config.quant_mode
-    if mode is None:
-        return tp.Linear(in_features, out_features, bias=config.bias and not is_lm_head, dtype=dtype)
-    check_quant_mode(mode)
-    if mode == "int8-weight-only":
-        return tp.Linear(in_features, out_features, config.bias, dtype, quant_dtype=tp.int8, weight_quant_dim=0)
-    if mode == "int4-weight-only":
-        return Int4Linear(in_features, out_features, config.bias, dtype)
-    bias = config.bias and not is_lm_head  # float8 also quantizes lm_head, which has no bias
+    if quant_mode is None:
+        return tp.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    check_quant_mode(quant_mode)
+    if quant_mode == "int8-weight-only":
+        return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.int8, weight_quant_dim=0)
+    if quant_mode == "int4-weight-only":
+        return Int4Linear(in_features, out_features, bias, dtype)
     return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.float8, weight_quant_dim=None)
 
 
 class CausalSelfAttention(tp.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, name: str):
         super().__init__()
         self.num_heads = config.num_heads
         self.embedding_size = config.embedding_size
-        self.c_attn = linear_layer(config, config.embedding_size, 3 * config.embedding_size)
-        self.c_proj = linear_layer(config, config.embedding_size, config.embedding_size)
+        embd, bias = config.embedding_size, config.bias
+        self.c_attn = linear_layer(config, layer_quant_mode(config, f"{name}.c_attn"), embd, 3 * embd, bias)
+        self.c_proj = linear_layer(config, layer_quant_mode(config, f"{name}.c_proj"), embd, embd, bias)
 
     def forward(self, x, past_key=None, past_value=None):
         """x [batch, seq, embd]; past_key/past_value [batch, heads, past, head_dim] or None.
@@ -123,23 +124,25 @@ class CausalSelfAttention(tp.Module):
 
 
 class MLP(tp.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, name: str):
         super().__init__()
-        self.c_fc = linear_layer(config, config.embedding_size, 4 * config.embedding_size)
-        self.c_proj = linear_layer(config, 4 * config.embedding_size, config.embedding_size)
+        embd, bias = config.embedding_size, config.bias
+        self.c_fc = linear_layer(config, layer_quant_mode(config, f"{name}.c_fc"), embd, 4 * embd, bias)
+        self.c_proj = linear_layer(config, layer_quant_mode(config, f"{name}.c_proj"), 4 * embd, embd, bias)
 
     def forward(self, x):
         return self.c_proj(gelu_tanh(self.c_fc(x)))
 
 
 class Block(tp.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, name: str):
+        """name: the block's path in the model, "transformer.h.<index>", which names its layers' formats."""
         super().__init__()
         dtype = getattr(tp, config.dtype)
         self.ln_1 = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, f"{name}.attn")
         self.ln_2 = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, f"{name}.mlp")
 
     def forward(self, x, past_key=None, past_value=None):
         attn_out, key, value = self.attn(self.ln_1(x), past_key, past_value)
@@ -154,7 +157,8 @@ class Transformer(tp.Module):
         dtype = getattr(tp, config.dtype)
         self.wte = tp.Embedding(config.vocab_size, config.embedding_size, dtype=dtype)
         self.wpe = tp.Embedding(config.block_size, config.embedding_size, dtype=dtype)
-        self.h = [Block(config) for _ in range(config.num_layers)]  # a tp.Module finds modules in lists
+        # A tp.Module finds modules in lists.
+        self.h = [Block(config, f"transformer.h.{i}") for i in range(config.num_layers)]
         self.ln_f = tp.LayerNorm(config.embedding_size, dtype=dtype, eps=1e-5)
 
 
@@ -163,7 +167,8 @@ class GPT(tp.Module):
         super().__init__()
         self.config = config
         self.transformer = Transformer(config)
-        self.lm_head = linear_layer(config, config.embedding_size, config.vocab_size, is_lm_head=True)
+        lm_head_mode = layer_quant_mode(config, "lm_head")  # float8 quantizes lm_head, which has no bias
+        self.lm_head = linear_layer(config, lm_head_mode, config.embedding_size, config.vocab_size, bias=False)
 
     def forward(self, idx: tp.Tensor) -> tp.Tensor:
         """idx [batch, seq] int32 token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""

@@ -4,10 +4,14 @@ ModelOpt inserts quantizers into the model and calibrates them on sample text: i
 quantized tensor's largest magnitude (amax). weight_loader.py turns those into the scales the Tripy model uses.
 """
 
+import copy
+import fnmatch
+import json
 import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any
 
@@ -16,7 +20,7 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
-from config import INT4_BLOCK_SIZE, check_quant_mode
+from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode
 from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
 
@@ -29,28 +33,62 @@ SHIPPED_CALIBRATION_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__
 # The layers the deployed model quantizes, as ModelOpt names their quantizers. Embeddings, LayerNorms and the
 # attention matmuls stay in high precision.
 BLOCK_LINEARS = ("*attn.c_attn", "*attn.c_proj", "*mlp.c_fc", "*mlp.c_proj")
+# The bits per weight AutoQuantize counts for each format (it leaves scales out); None: left unquantized.
+# EFFECTIVE_BITS_RANGE (config.py) is the least and the most of these.
+FORMAT_BITS = {"int4-weight-only": 4.0, "int8-weight-only": 8.0, "float8": 8.0, None: 16.0}
+# AutoQuantize scores a layer by the squared product of the loss's gradient and the change quantizing makes to the
+# layer's output: on small models that is 1e-9 to 1e-6, below the tolerances of the solver it then runs (CBC through
+# PuLP), which then returns any mix within the budget. Scaling the loss by 1000 scales every score by a million and
+# changes no ranking.
+SCORE_SCALE = 1000.0
+UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
 
 
 def quant_config(quant_mode: str) -> dict:
     """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes."""
-    check_quant_mode(quant_mode)
-    fp8 = {"num_bits": (4, 3), "axis": None}  # E4M3, one scale per tensor
-    if quant_mode == "int8-weight-only":
-        layers, weight, inputs, algorithm = BLOCK_LINEARS, {"num_bits": 8, "axis": 0}, None, "max"
-    elif quant_mode == "int4-weight-only":
-        weight = {"num_bits": 4, "block_sizes": {-1: INT4_BLOCK_SIZE, "type": "static"}}
-        # AWQ scales each input feature to protect the weights that meet large activations; the scale lives on the
-        # (disabled) input quantizer as pre_quant_scale.
-        layers, inputs, algorithm = BLOCK_LINEARS, None, {"method": "awq_lite", "alpha_step": 0.1}
-    else:  # float8
-        layers, weight, inputs, algorithm = (*BLOCK_LINEARS, "lm_head"), fp8, fp8, "max"
-
+    weight, inputs, algorithm = _layer_format(quant_mode)
+    layers = (*BLOCK_LINEARS, "lm_head") if quant_mode == "float8" else BLOCK_LINEARS
     quant_cfg = [{"quantizer_name": "*", "enable": False}]
     for layer in layers:
         quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": weight})
         if inputs is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": inputs})
     return {"quant_cfg": quant_cfg, "algorithm": algorithm}
+
+
+def auto_quantize_format(quant_mode: str) -> dict:
+    """The same mode as `quant_config`, as a candidate format for `mtq.auto_quantize`.
+
+    AutoQuantize applies a format to one layer at a time, matching its patterns against the names of the layer's own
+    quantizers ("weight_quantizer"), not against the model's ("transformer.h.0.mlp.c_fc.weight_quantizer"): the
+    patterns of `quant_config` would match nothing there. Which layers are searched is `auto_quantize`'s business.
+
+    The order of the entries matters for float8. AutoQuantize sorts a layer's formats by bits, ties by their config's
+    JSON, and never lets a larger format score worse than a smaller one before it (it lowers the score to match). int8
+    and float8 both count 8 bits: whichever comes second can be tied with the first and then chosen even where it
+    does worse. float8's input_quantizer entry first ("*input" < "*weight") puts float8 first, so float8 keeps its
+    own score, and int8, which quantizes the weights only, is the one that may be raised to a tie.
+    """
+    weight, inputs, algorithm = _layer_format(quant_mode)
+    quant_cfg = [{"quantizer_name": "*", "enable": False}]
+    if inputs is not None:
+        quant_cfg.append({"quantizer_name": "*input_quantizer", "cfg": inputs})
+    quant_cfg.append({"quantizer_name": "*weight_quantizer", "cfg": weight})
+    return {"quant_cfg": quant_cfg, "algorithm": algorithm}
+
+
+def _layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
+    """One quantized linear layer in a mode: its weight quantizer, input quantizer (None: off), and calibration."""
+    check_quant_mode(quant_mode)
+    fp8 = {"num_bits": (4, 3), "axis": None}  # E4M3, one scale per tensor
+    if quant_mode == "int8-weight-only":
+        return {"num_bits": 8, "axis": 0}, None, "max"
+    if quant_mode == "int4-weight-only":
+        # AWQ scales each input feature to protect the weights that meet large activations; the scale lives on the
+        # (disabled) input quantizer as pre_quant_scale.
+        weight = {"num_bits": 4, "block_sizes": {-1: INT4_BLOCK_SIZE, "type": "static"}}
+        return weight, None, {"method": "awq_lite", "alpha_step": 0.1}
+    return fp8, fp8, "max"
 
 
 def modelopt_quantize(
@@ -66,14 +104,7 @@ def modelopt_quantize(
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt.
     """
     config = quant_config(quant_mode)
-    if dataset_name is None:
-        if hub_reachable():
-            dataset_name = "cnn_dailymail"
-        else:
-            dataset_name = SHIPPED_CALIBRATION_TEXT
-            print(
-                "Hugging Face Hub unreachable: calibrating on the shipped data/calibration.txt instead of cnn_dailymail"
-            )
+    dataset_name = _default_dataset(dataset_name)
     device = next(model_hf.parameters()).device
     forward_loop = create_forward_loop(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
 
@@ -82,6 +113,224 @@ def modelopt_quantize(
     seconds = time.perf_counter() - start
     print(f"Calibrated {quant_mode} on {forward_loop.num_samples} samples in {seconds:.1f} s")
     return model_hf
+
+
+@dataclass
+class Recipe:
+    """AutoQuantize's choice: each block linear's format, by its name in the Hugging Face model."""
+
+    layers: dict[str, str | None]  # "transformer.h.0.attn.c_attn" -> one of QUANT_MODES, or None (unquantized)
+    effective_bits: float  # bits per block-linear weight, counted as AutoQuantize does (FORMAT_BITS)
+
+
+def auto_quantize(
+    model_hf: torch.nn.Module,
+    effective_bits: float,
+    dataset_name: str | None = None,
+    batch_size: int = 4,
+    num_samples: int = 64,
+) -> Recipe:
+    """Searches each block linear's format with ModelOpt's AutoQuantize and quantizes `model_hf` in place with it.
+
+    The candidates are this example's own modes (`auto_quantize_format`) and leaving a layer unquantized; lm_head
+    stays unquantized and out of the count. AutoQuantize calibrates the whole model in each format, as
+    `modelopt_quantize` would (AWQ on a quarter of the batches), then scores every layer in every format by how
+    much it moves the loss (gradients times output change) and picks, per layer, the formats with the least total
+    score whose weights average at most `effective_bits` bits.
+    """
+    low, high = EFFECTIVE_BITS_RANGE
+    if not low <= effective_bits <= high:
+        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
+    start = time.perf_counter()
+    model_hf, state = _run_auto_quantize(model_hf, effective_bits, dataset_name, batch_size, num_samples)
+    if not state["best"]["is_satisfied"]:
+        raise ValueError(f"AutoQuantize found no mix of formats within {effective_bits} effective bits")
+    recipe = recipe_from_model(model_hf)
+    print(
+        f"AutoQuantize searched {len(recipe.layers)} layers on {num_samples} samples for {effective_bits:g} effective "
+        f"bits in {time.perf_counter() - start:.1f} s: {recipe.effective_bits:.2f} effective bits"
+    )
+    return recipe
+
+
+def search_recipes(
+    model_hf: torch.nn.Module,
+    budgets: list[float],
+    dataset_name: str | None = None,
+    batch_size: int = 4,
+    num_samples: int = 64,
+) -> list[Recipe]:
+    """The recipe AutoQuantize picks for each budget of effective bits, from one search on a copy of `model_hf`.
+
+    The scores do not depend on the budget, only the choice that follows them does: ModelOpt's
+    `get_auto_quantize_config` solves that choice again for each budget, without calibrating or scoring again.
+    """
+    low, high = EFFECTIVE_BITS_RANGE
+    if not budgets or not all(low <= bits <= high for bits in budgets):
+        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
+    start = time.perf_counter()
+    searched, state = _run_auto_quantize(copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples)
+    layers = _block_linears(searched)
+    recipes = []
+    for bits in budgets:
+        with warnings.catch_warnings():
+            # It warns that its config calibrates with "max" only: the config is read here for its formats only.
+            warnings.filterwarnings("ignore", message=r"get_auto_quantize_config: returned config uses")
+            config = mtq.get_auto_quantize_config(state, {"effective_bits": bits})
+        enabled = {
+            entry["quantizer_name"].removesuffix(".weight_quantizer"): entry.get("cfg", {})
+            for entry in config["quant_cfg"]
+            if entry["quantizer_name"].endswith(".weight_quantizer") and entry.get("enable", True)
+        }
+        recipes.append(_recipe(searched, {layer: _format_of(enabled.get(layer)) for layer in layers}))
+    print(f"AutoQuantize searched {len(layers)} layers on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    return recipes
+
+
+def _format_of(weight_cfg: dict | None) -> str | None:
+    """The mode whose weight quantizer `weight_cfg` (an entry's cfg from `get_auto_quantize_config`) is."""
+    if weight_cfg is None:
+        return None
+    if isinstance(weight_cfg["num_bits"], (list, tuple)):  # (exponent bits, mantissa bits): float8's (4, 3)
+        return "float8"
+    return "int4-weight-only" if weight_cfg.get("block_sizes") else "int8-weight-only"
+
+
+def quantize_with_recipe(
+    model_hf: torch.nn.Module,
+    recipe: Recipe,
+    dataset_name: str | None = None,
+    batch_size: int = 4,
+    num_samples: int = 64,
+) -> torch.nn.Module:
+    """Quantizes `model_hf` in place in a recipe's formats, calibrating as AutoQuantize does but without a search.
+
+    Each quantized layer gets a search space of its one format, without the unquantized choice, and the others are
+    disabled: AutoQuantize's calibration then gives the model the search would have given on the same samples.
+    """
+    layers = _block_linears(model_hf)
+    if sorted(recipe.layers) != layers:
+        raise ValueError(
+            f"The recipe's layers do not match the model's: the recipe names {len(recipe.layers)} "
+            f"({', '.join(sorted(recipe.layers)[:2])}, ...), the model has {len(layers)} ({', '.join(layers[:2])}, ...)"
+        )
+    spaces = [
+        {"module_name_patterns": [layer], "quantization_formats": [auto_quantize_format(mode)], "allow_no_quant": False}
+        for layer, mode in recipe.layers.items()
+        if mode is not None
+    ]
+    unquantized = [layer for layer, mode in recipe.layers.items() if mode is None]
+    start = time.perf_counter()
+    model_hf, _ = _run_auto_quantize(
+        model_hf, EFFECTIVE_BITS_RANGE[1], dataset_name, batch_size, num_samples, spaces, unquantized, score_steps=1
+    )
+    print(f"Calibrated the recipe's formats on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    return model_hf
+
+
+def _run_auto_quantize(
+    model_hf: torch.nn.Module,
+    effective_bits: float,
+    dataset_name: str | None,
+    batch_size: int,
+    num_samples: int,
+    search_spaces: list[dict] | None = None,
+    unquantized: list[str] | None = None,
+    score_steps: int | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """mtq.auto_quantize over this example's modes on `num_samples` samples; returns the model and the search state.
+
+    search_spaces and unquantized narrow the search per layer (see `quantize_with_recipe`); score_steps: the batches
+    to score on (default: all of them).
+    """
+    dataset_name = _default_dataset(dataset_name)
+    device = next(model_hf.parameters()).device
+    batches = calibration_batches(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
+    with warnings.catch_warnings():
+        # ModelOpt warns that results with custom formats "may not be optimal": these are the example's own modes;
+        # and that it turns on gradient checkpointing, which is turned off again below.
+        warnings.filterwarnings("ignore", message=r"Received custom quantization formats")
+        warnings.filterwarnings("ignore", message=r"AutoQuantize: Huggingface model detected")
+        warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated")
+        model_hf, state = mtq.auto_quantize(
+            model_hf,
+            # lm_head (tied to the embedding) stays out of the search and out of the bits' count.
+            constraints={"effective_bits": effective_bits, "cost": {"excluded_module_name_patterns": ["lm_head"]}},
+            quantization_formats=[auto_quantize_format(mode) for mode in QUANT_MODES],
+            data_loader=batches,
+            forward_step=lambda model, batch: model(**batch),
+            loss_func=lambda output, batch: output.loss * SCORE_SCALE,
+            disabled_layers=["lm_head", *(unquantized or [])],
+            module_search_spaces=search_spaces,
+            num_calib_steps=len(batches),
+            num_score_steps=score_steps or len(batches),
+            verbose=False,
+        )
+    model_hf.gradient_checkpointing_disable()
+    return model_hf.eval(), state
+
+
+def _block_linears(model_hf: torch.nn.Module) -> list[str]:
+    """The names of the layers AutoQuantize chooses a format for, sorted."""
+    names = [name for name, _ in model_hf.named_modules()]
+    return sorted(name for name in names if any(fnmatch.fnmatch(name, pattern) for pattern in BLOCK_LINEARS))
+
+
+def recipe_from_model(model_hf: torch.nn.Module) -> Recipe:
+    """Each block linear's format, read back from its quantizers the way weight_loader.py reads them."""
+    return _recipe(model_hf, {name: _quantizer_mode(model_hf.get_submodule(name)) for name in _block_linears(model_hf)})
+
+
+def _recipe(model_hf: torch.nn.Module, layers: dict[str, str | None]) -> Recipe:
+    """The recipe of these formats, with its effective bits counted over the model's weights."""
+    sizes = {name: model_hf.get_submodule(name).weight.numel() for name in layers}
+    bits = sum(sizes[name] * FORMAT_BITS[mode] for name, mode in layers.items())
+    return Recipe(layers, bits / sum(sizes.values()))
+
+
+def _quantizer_mode(module: torch.nn.Module) -> str | None:
+    weight_quantizer = module.weight_quantizer
+    if not weight_quantizer.is_enabled:
+        return None
+    if weight_quantizer.num_bits == (4, 3):
+        return "float8"
+    return "int4-weight-only" if weight_quantizer.block_sizes else "int8-weight-only"
+
+
+def format_recipe(recipe: Recipe) -> str:
+    """The recipe as a table: one line per layer with its format and bits, and the average."""
+    width = max(len(layer) for layer in recipe.layers)
+    lines = [f"{'layer'.ljust(width)}  {'format'.ljust(16)}  bits"]
+    for layer, mode in recipe.layers.items():
+        lines.append(f"{layer.ljust(width)}  {(mode or UNQUANTIZED).ljust(16)}  {FORMAT_BITS[mode]:4.0f}")
+    lines.append(f"{'effective bits'.ljust(width)}  {''.ljust(16)}  {recipe.effective_bits:4.2f}")
+    return "\n".join(lines)
+
+
+def save_recipe(recipe: Recipe, path: str) -> None:
+    layers = {layer: mode or UNQUANTIZED for layer, mode in recipe.layers.items()}
+    with open(path, "w", encoding="utf-8") as file:
+        json.dump({"effective_bits": round(recipe.effective_bits, 4), "layers": layers}, file, indent=2)
+        file.write("\n")
+
+
+def load_recipe(path: str) -> Recipe:
+    """Reads a recipe `save_recipe` wrote; a ValueError names what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read the recipe {path}: {error}") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict) or not layers or not isinstance(data.get("effective_bits"), (int, float)):
+        raise ValueError(f"{path} is not a recipe: expected {{'effective_bits': number, 'layers': {{layer: format}}}}")
+    formats = (*QUANT_MODES, UNQUANTIZED)
+    unknown = sorted({mode for mode in layers.values() if mode not in formats}, key=str)
+    if unknown:
+        raise ValueError(f"{path} has unknown formats {unknown}; supported: {', '.join(formats)}")
+    return Recipe(
+        {layer: None if mode == UNQUANTIZED else mode for layer, mode in layers.items()}, data["effective_bits"]
+    )
 
 
 def create_forward_loop(
@@ -94,6 +343,30 @@ def create_forward_loop(
     max_length: int = 512,
 ) -> Callable[[torch.nn.Module], None]:
     """A `forward_loop(model)` for `mtq.quantize`: runs `num_samples` text samples through the model.
+
+    See `calibration_batches` for the arguments.
+    """
+    batches = calibration_batches(model, dataset_name, tokenizer, device, batch_size, num_samples, max_length)
+
+    @torch.no_grad()
+    def forward_loop(model: torch.nn.Module) -> None:
+        for batch in tqdm(batches, desc="Calibrating", unit="batch"):
+            model(batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    forward_loop.num_samples = sum(len(batch["input_ids"]) for batch in batches)  # what it runs, for the report
+    return forward_loop
+
+
+def calibration_batches(
+    model: torch.nn.Module,
+    dataset_name: str,
+    tokenizer: Any,
+    device: torch.device | str,
+    batch_size: int = 4,
+    num_samples: int = 64,
+    max_length: int = 512,
+) -> list[dict[str, torch.Tensor]]:
+    """`num_samples` text samples as batches of input_ids, attention_mask and labels (padding: -100) [batch, seq].
 
     dataset_name: "cnn_dailymail" (articles, from the Hugging Face Hub), or a local file: .txt (one sample per
     paragraph), .json or .jsonl (a "text" field per record). tokenizer: a transformers GPT-2 tokenizer.
@@ -110,16 +383,25 @@ def create_forward_loop(
     max_length = min(max_length, model.config.n_positions)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    batches = [texts[i : i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(
+            texts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length
+        )
+        labels = tokens["input_ids"].masked_fill(tokens["attention_mask"] == 0, -100)  # no loss on padding
+        batch = {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"], "labels": labels}
+        batches.append({name: tensor.to(device) for name, tensor in batch.items()})
+    return batches
 
-    @torch.no_grad()
-    def forward_loop(model: torch.nn.Module) -> None:
-        for batch in tqdm(batches, desc="Calibrating", unit="batch"):
-            tokens = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            model(tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
 
-    forward_loop.num_samples = len(texts)
-    return forward_loop
+def _default_dataset(dataset_name: str | None) -> str:
+    """CNN/DailyMail when no dataset is named, or, when the Hugging Face Hub is unreachable, the shipped text."""
+    if dataset_name is not None:
+        return dataset_name
+    if hub_reachable():
+        return "cnn_dailymail"
+    print("Hugging Face Hub unreachable: calibrating on the shipped data/calibration.txt instead of cnn_dailymail")
+    return SHIPPED_CALIBRATION_TEXT
 
 
 def _load_texts(dataset_name: str, num_samples: int) -> list[str]:

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode
+from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode
 from hub import load_hf_model
 from reference import GPT
 
@@ -75,10 +75,16 @@ def load_quant_weights_from_hf(
 ) -> None:
     """Loads ModelOpt-quantized GPT-2 weights and scales into `model` (the Tripy GPT or the twin).
 
-    `quantized_model` is a Hugging Face GPT-2 already quantized by `modelopt_quantize` in `quant_mode`; without it,
-    `model_type` is loaded and calibrated here.
+    `quantized_model` is a Hugging Face GPT-2 already quantized by `modelopt_quantize` in `quant_mode`, or, with
+    quant_mode AUTO_QUANT_MODE, by `quantization.auto_quantize`; without it, `model_type` is loaded and calibrated
+    here in one of QUANT_MODES. Each layer is read in the format `model.config` gives it (`layer_quant_mode`), and
+    must have been quantized by ModelOpt in that format.
     """
-    check_quant_mode(quant_mode)
+    if quant_mode == AUTO_QUANT_MODE:
+        if quantized_model is None:
+            raise ValueError(f"quant_mode {AUTO_QUANT_MODE!r} loads from a quantized_model: pass the searched model")
+    else:
+        check_quant_mode(quant_mode)
     if quantized_model is None:
         from quantization import modelopt_quantize  # imports ModelOpt, which only this path needs
 
@@ -87,17 +93,25 @@ def load_quant_weights_from_hf(
     for name, module in quantized_model.named_modules():
         quantizer = getattr(module, "weight_quantizer", None)
         if quantizer is not None and quantizer.is_enabled:
-            for param_name, tensor in _quantized_linear(module, quant_mode, name).items():
+            layer_mode = layer_quant_mode(model.config, name)
+            if layer_mode is None:
+                raise ValueError(f"{name} is quantized by ModelOpt, but unquantized in the model's config")
+            for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
     _load_into(model, tensors, dtype)
 
 
 def load_twin(
-    hf_model: GPT2LMHeadModel, quant_mode: str | None = None, quantized_model: GPT2LMHeadModel | None = None
+    hf_model: GPT2LMHeadModel,
+    quant_mode: str | None = None,
+    quantized_model: GPT2LMHeadModel | None = None,
+    layer_quant_modes: dict[str, str | None] | None = None,
 ) -> GPT:
     """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
-    scales of `quantized_model` (hf_model quantized by `modelopt_quantize`)."""
-    twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode)).eval()
+    scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
+    `quantization.auto_quantize`, which chose the `layer_quant_modes`)."""
+    config = config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes)
+    twin = GPT(config).eval()
     if quant_mode is None:
         load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
     else:

@@ -18,6 +18,18 @@ CALIBRATION_PARAGRAPHS = [
     "She planted tomatoes along the fence and watered them every evening.",
 ]
 
+# Every format, and an unquantized layer, for make_gpt2's two blocks: a recipe of AutoQuantize's kind.
+MIXED_LAYER_QUANT_MODES = {
+    "transformer.h.0.attn.c_attn": "int4-weight-only",
+    "transformer.h.0.attn.c_proj": "int8-weight-only",
+    "transformer.h.0.mlp.c_fc": "float8",
+    "transformer.h.0.mlp.c_proj": None,
+    "transformer.h.1.attn.c_attn": "float8",
+    "transformer.h.1.attn.c_proj": "int4-weight-only",
+    "transformer.h.1.mlp.c_fc": "int8-weight-only",
+    "transformer.h.1.mlp.c_proj": "int4-weight-only",
+}
+
 
 def make_gpt2(
     n_embd: int = 256,

@@ -25,6 +25,7 @@ from weight_loader import load_twin
 BUNDLED_MODEL = BUNDLED_MODEL_DIR
 NUM_CALIBRATION_SAMPLES = 4
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+AUTO_BITS = (5.0, 7.0)  # two of the report's budgets: a search, and two mixes calibrated and evaluated
 
 
 def require_bundled_model() -> None:
@@ -40,6 +41,7 @@ def rows() -> dict[str, evaluate.Row]:
         evaluate.REPORT_MODES,
         num_calibration_samples=NUM_CALIBRATION_SAMPLES,
         calibration_data=SHIPPED_CALIBRATION_TEXT,
+        auto_bits=AUTO_BITS,
     )
     return {row.mode: row for row in report}
 
@@ -50,7 +52,7 @@ def change(rows: dict[str, evaluate.Row], mode: str) -> float:
 
 
 def test_report_has_every_mode_unquantized_first(rows):
-    assert list(rows) == list(evaluate.REPORT_MODES)
+    assert list(rows) == [*evaluate.REPORT_MODES[:-1], "auto 5 bits", "auto 7 bits"]
     assert all(math.isfinite(row.perplexity) and row.perplexity > 1 for row in rows.values())
 
 
@@ -92,6 +94,30 @@ def test_weight_sizes_order(rows):
     assert sizes[evaluate.INT4_WITHOUT_PRE_QUANT_SCALE] == sizes["int4-weight-only"]
 
 
+def test_auto_rows_spend_their_budget_between_int4_and_unquantized(rows):
+    five, seven = rows["auto 5 bits"], rows["auto 7 bits"]
+    # The smallest block linear (attn.c_proj, 1/12 of the block's weights) moves the count by 1/3 bit.
+    assert 4.5 < five.effective_bits <= 5.0 and 6.5 < seven.effective_bits <= 7.0
+    assert rows["int4-weight-only"].weight_bytes < five.weight_bytes < seven.weight_bytes
+    assert seven.weight_bytes < rows[evaluate.UNQUANTIZED].weight_bytes
+    # Measured: +0.06% at 5.00 bits and +0.04% at 7.00 bits, against +0.26% for int4 alone (4 bits) and +0.01% for
+    # int8 (8 bits): each extra bit goes to the layers where int4 cost the most.
+    assert change(rows, "auto 5 bits") < 0.02 and change(rows, "auto 7 bits") < 0.01
+    assert rows["auto 5 bits"].perplexity < rows["int4-weight-only"].perplexity
+
+
+def test_chart_draws_the_auto_rows_as_a_curve(tmp_path):
+    rows = [
+        evaluate.Row(evaluate.UNQUANTIZED, 170.0, 15_000_000, 0.0, 1.0),
+        evaluate.Row("int4-weight-only", 171.0, 13_000_000, 1.0, 1.0),
+        evaluate.Row("auto 5 bits", 170.5, 13_500_000, 1.0, 1.0, effective_bits=4.9),
+        evaluate.Row("auto 6 bits", 170.2, 14_000_000, 1.0, 1.0, effective_bits=6.0),
+    ]
+    chart = tmp_path / "chart.png"
+    evaluate.save_chart(rows, str(chart))
+    assert chart.read_bytes()[:8] == PNG_SIGNATURE
+
+
 @pytest.mark.parametrize(
     "quant_mode, expected",
     [
@@ -107,12 +133,22 @@ def test_weight_sizes_order(rows):
         ("int4-weight-only", 4224 * 2 + 196608 // 2 + 1536 * 2 + 896 * 2),
         # A weight and an input scale per layer (5 layers with lm_head), and lm_head's own 10 * 128 float8 weights.
         ("float8", 4224 * 2 + 196608 * 1 + 5 * 2 * 2 + 10 * 128),
+        # A mix: c_attn int4 (weights, 384 block scales, 128 pre_quant_scale), attn.c_proj int8 (128 scales),
+        # c_fc float8 (two scalar scales), mlp.c_proj float16; lm_head unquantized, tied.
+        ("auto", 4224 * 2 + 128 * 384 // 2 + (384 + 128) * 2 + 128 * 128 + 128 * 2 + 128 * 512 + 2 * 2 + 512 * 128 * 2),
     ],
 )
 def test_weight_bytes_match_a_hand_count(quant_mode, expected):
+    mix = {
+        "transformer.h.0.attn.c_attn": "int4-weight-only",
+        "transformer.h.0.attn.c_proj": "int8-weight-only",
+        "transformer.h.0.mlp.c_fc": "float8",
+        "transformer.h.0.mlp.c_proj": None,
+    }
     config = GPTConfig(
         block_size=8, vocab_size=10, num_layers=1, num_heads=2, embedding_size=128, quant_mode=quant_mode
     )
+    config.layer_quant_modes = mix if quant_mode == "auto" else None
     assert evaluate.weight_bytes(GPT(config)) == expected
 
 
@@ -165,6 +201,10 @@ def test_cli_saves_a_png_chart(tmp_path):
         (["--max-tokens", "1"], "--max-tokens must be at least 2"),
         (["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
         (["--chart", "quality.jpg"], "--chart must name a .png file"),
+        (
+            ["--auto-bits", "6", "3.5"],
+            "--auto-bits must be between 4 (every layer int4) and 16 (none quantized), got 3.5",
+        ),
         (["--model-type", BUNDLED_MODEL, "--context", "100000"], "context 100000 is longer than the model's"),
         (["--model-type", REPO], "is not a Hugging Face GPT-2 checkpoint"),
     ],

@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2
 
 import config
 import example
@@ -27,16 +27,20 @@ NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/Tensor
 PROMPT = "The town council voted"  # 4 tokens
 NEW_TOKENS = 8
 FALLBACK_SEED = 3
+EXPORTED_ALGORITHM = {"float8": "FP8", "int8-weight-only": "W8A16", "int4-weight-only": "W4A16_AWQ"}
 
 
 def run_arguments(
-    checkpoint: str, calibration: str, export_dir: str, not_a_checkpoint: str, narrow_checkpoint: str
+    checkpoint: str, calibration: str, export_dir: str, not_a_checkpoint: str, narrow_checkpoint: str, tmp: str
 ) -> dict[str, list]:
     """Every run of this file, by name: its command-line arguments. The slowest come first."""
     generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", str(NEW_TOKENS)]
     on_checkpoint = [*generate, "--model-type", checkpoint]
     calibrate = ["--calibration-data", calibration, "--num-calibration-samples", "4"]
+    auto = [*on_checkpoint, "--quant-mode", "auto", *calibrate]
     return {
+        "auto": [*auto, "--effective-bits", "6", "--recipe-out", f"{tmp}/saved.json", "--export-dir", f"{tmp}/mixed"],
+        "auto recipe": [*auto, "--recipe", f"{tmp}/mixed.json"],
         "int4-weight-only": [*on_checkpoint, "--quant-mode", "int4-weight-only", *calibrate],
         # Into a folder that holds a file of the user's: --overwrite replaces the export's files, and only those.
         "float8": [*on_checkpoint, "--quant-mode", "float8", *calibrate, "--export-dir", export_dir, "--overwrite"],
@@ -80,6 +84,12 @@ def run_arguments(
             calibration.replace(".txt", ".csv"),
         ],
         "no calibration samples": ["--quant-mode", "float8", "--num-calibration-samples", "0"],
+        "recipe for another model": [*auto, "--recipe", f"{tmp}/other.json"],
+        "effective bits below int4": ["--quant-mode", "auto", "--effective-bits", "3.5"],
+        "effective bits above unquantized": ["--quant-mode", "auto", "--effective-bits", "17"],
+        "auto without a budget or recipe": ["--quant-mode", "auto"],
+        "effective bits without auto": ["--quant-mode", "float8", "--effective-bits", "6"],
+        "missing recipe": ["--quant-mode", "auto", "--recipe", "no/such/recipe.json"],
         "tripy": ["--backend", "tripy", "--model-type", checkpoint],
         "tripy-cpu int4-weight-only": [
             *on_checkpoint,
@@ -124,6 +134,11 @@ def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
     (not_a_checkpoint / "config.json").write_text(json.dumps({"model_type": "bert"}))
     narrow_checkpoint = tmp / "gpt2-192"
     make_gpt2(n_embd=192, n_layer=1, n_head=4, n_positions=32).save_pretrained(narrow_checkpoint)
+    # A recipe for the checkpoint's two blocks, and one for a model of three.
+    layers = {layer: mode or "unquantized" for layer, mode in MIXED_LAYER_QUANT_MODES.items()}
+    (tmp / "mixed.json").write_text(json.dumps({"effective_bits": 6.0, "layers": layers}))
+    other = dict(layers, **{layer.replace("h.1.", "h.2."): mode for layer, mode in layers.items()})
+    (tmp / "other.json").write_text(json.dumps({"effective_bits": 6.0, "layers": other}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
 
     def run(arguments: list[str]) -> subprocess.CompletedProcess:
@@ -132,7 +147,7 @@ def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         arguments = run_arguments(
-            checkpoint, str(calibration), export_dir, str(not_a_checkpoint), str(narrow_checkpoint)
+            checkpoint, str(calibration), export_dir, str(not_a_checkpoint), str(narrow_checkpoint), str(tmp)
         )
         yield {name: pool.submit(run, args) for name, args in arguments.items()}
 
@@ -176,6 +191,36 @@ def test_quantized_generation(runs, quant_mode):
         assert "has only 4 samples, fewer than the 100000 asked for: using 4" in stdout
     text = response(stdout)
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
+
+
+def test_auto_quantize_prints_saves_and_exports_the_mix(runs, tmp_path_factory):
+    stdout = succeeded(runs, "auto")
+    table = stdout[stdout.index("\nlayer ") + 1 :].splitlines()[: 1 + 8 + 1]
+    assert table[0].split() == ["layer", "format", "bits"]
+    rows = {line.split()[0]: line.split()[1] for line in table[1:-1]}
+    assert sorted(rows) == sorted(MIXED_LAYER_QUANT_MODES)  # the checkpoint's 8 block linears
+    assert set(rows.values()) <= {*config.QUANT_MODES, "unquantized"}
+    assert table[-1].startswith("effective bits") and float(table[-1].split()[-1]) <= 6.0
+    saved_line = next(line for line in stdout.splitlines() if line.startswith("Saved the per-layer formats to "))
+    path = saved_line.split()[5].rstrip(":")
+    with open(path) as file:
+        saved = json.load(file)
+    assert saved["layers"] == rows
+    export_dir = os.path.join(os.path.dirname(path), "mixed")
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as file:
+        quantization = json.load(file)["quantization"]
+    formats = {mode for mode in rows.values() if mode != "unquantized"}
+    assert quantization["quant_algo"] == ("MIXED_PRECISION" if len(formats) > 1 else EXPORTED_ALGORITHM[formats.pop()])
+    assert response(stdout).startswith(PROMPT)
+
+
+def test_auto_quantize_with_a_recipe_builds_its_formats(runs):
+    stdout = succeeded(runs, "auto recipe")
+    assert "Calibrated the recipe's formats on 4 samples" in stdout
+    for layer, mode in MIXED_LAYER_QUANT_MODES.items():
+        assert any(line.split()[:2] == [layer, mode or "unquantized"] for line in stdout.splitlines()), layer
+    assert "Saved the per-layer formats" not in stdout  # nothing was searched
+    assert response(stdout).startswith(PROMPT)
 
 
 def test_export_writes_a_checkpoint_and_carries_on(runs, export_dir):
@@ -231,6 +276,12 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("calibration without quantizing", "--calibration-data needs --quant-mode"),
         ("unsupported calibration file", "calibration.csv: expected a .txt, .json or .jsonl file"),
         ("no calibration samples", "--num-calibration-samples must be at least 1, got 0"),
+        ("recipe for another model", "The recipe's layers do not match the model's: the recipe names 12"),
+        ("effective bits below int4", "--effective-bits must be between 4 (every layer int4) and 16 (none quantized)"),
+        ("effective bits above unquantized", "--effective-bits must be between 4 (every layer int4) and 16"),
+        ("auto without a budget or recipe", "--quant-mode auto needs either --effective-bits (to search) or --recipe"),
+        ("effective bits without auto", "--effective-bits needs --quant-mode auto"),
+        ("missing recipe", "recipe not found: no/such/recipe.json"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(runs, name, expected):

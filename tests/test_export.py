@@ -14,17 +14,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import make_gpt2
+from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 import modelopt_hf
 import reference
-from config import INT4_BLOCK_SIZE, QUANT_MODES
+from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from export import export_checkpoint
-from quantization import modelopt_quantize
+from quantization import Recipe, modelopt_quantize, quantize_with_recipe
 from reference import GPT, Int4Linear, QuantLinear
 from weight_loader import load_export_twin, load_twin
 
@@ -54,6 +54,17 @@ EXPECTED_QUANT_CONFIG = {
 }
 STORED_DTYPE = {"float8": torch.float8_e4m3fn, "int8-weight-only": torch.int8, "int4-weight-only": torch.uint8}
 IDX = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
+# A layer's entry under "quantized_layers" in a MIXED_PRECISION export (an AutoQuantize mix), by format.
+MIXED_LAYER_CONFIG = {
+    "float8": {"quant_algo": "FP8"},
+    "int8-weight-only": {"quant_algo": "W8A16"},
+    "int4-weight-only": {
+        "quant_algo": "W4A16_AWQ",
+        "group_size": 128,
+        "has_zero_point": False,
+        "pre_quant_scale": True,
+    },
+}
 
 
 @dataclass
@@ -289,3 +300,48 @@ def test_twin_loaded_from_the_export_computes_the_exporting_runs_logits(exported
     with torch.no_grad():
         logits = load_export_twin(exported.export_dir)(IDX)
     assert torch.equal(logits, exported.logits_before)
+
+
+@pytest.fixture(scope="module")
+def exported_mixed(calibration_file, tmp_path_factory) -> tuple[str, GPT]:
+    """A mix of every format and an unquantized layer, as AutoQuantize makes it; the export and the twin."""
+    recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
+    quantized_model = quantize_with_recipe(make_gpt2(), recipe, calibration_file, num_samples=4, batch_size=4)
+    twin = load_twin(quantized_model, AUTO_QUANT_MODE, quantized_model, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
+    export_dir = str(tmp_path_factory.mktemp("export-mixed"))
+    export_checkpoint(quantized_model, export_dir)
+    return export_dir, twin
+
+
+def test_mixed_export_names_each_layers_format(exported_mixed):
+    export_dir, _ = exported_mixed
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as f:
+        quantization = json.load(f)["quantization"]
+    assert quantization["quant_algo"] == "MIXED_PRECISION"
+    expected = {layer: MIXED_LAYER_CONFIG[mode] for layer, mode in MIXED_LAYER_QUANT_MODES.items() if mode is not None}
+    assert quantization["quantized_layers"] == expected  # the unquantized layer and lm_head are not listed
+    assert AutoConfig.from_pretrained(export_dir).quantization_config["quant_algo"] == "MIXED_PRECISION"
+
+
+def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
+    export_dir, twin = exported_mixed
+    tensors = read_tensors(export_dir)
+    for name, mode in MIXED_LAYER_QUANT_MODES.items():
+        layer = twin.get_submodule(name)
+        weight = tensors[f"{name}.weight"]
+        if mode is None:
+            assert torch.equal(weight, layer.weight.detach()), name  # [out, in], as it was
+            assert f"{name}.weight_scale" not in tensors, name
+            continue
+        assert weight.dtype == STORED_DTYPE[mode], name
+        weight_scale = tensors[f"{name}.weight_scale"]
+        if mode == "float8":
+            dequantized = weight.float() * weight_scale
+            assert torch.equal(tensors[f"{name}.input_scale"], layer.input_scale.detach()), name
+        elif mode == "int8-weight-only":
+            dequantized = weight.float() * weight_scale[:, None]
+        else:
+            scale = weight_scale.repeat_interleave(INT4_BLOCK_SIZE, dim=1)
+            dequantized = (unpack_int4(weight) * scale).t()
+            assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
+        torch.testing.assert_close(dequantized, layer.dequantized_weight, rtol=1e-6, atol=1e-7, msg=name)
