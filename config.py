@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
+# What ModelOpt's weight quantizer is in each mode: (num_bits, block-wise).
+WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
 
 
 @dataclass
