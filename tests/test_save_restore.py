@@ -6,11 +6,15 @@ restored model must be bit for bit those of the calibrated one, for ModelOpt's m
 """
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, make_gpt2
+from conftest import CALIBRATION_TEXT, REPO, make_gpt2
 
+import example
 import reference
 from quantization import QuantizedCheckpointError, load_quantized, modelopt_quantize, save_quantized
 from weight_loader import load_twin
@@ -105,3 +109,77 @@ def test_a_file_saved_for_another_model(saved, other, mismatch):
     with pytest.raises(QuantizedCheckpointError, match="was saved for another model") as error:
         load_quantized(make_gpt2(**shape), saved["int4-weight-only"][1])
     assert mismatch in str(error.value)
+
+
+# example.py, run the way users run it: calibrate and save, then restore and generate.
+PROMPT = "The town council voted"
+
+
+def run_example(arguments: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", "8", "--seed", "5"]
+    command = [sys.executable, "example.py", *generate, *arguments]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def generated_text(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split(example.SEPARATOR)[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("gpt2-128")
+    base.save_pretrained(path)
+    return str(path)
+
+
+def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, tmp_path):
+    path = str(tmp_path / "int4.pt")
+    calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", CALIBRATION_TEXT]
+    calibrated = run_example([*calibrate, "--num-calibration-samples", "4", "--save-quantized", path], tmp_path)
+    assert f"Saved the quantized model to {path}" in calibrated.stdout
+    restored = run_example(["--model-type", checkpoint, "--load-quantized", path, "--verbose"], tmp_path)
+    assert f"Restored int4-weight-only from {path}" in restored.stdout
+    assert "Calibrated" not in restored.stdout and "Calibrating" not in restored.stderr
+    assert generated_text(restored) == generated_text(calibrated)
+    # --verbose: ModelOpt's summary, one line per quantizer; c_attn's weight quantizer is on, 4 bits in blocks.
+    summary = [line for line in restored.stdout.splitlines() if "transformer.h.0.attn.c_attn.weight_quantizer" in line]
+    assert len(summary) == 1 and "4 bit" in summary[0] and "block_sizes" in summary[0], restored.stdout
+    assert "TensorQuantizers found in model" in restored.stdout
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("text file", "is not a ModelOpt checkpoint written by mto.save"),
+        ("other mode", "holds a int4-weight-only model, not float8"),
+        ("other model", "was saved for another model: its transformer.wte.weight is shape [50257, 128]"),
+        ("missing file", "--load-quantized: no such file: no/such/file.pt"),
+        ("save without quantizing", "--save-quantized needs --quant-mode"),
+        ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
+    ],
+)
+def test_bad_load_quantized_is_one_line_and_exit_status_2(
+    saved, checkpoint, tmp_path, monkeypatch, capsys, name, expected
+):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    wide = tmp_path / "gpt2-256"
+    make_gpt2(n_embd=256, n_layer=2, n_head=4, n_positions=64).save_pretrained(wide)
+    int4 = saved["int4-weight-only"][1]
+    arguments = {
+        "text file": ["--model-type", checkpoint, "--load-quantized", str(text)],
+        "other mode": ["--model-type", checkpoint, "--load-quantized", int4, "--quant-mode", "float8"],
+        "other model": ["--model-type", str(wide), "--load-quantized", int4],
+        "missing file": ["--load-quantized", "no/such/file.pt"],
+        "save without quantizing": ["--save-quantized", str(tmp_path / "out.pt")],
+        "verbose without quantizing": ["--verbose"],
+    }[name]
+    monkeypatch.setattr(sys, "argv", ["example.py", "--backend", "torch", *arguments])
+    with pytest.raises(SystemExit) as exit_info:
+        example.main()  # in this process: the errors come before or right after loading the model
+    assert exit_info.value.code == 2, name
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), lines
+    assert expected in lines[0]
