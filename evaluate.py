@@ -38,6 +38,15 @@ UNQUANTIZED = "unquantized"
 # AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
 INT4_WITHOUT_PRE_QUANT_SCALE = "int4-weight-only-no-pre-quant-scale"
 REPORT_MODES = (UNQUANTIZED, "int8-weight-only", "float8", "int4-weight-only", INT4_WITHOUT_PRE_QUANT_SCALE)
+# Rows on request (--modes), for quantization-aware training: int4 calibrated with plain max instead of AWQ, each
+# int4 model fine-tuned with its quantizers in place (training.finetune), and, as the control, the unquantized model
+# fine-tuned the same way, to tell what QAT wins from what more training alone wins.
+FINETUNED = "unquantized-finetuned"
+INT4_MAX = "int4-weight-only-max"
+QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-qat")
+ALL_MODES = (*REPORT_MODES, *QAT_MODES)
+DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
+DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
 QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
@@ -50,6 +59,7 @@ class Row:
     weight_bytes: int
     calibration_seconds: float
     eval_seconds: float
+    training_seconds: float = 0.0  # fine-tuning (QAT) time, on top of the calibration time
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.context,
             args.num_calibration_samples,
             args.calibration_data,
+            args.qat_steps,
+            args.qat_lr,
         )
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
         raise UsageError(str(error)) from None
@@ -85,11 +97,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         nargs="+",
-        choices=REPORT_MODES,
+        choices=ALL_MODES,
         default=list(REPORT_MODES),
         metavar="MODE",
-        help=f"rows to report, from: {', '.join(REPORT_MODES)} ({UNQUANTIZED} is always measured: it is the baseline)",
+        help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
+        "the last four fine-tune for --qat-steps, minutes each)",
     )
+    parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
+    parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows")
     parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
     parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
     parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
@@ -109,6 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--context must be at least 1, got {args.context}")
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
+    if args.qat_steps < 1 or args.qat_lr <= 0:
+        raise UsageError(f"--qat-steps must be at least 1 and --qat-lr above 0, got {args.qat_steps} and {args.qat_lr}")
     if not os.path.isfile(args.eval_data):
         raise UsageError(f"held-out text not found: {args.eval_data}")
     if args.chart is not None and not args.chart.lower().endswith(".png"):
@@ -124,11 +141,13 @@ def evaluate(
     context: int | None = None,
     num_calibration_samples: int = 64,
     calibration_data: str | None = None,
+    qat_steps: int = DEFAULT_QAT_STEPS,
+    qat_lr: float = DEFAULT_QAT_LR,
 ) -> list[Row]:
-    """One row per mode, unquantized first (the baseline), the others in REPORT_MODES order."""
-    unknown = sorted(set(modes) - set(REPORT_MODES))
+    """One row per mode, unquantized first (the baseline), the others in ALL_MODES order."""
+    unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
-        raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(REPORT_MODES)}")
+        raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
     hf_model = load_hf_model(model_type)
     context = context or hf_model.config.n_positions
     if context > hf_model.config.n_positions:
@@ -138,21 +157,46 @@ def evaluate(
         raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
 
     rows = []
-    calibrated = {}  # quant_mode -> (twin, calibration seconds): the int4 twin serves two rows
-    for mode in (m for m in REPORT_MODES if m == UNQUANTIZED or m in modes):
-        if mode == UNQUANTIZED:
-            twin, calibration_seconds = load_twin(hf_model, None), 0.0
+    calibrated = {}  # mode calibrated -> (quantized model, twin, calibration seconds): one serves several rows
+    for mode in (m for m in ALL_MODES if m == UNQUANTIZED or m in modes):
+        training_seconds = 0.0
+        if mode in (UNQUANTIZED, FINETUNED):
+            model, calibration_seconds = hf_model, 0.0
+            if mode == FINETUNED:
+                model, training_seconds = quantization_aware_training(hf_model, qat_steps, qat_lr, mode)
+            twin = load_twin(model, None)
         else:
-            quant_mode = "int4-weight-only" if mode == INT4_WITHOUT_PRE_QUANT_SCALE else mode
-            if quant_mode not in calibrated:
-                calibrated[quant_mode] = calibrate(hf_model, quant_mode, calibration_data, num_calibration_samples)
-            twin, calibration_seconds = calibrated[quant_mode]
+            calibrated_mode = mode.removesuffix("-qat")
+            calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
+            if calibrated_mode not in calibrated:
+                algorithm = "max" if calibrated_mode == INT4_MAX else None
+                quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
+                calibrated[calibrated_mode] = calibrate(
+                    hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm
+                )
+            quantized, twin, calibration_seconds = calibrated[calibrated_mode]
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
                 twin = drop_pre_quant_scale(copy.deepcopy(twin))
+            if mode.endswith("-qat"):
+                trained, training_seconds = quantization_aware_training(quantized, qat_steps, qat_lr, mode)
+                twin = load_twin(hf_model, "int4-weight-only", trained)
         start = time.perf_counter()
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
-        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds))
     return rows
+
+
+def quantization_aware_training(
+    model: GPT2LMHeadModel, steps: int, lr: float, desc: str
+) -> tuple[GPT2LMHeadModel, float]:
+    """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
+    from training import finetune, train_tokens
+
+    start = time.perf_counter()
+    trained = copy.deepcopy(model)
+    finetune(trained, train_tokens(), steps, lr, desc=f"Fine-tuning {desc}")
+    return trained, time.perf_counter() - start
 
 
 def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -163,15 +207,21 @@ def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
 
 
 def calibrate(
-    hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int
-) -> tuple[GPT, float]:
-    """Quantizes a copy of the model with ModelOpt; returns its twin and the seconds the calibration took."""
+    hf_model: GPT2LMHeadModel,
+    quant_mode: str,
+    calibration_data: str | None,
+    num_samples: int,
+    algorithm: str | None = None,
+) -> tuple[GPT2LMHeadModel, GPT, float]:
+    """Quantizes a copy of the model with ModelOpt; returns it, its twin and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()
-    quantized = modelopt_quantize(copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples)
+    quantized = modelopt_quantize(
+        copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples, algorithm=algorithm
+    )
     seconds = time.perf_counter() - start
-    return load_twin(hf_model, quant_mode, quantized), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized), seconds
 
 
 def drop_pre_quant_scale(twin: GPT) -> GPT:
@@ -234,6 +284,9 @@ def format_table(rows: list[Row]) -> str:
                 f"{row.eval_seconds:.1f}",
             )
         )
+    if any(row.training_seconds for row in rows):  # QAT rows: how long the fine-tuning took
+        header = (*header, "training s")
+        lines = [(*cells, f"{row.training_seconds:.1f}") for cells, row in zip(lines, rows, strict=True)]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:

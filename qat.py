@@ -13,14 +13,15 @@ trained the bundled model, and reports the held-out perplexity of the deployed a
 and after.
 """
 
+import argparse
+import copy
 import os
-import sys
 import time
 
-from cli import ArgumentParser, fail
+from cli import ArgumentParser, UsageError, run
+from config import QUANT_MODES
+from hub import BUNDLED_MODEL_DIR
 
-BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
-QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")  # config.QUANT_MODES
 BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
 # train.py's learning rate at the end of its schedule (a tenth of its 2e-3 peak): fine-tuning starts where it ended.
 DEFAULT_LR = 2e-4
@@ -32,48 +33,51 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # the arguments are good: now the imports that take seconds
 
-    from evaluate import heldout_tokens, perplexity
+    from hub import load_hf_model
+    from perplexity import perplexity
     from quantization import modelopt_quantize, save_quantized
-    from training import HELDOUT_PATH, finetune, train_tokens
-    from weight_loader import load_hf_model, load_twin
+    from training import HELDOUT_PATH, finetune, train_tokens, validation_tokens
+    from weight_loader import load_twin
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
-        model = load_hf_model(args.model_type)
-    except (ValueError, OSError) as error:
-        fail(str(error), "qat.py")
-    context = model.config.n_positions
-    validation = heldout_tokens(str(HELDOUT_PATH))
+        unquantized = load_hf_model(args.model_type)
+    except (ValueError, OSError) as error:  # not a GPT-2 checkpoint
+        raise UsageError(str(error)) from None
+    context = unquantized.config.n_positions
+    validation = validation_tokens()
     tokens = train_tokens()
-    print(f"corpus: {len(tokens):,} training tokens; validation on {os.path.relpath(HELDOUT_PATH)}")
+    print(f"corpus: {len(tokens):,} training tokens; {len(validation):,} validation tokens in {HELDOUT_PATH.name}")
 
-    def deployed_perplexity(quantized: torch.nn.Module) -> float:
+    def deployed_perplexity(quantized: torch.nn.Module, desc: str) -> float:
         """Perplexity of the twin built from the quantized model: the arithmetic Tripy runs."""
-        return perplexity(load_twin(model_copy, args.quant_mode, quantized), validation, context)
+        return perplexity(load_twin(unquantized, args.quant_mode, quantized), validation, context, desc=desc)
 
-    import copy
-
-    model_copy = copy.deepcopy(model)  # the twin's config and unquantized parts come from it
     algorithm = None if args.calibration == "default" else args.calibration
     try:
-        modelopt_quantize(model, args.quant_mode, args.calibration_data, num_samples=args.num_calibration_samples,
-                          algorithm=algorithm)
-    except (ValueError, OSError) as error:
-        fail(str(error), "qat.py")
-    ptq = deployed_perplexity(model)
+        model = modelopt_quantize(
+            copy.deepcopy(unquantized),
+            args.quant_mode,
+            args.calibration_data,
+            num_samples=args.num_calibration_samples,
+            algorithm=algorithm,
+        )
+    except (ValueError, OSError) as error:  # calibration data that cannot be read
+        raise UsageError(str(error)) from None
+    ptq = deployed_perplexity(model, "Evaluating PTQ")
     print(f"PTQ: {args.quant_mode} perplexity {ptq:.2f}")
 
     start = time.time()
     losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seed, desc="QAT")
     minutes = (time.time() - start) / 60
-    qat = deployed_perplexity(model)
+    qat = deployed_perplexity(model, "Evaluating QAT")
     print(f"QAT: {args.steps} steps in {minutes:.1f} min, last loss {losses[-1]:.3f}, perplexity {qat:.2f}")
     save_quantized(model, args.out)
     print(f"saved {args.out} (mto.save); total time {(time.time() - started) / 60:.1f} min")
 
 
-def parse_args(argv: list[str] | None) -> "argparse.Namespace":  # noqa: F821
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="qat.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", metavar="PATH", required=True, help="where to save the QAT model (mto.save)")
     parser.add_argument("--model-type", metavar="DIR", default=BUNDLED_MODEL_DIR, help="a local GPT-2 checkpoint")
@@ -97,13 +101,15 @@ def parse_args(argv: list[str] | None) -> "argparse.Namespace":  # noqa: F821
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
-        parser.error("--steps, --batch-size and --num-calibration-samples must be at least 1")
+        raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
     if args.lr <= 0:
-        parser.error(f"--lr must be greater than 0, got {args.lr}")
+        raise UsageError(f"--lr must be greater than 0, got {args.lr}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        parser.error(f"--out {args.out}: its directory does not exist")
+        raise UsageError(f"--out {args.out}: its folder does not exist")
+    if not os.path.isdir(args.model_type):
+        raise UsageError(f"--model-type {args.model_type}: no such folder (a local GPT-2 checkpoint)")
     return args
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main)

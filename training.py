@@ -6,6 +6,7 @@ stdlib source directory. About 5% of the modules are held out for validation (da
 """
 
 import ast
+import functools
 import hashlib
 import math
 import re
@@ -105,10 +106,16 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+@functools.cache  # reading and tokenizing the standard library takes seconds; several fine-tunings share it
 def train_tokens() -> torch.Tensor:
     """The training split as one token stream [n], docstrings separated by a blank line, as train.py trains on."""
     train_texts, _ = split_corpus(stdlib_docstrings())
     return torch.tensor(gpt2_encoding().encode_ordinary("\n\n".join(train_texts)))
+
+
+def validation_tokens() -> torch.Tensor:
+    """data/heldout.txt (the held-out split train.py wrote) as one token stream [n]."""
+    return torch.tensor(gpt2_encoding().encode_ordinary(HELDOUT_PATH.read_text()))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -129,7 +136,8 @@ def finetune(
     seed: int = 0,
     desc: str = "Fine-tuning",
 ) -> list[float]:
-    """Trains `model` in place for `steps` AdamW steps on random windows of `tokens`; returns each step's loss.
+    """Trains `model` in place for `steps` AdamW steps on random windows of `tokens`, all but its embeddings, with
+    train.py's warmup and cosine schedule from `lr`; returns each step's loss.
 
     Quantization-aware training is this loop run on a model that ModelOpt has quantized: each forward pass
     quantizes and dequantizes the weights with the calibrated scales, so the loss is the deployed model's loss, and
@@ -139,6 +147,10 @@ def finetune(
     context = model.config.n_positions
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(context + 1)
+    # The embeddings stay as they are: the 50257-row token table is most of the parameters and of the backward
+    # pass's work, and no mode quantizes it (float8 quantizes lm_head, which shares it, with its own calibrated scale).
+    for embedding in (model.transformer.wte, model.transformer.wpe):
+        embedding.weight.requires_grad_(False)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=lr, betas=(0.9, 0.95))
     warmup = max(1, steps // 10)
     losses = []
@@ -151,7 +163,7 @@ def finetune(
         windows = tokens[starts + offsets]  # [batch, context + 1]
         loss = lm_loss(model, windows[:, :-1], windows[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())

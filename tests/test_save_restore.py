@@ -12,10 +12,10 @@ import sys
 
 import pytest
 import torch
-from conftest import CALIBRATION_TEXT, REPO, make_gpt2
+from helpers import REPO, make_gpt2, usage_error
 
 import example
-import reference
+from config import QUANT_MODES
 from quantization import QuantizedCheckpointError, load_quantized, modelopt_quantize, save_quantized
 from weight_loader import load_twin
 
@@ -27,12 +27,12 @@ def base():
 
 
 @pytest.fixture(scope="module")
-def saved(base, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, str]]:
+def saved(base, calibration_file, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, str]]:
     """quant_mode -> (the calibrated model, the file it was saved to)."""
     folder = tmp_path_factory.mktemp("saved")
     result = {}
-    for mode in reference.QUANT_MODES:
-        model = modelopt_quantize(copy.deepcopy(base), mode, CALIBRATION_TEXT, num_samples=4)
+    for mode in QUANT_MODES:
+        model = modelopt_quantize(copy.deepcopy(base), mode, calibration_file, num_samples=4)
         path = str(folder / f"{mode}.pt")
         save_quantized(model, path)
         result[mode] = (model, path)
@@ -44,7 +44,7 @@ def quantizer_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in model.named_buffers() if "_quantizer." in name}
 
 
-@pytest.mark.parametrize("mode", reference.QUANT_MODES)
+@pytest.mark.parametrize("mode", QUANT_MODES)
 def test_restored_model_has_the_saved_scales_and_logits(base, saved, mode):
     calibrated, path = saved[mode]
     restored, restored_mode = load_quantized(copy.deepcopy(base), path)
@@ -134,9 +134,9 @@ def checkpoint(base, tmp_path_factory) -> str:
     return str(path)
 
 
-def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, tmp_path):
+def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, calibration_file, tmp_path):
     path = str(tmp_path / "int4.pt")
-    calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", CALIBRATION_TEXT]
+    calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", calibration_file]
     calibrated = run_example([*calibrate, "--num-calibration-samples", "4", "--save-quantized", path], tmp_path)
     assert f"Saved the quantized model to {path}" in calibrated.stdout
     restored = run_example(["--model-type", checkpoint, "--load-quantized", path, "--verbose"], tmp_path)
@@ -160,9 +160,7 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
         ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
     ],
 )
-def test_bad_load_quantized_is_one_line_and_exit_status_2(
-    saved, checkpoint, tmp_path, monkeypatch, capsys, name, expected
-):
+def test_bad_load_quantized_is_one_line_and_exit_status_2(saved, checkpoint, tmp_path, capsys, name, expected):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
     wide = tmp_path / "gpt2-256"
@@ -176,10 +174,5 @@ def test_bad_load_quantized_is_one_line_and_exit_status_2(
         "save without quantizing": ["--save-quantized", str(tmp_path / "out.pt")],
         "verbose without quantizing": ["--verbose"],
     }[name]
-    monkeypatch.setattr(sys, "argv", ["example.py", "--backend", "torch", *arguments])
-    with pytest.raises(SystemExit) as exit_info:
-        example.main()  # in this process: the errors come before or right after loading the model
-    assert exit_info.value.code == 2, name
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), lines
-    assert expected in lines[0]
+    argv = ["--backend", "torch", *arguments]
+    assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
