@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.calibration_data,
             args.qat_steps,
             args.qat_lr,
+            args.qat_batch_size,
         )
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
         raise UsageError(str(error)) from None
@@ -105,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
     parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows")
+    parser.add_argument("--qat-batch-size", type=int, default=8, help="windows of n_positions tokens per QAT step")
     parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
     parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
     parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
@@ -124,8 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--context must be at least 1, got {args.context}")
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
-    if args.qat_steps < 1 or args.qat_lr <= 0:
-        raise UsageError(f"--qat-steps must be at least 1 and --qat-lr above 0, got {args.qat_steps} and {args.qat_lr}")
+    if min(args.qat_steps, args.qat_batch_size) < 1 or args.qat_lr <= 0:
+        raise UsageError("--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0")
     if not os.path.isfile(args.eval_data):
         raise UsageError(f"held-out text not found: {args.eval_data}")
     if args.chart is not None and not args.chart.lower().endswith(".png"):
@@ -143,6 +145,7 @@ def evaluate(
     calibration_data: str | None = None,
     qat_steps: int = DEFAULT_QAT_STEPS,
     qat_lr: float = DEFAULT_QAT_LR,
+    qat_batch_size: int = 8,
 ) -> list[Row]:
     """One row per mode, unquantized first (the baseline), the others in ALL_MODES order."""
     unknown = sorted(set(modes) - set(ALL_MODES))
@@ -156,6 +159,9 @@ def evaluate(
     if len(tokens) < context + 1:
         raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
 
+    def finetuned(model: GPT2LMHeadModel, mode: str) -> tuple[GPT2LMHeadModel, float]:
+        return quantization_aware_training(model, qat_steps, qat_lr, qat_batch_size, mode)
+
     rows = []
     calibrated = {}  # mode calibrated -> (quantized model, twin, calibration seconds): one serves several rows
     for mode in (m for m in ALL_MODES if m == UNQUANTIZED or m in modes):
@@ -163,7 +169,7 @@ def evaluate(
         if mode in (UNQUANTIZED, FINETUNED):
             model, calibration_seconds = hf_model, 0.0
             if mode == FINETUNED:
-                model, training_seconds = quantization_aware_training(hf_model, qat_steps, qat_lr, mode)
+                model, training_seconds = finetuned(hf_model, mode)
             twin = load_twin(model, None)
         else:
             calibrated_mode = mode.removesuffix("-qat")
@@ -178,7 +184,7 @@ def evaluate(
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
                 twin = drop_pre_quant_scale(copy.deepcopy(twin))
             if mode.endswith("-qat"):
-                trained, training_seconds = quantization_aware_training(quantized, qat_steps, qat_lr, mode)
+                trained, training_seconds = finetuned(quantized, mode)
                 twin = load_twin(hf_model, "int4-weight-only", trained)
         start = time.perf_counter()
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
@@ -188,14 +194,14 @@ def evaluate(
 
 
 def quantization_aware_training(
-    model: GPT2LMHeadModel, steps: int, lr: float, desc: str
+    model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
 ) -> tuple[GPT2LMHeadModel, float]:
     """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
     from training import finetune, train_tokens
 
     start = time.perf_counter()
     trained = copy.deepcopy(model)
-    finetune(trained, train_tokens(), steps, lr, desc=f"Fine-tuning {desc}")
+    finetune(trained, train_tokens(), steps, lr, batch_size, desc=f"Fine-tuning {desc}")
     return trained, time.perf_counter() - start
 
 
