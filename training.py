@@ -145,6 +145,7 @@ def finetune(
     It runs in float32: the quantizers' rounding is what is being trained against, not bfloat16's.
     """
     context = model.config.n_positions
+    torch.manual_seed(seed)  # dropout's masks: the same seed gives the same fine-tuned model
     generator = torch.Generator().manual_seed(seed)
     offsets = torch.arange(context + 1)
     # The embeddings stay as they are: the 50257-row token table is most of the parameters and of the backward
