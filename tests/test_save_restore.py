@@ -134,6 +134,14 @@ def checkpoint(base, tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory) -> str:
+    """A GPT-2 of another width than `base`, for a file saved for another model."""
+    path = tmp_path_factory.mktemp("gpt2-256")
+    make_gpt2(n_embd=256, n_layer=2, n_head=4, n_positions=64).save_pretrained(path)
+    return str(path)
+
+
 def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, calibration_file, tmp_path):
     path = str(tmp_path / "int4.pt")
     calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", calibration_file]
@@ -160,19 +168,19 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
         ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
     ],
 )
-def test_bad_load_quantized_is_one_line_and_exit_status_2(saved, checkpoint, tmp_path, capsys, name, expected):
+def test_bad_load_quantized_is_one_line_and_exit_status_2(
+    saved, checkpoint, wide_checkpoint, tmp_path, capsys, name, expected
+):
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    wide = tmp_path / "gpt2-256"
-    make_gpt2(n_embd=256, n_layer=2, n_head=4, n_positions=64).save_pretrained(wide)
     int4 = saved["int4-weight-only"][1]
     arguments = {
         "text file": ["--model-type", checkpoint, "--load-quantized", str(text)],
         "other mode": ["--model-type", checkpoint, "--load-quantized", int4, "--quant-mode", "float8"],
-        "other model": ["--model-type", str(wide), "--load-quantized", int4],
+        "other model": ["--model-type", wide_checkpoint, "--load-quantized", int4],
         "missing file": ["--load-quantized", "no/such/file.pt"],
         "save without quantizing": ["--save-quantized", str(tmp_path / "out.pt")],
         "verbose without quantizing": ["--verbose"],
     }[name]
-    argv = ["--backend", "torch", *arguments]
+    argv = ["--backend", "torch", "--max-new-tokens", "8", *arguments]
     assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
