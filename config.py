@@ -8,6 +8,8 @@ AUTO_QUANT_MODE = "auto"
 # The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
 EFFECTIVE_BITS_RANGE = (4.0, 16.0)
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
+# What ModelOpt's weight quantizer is in each mode: (num_bits, block-wise).
+WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
 
 
 @dataclass

@@ -50,6 +50,15 @@ REPORT_MODES = (
     AUTO_QUANT_MODE,  # a row per budget in auto_bits, named "auto <bits> bits"
 )
 DEFAULT_AUTO_BITS = (4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
+# Rows on request (--modes), for quantization-aware training: int4 calibrated with plain max instead of AWQ, each
+# int4 model fine-tuned with its quantizers in place (training.finetune), and, as the control, the unquantized model
+# fine-tuned the same way, to tell what QAT wins from what more training alone wins.
+FINETUNED = "unquantized-finetuned"
+INT4_MAX = "int4-weight-only-max"
+QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-qat")
+ALL_MODES = (*REPORT_MODES, *QAT_MODES)
+DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
+DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
 QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
@@ -63,6 +72,7 @@ class Row:
     calibration_seconds: float
     eval_seconds: float
     effective_bits: float | None = None  # auto rows: the bits per block-linear weight of the mix chosen
+    training_seconds: float = 0.0  # fine-tuning (QAT) time, on top of the calibration time
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -78,6 +88,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.num_calibration_samples,
             args.calibration_data,
             args.auto_bits,
+            args.qat_steps,
+            args.qat_lr,
+            args.qat_batch_size,
         )
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
         raise UsageError(str(error)) from None
@@ -99,11 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--modes",
         nargs="+",
-        choices=REPORT_MODES,
+        choices=ALL_MODES,
         default=list(REPORT_MODES),
         metavar="MODE",
-        help=f"rows to report, from: {', '.join(REPORT_MODES)} ({UNQUANTIZED} is always measured: it is the baseline)",
+        help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
+        "the last four fine-tune for --qat-steps, minutes each)",
     )
+    parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
+    parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows")
+    parser.add_argument("--qat-batch-size", type=int, default=8, help="windows of n_positions tokens per QAT step")
     parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
     parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
     parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
@@ -133,6 +150,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     checks.check_model_type(args.model_type)
+    if min(args.qat_steps, args.qat_batch_size) < 1 or args.qat_lr <= 0:
+        raise UsageError("--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0")
     if not os.path.isfile(args.eval_data):
         raise UsageError(f"held-out text not found: {args.eval_data}")
     checks.check_text_file(args.eval_data, "--eval-data")
@@ -167,12 +186,15 @@ def evaluate(
     num_calibration_samples: int = 64,
     calibration_data: str | None = None,
     auto_bits: Sequence[float] = DEFAULT_AUTO_BITS,
+    qat_steps: int = DEFAULT_QAT_STEPS,
+    qat_lr: float = DEFAULT_QAT_LR,
+    qat_batch_size: int = 8,
 ) -> list[Row]:
-    """One row per mode, unquantized first (the baseline), the others in REPORT_MODES order, AUTO_QUANT_MODE as a row
+    """One row per mode, unquantized first (the baseline), the others in ALL_MODES order, AUTO_QUANT_MODE as a row
     per budget in `auto_bits`."""
-    unknown = sorted(set(modes) - set(REPORT_MODES))
+    unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
-        raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(REPORT_MODES)}")
+        raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
     hf_model = load_hf_model(model_type)
     context = context or hf_model.config.n_positions
     if context > hf_model.config.n_positions:
@@ -181,25 +203,53 @@ def evaluate(
     if len(tokens) < context + 1:
         raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
 
+    def finetuned(model: GPT2LMHeadModel, mode: str) -> tuple[GPT2LMHeadModel, float]:
+        return quantization_aware_training(model, qat_steps, qat_lr, qat_batch_size, mode)
+
     rows = []
-    calibrated = {}  # quant_mode -> (twin, calibration seconds): the int4 twin serves two rows
-    for mode in (m for m in REPORT_MODES if m == UNQUANTIZED or m in modes):
+    calibrated = {}  # mode calibrated -> (quantized model, twin, calibration seconds): one serves several rows
+    for mode in (m for m in ALL_MODES if m == UNQUANTIZED or m in modes):
         if mode == AUTO_QUANT_MODE:
             rows += auto_rows(hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples)
             continue
-        if mode == UNQUANTIZED:
-            twin, calibration_seconds = load_twin(hf_model, None), 0.0
+        training_seconds = 0.0
+        if mode in (UNQUANTIZED, FINETUNED):
+            model, calibration_seconds = hf_model, 0.0
+            if mode == FINETUNED:
+                model, training_seconds = finetuned(hf_model, mode)
+            twin = load_twin(model, None)
         else:
-            quant_mode = "int4-weight-only" if mode == INT4_WITHOUT_PRE_QUANT_SCALE else mode
-            if quant_mode not in calibrated:
-                calibrated[quant_mode] = calibrate(hf_model, quant_mode, calibration_data, num_calibration_samples)
-            twin, calibration_seconds = calibrated[quant_mode]
+            calibrated_mode = mode.removesuffix("-qat")
+            calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
+            if calibrated_mode not in calibrated:
+                algorithm = "max" if calibrated_mode == INT4_MAX else None
+                quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
+                calibrated[calibrated_mode] = calibrate(
+                    hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm
+                )
+            quantized, twin, calibration_seconds = calibrated[calibrated_mode]
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
                 twin = drop_pre_quant_scale(copy.deepcopy(twin))
+            if mode.endswith("-qat"):
+                trained, training_seconds = finetuned(quantized, mode)
+                twin = load_twin(hf_model, "int4-weight-only", trained)
         start = time.perf_counter()
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
-        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, time.perf_counter() - start))
+        seconds = time.perf_counter() - start
+        rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
     return rows
+
+
+def quantization_aware_training(
+    model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
+) -> tuple[GPT2LMHeadModel, float]:
+    """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
+    from training import finetune, train_tokens
+
+    start = time.perf_counter()
+    trained = copy.deepcopy(model)
+    finetune(trained, train_tokens(), steps, lr, batch_size, desc=f"Fine-tuning {desc}")
+    return trained, time.perf_counter() - start
 
 
 def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
@@ -210,15 +260,21 @@ def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
 
 
 def calibrate(
-    hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int
-) -> tuple[GPT, float]:
-    """Quantizes a copy of the model with ModelOpt; returns its twin and the seconds the calibration took."""
+    hf_model: GPT2LMHeadModel,
+    quant_mode: str,
+    calibration_data: str | None,
+    num_samples: int,
+    algorithm: str | None = None,
+) -> tuple[GPT2LMHeadModel, GPT, float]:
+    """Quantizes a copy of the model with ModelOpt; returns it, its twin and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()
-    quantized = modelopt_quantize(copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples)
+    quantized = modelopt_quantize(
+        copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples, algorithm=algorithm
+    )
     seconds = time.perf_counter() - start
-    return load_twin(hf_model, quant_mode, quantized), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized), seconds
 
 
 def auto_rows(
@@ -310,6 +366,9 @@ def format_table(rows: list[Row]) -> str:
                 f"{row.eval_seconds:.1f}",
             )
         )
+    if any(row.training_seconds for row in rows):  # QAT rows: how long the fine-tuning took
+        header = (*header, "training s")
+        lines = [(*cells, f"{row.training_seconds:.1f}") for cells, row in zip(lines, rows, strict=True)]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:

@@ -99,12 +99,20 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     layer_quant_modes = None
-    if args.quant_mode == AUTO_QUANT_MODE:
+    if args.load_quantized is not None:
+        hf_model, quant_mode = load_quantized(hf_model, args.load_quantized, quant_mode)
+    elif args.quant_mode == AUTO_QUANT_MODE:
         device = "cuda" if backend == "tripy" else "cpu"
         layer_quant_modes = auto_quantize(hf_model, args, device)
     elif args.quant_mode is not None and hf_model is not None:
         device = "cuda" if backend == "tripy" else "cpu"
-        quantize(hf_model, args.quant_mode, args.calibration_data, args.num_calibration_samples, device)
+        quantize(hf_model, quant_mode, args.calibration_data, args.num_calibration_samples, device)
+    if args.save_quantized is not None:
+        save_quantized(hf_model, args.save_quantized)
+    if args.verbose:
+        import modelopt.torch.quantization as mtq
+
+        mtq.print_quant_summary(hf_model)  # every quantizer: on or off, bits, axis or blocks, amax
     if args.export_dir is not None:
         export_quantized(hf_model, args.export_dir)
         if args.export_only:
@@ -233,6 +241,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="let --export-dir write into a folder that is not empty, replacing the files of the same names",
     )
+    parser.add_argument(
+        "--save-quantized",
+        metavar="PATH",
+        help="after calibration, write the quantized model to PATH with ModelOpt's mto.save (weights and quantizer "
+        "states), for --load-quantized",
+    )
+    parser.add_argument(
+        "--load-quantized",
+        metavar="PATH",
+        help="restore a model written by --save-quantized or qat.py instead of calibrating (its mode comes from the "
+        "file; --quant-mode, if given, must match it)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="print ModelOpt's summary of the quantized model's quantizers"
+    )
     args = parser.parse_args(argv)
 
     if args.model_type is not None and not is_export(args.model_type):  # an export is checked as it is read
@@ -255,14 +278,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
         if args.calibration_data != "cnn_dailymail":
             checks.check_calibration_file(args.calibration_data)
-    if args.export_dir is not None and args.quant_mode is None:
-        raise UsageError("--export-dir needs --quant-mode: it exports the quantized checkpoint")
+    if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
+        raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None:
         raise UsageError("--export-only needs --export-dir")
     if args.overwrite and args.export_dir is None:
         raise UsageError("--overwrite needs --export-dir: it is the only thing example.py writes")
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
+    if args.load_quantized is not None:
+        if not os.path.isfile(args.load_quantized):
+            raise UsageError(f"--load-quantized: no such file: {args.load_quantized}")
+        if args.calibration_data is not None or args.save_quantized is not None:
+            raise UsageError(
+                "--load-quantized restores a calibrated model: --calibration-data and --save-quantized do not apply"
+            )
+    elif args.save_quantized is not None and args.quant_mode is None:
+        raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
+    if args.verbose and args.quant_mode is None and args.load_quantized is None:
+        raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
     check_auto_quantize_args(args)
     return args
 
@@ -478,6 +512,30 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
         quantization.save_recipe(recipe, path)
         print(f"Saved the per-layer formats to {path}: --recipe {path} reuses them without searching")
     return recipe.layers
+
+
+def load_quantized(hf_model: GPT2LMHeadModel, path: str, quant_mode: str | None) -> tuple[GPT2LMHeadModel, str]:
+    """Restores a model saved with mto.save onto `hf_model` (no calibration); returns it and its quant mode."""
+    from quantization import QuantizedCheckpointError
+    from quantization import load_quantized as restore
+
+    start = time.perf_counter()
+    try:
+        hf_model, quant_mode = restore(hf_model, path, quant_mode)
+    except QuantizedCheckpointError as error:
+        raise UsageError(f"--load-quantized: {error}") from None
+    print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
+    return hf_model, quant_mode
+
+
+def save_quantized(hf_model: GPT2LMHeadModel, path: str) -> None:
+    from quantization import save_quantized as save
+
+    try:
+        save(hf_model, path)
+    except OSError as error:
+        raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
+    print(f"Saved the quantized model to {path} (mto.save)")
 
 
 def export_quantized(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:

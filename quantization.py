@@ -19,14 +19,16 @@ import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
+from transformers.pytorch_utils import Conv1D
 
-from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode
+from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, WEIGHT_QUANTIZER, check_quant_mode
 from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
 
 with warnings.catch_warnings():
     # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
     warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+    import modelopt.torch.opt as mto
     import modelopt.torch.quantization as mtq
 
 SHIPPED_CALIBRATION_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "calibration.txt")
@@ -42,18 +44,26 @@ FORMAT_BITS = {"int4-weight-only": 4.0, "int8-weight-only": 8.0, "float8": 8.0, 
 # changes no ranking.
 SCORE_SCALE = 1000.0
 UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
+# Calibration algorithms a caller may pick instead of the mode's own (see quant_config).
+CALIBRATION_ALGORITHMS = ("max",)
 
 
-def quant_config(quant_mode: str) -> dict:
-    """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes."""
-    weight, inputs, algorithm = _layer_format(quant_mode)
+def quant_config(quant_mode: str, algorithm: str | None = None) -> dict:
+    """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes.
+
+    algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4); "max" for int4
+    takes each block's largest weight as its amax, without AWQ's search.
+    """
+    if algorithm is not None and algorithm not in CALIBRATION_ALGORITHMS:
+        raise ValueError(f"Unknown calibration algorithm {algorithm!r}; supported: {', '.join(CALIBRATION_ALGORITHMS)}")
+    weight, inputs, default_algorithm = _layer_format(quant_mode)
     layers = (*BLOCK_LINEARS, "lm_head") if quant_mode == "float8" else BLOCK_LINEARS
     quant_cfg = [{"quantizer_name": "*", "enable": False}]
     for layer in layers:
         quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": weight})
         if inputs is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": inputs})
-    return {"quant_cfg": quant_cfg, "algorithm": algorithm}
+    return {"quant_cfg": quant_cfg, "algorithm": algorithm or default_algorithm}
 
 
 def auto_quantize_format(quant_mode: str) -> dict:
@@ -97,13 +107,15 @@ def modelopt_quantize(
     dataset_name: str | None = None,
     batch_size: int = 4,
     num_samples: int = 64,
+    algorithm: str | None = None,
 ) -> torch.nn.Module:
     """Quantizes a Hugging Face GPT-2 in place with ModelOpt and returns it.
 
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
-    Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt.
+    Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
+    the mode's calibration algorithm (see `quant_config`).
     """
-    config = quant_config(quant_mode)
+    config = quant_config(quant_mode, algorithm)
     dataset_name = _default_dataset(dataset_name)
     device = next(model_hf.parameters()).device
     forward_loop = create_forward_loop(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
@@ -331,6 +343,88 @@ def load_recipe(path: str) -> Recipe:
     return Recipe(
         {layer: None if mode == UNQUANTIZED else mode for layer, mode in layers.items()}, data["effective_bits"]
     )
+
+
+class QuantizedCheckpointError(ValueError):
+    """A file that `load_quantized` cannot restore: not a ModelOpt checkpoint, or one for another model or mode."""
+
+
+def save_quantized(model: torch.nn.Module, path: str) -> None:
+    """Writes a quantized (calibrated or QAT-trained) model with ModelOpt's own `mto.save`.
+
+    The file holds ModelOpt's state (which quantizers exist, their config: bits, axis, blocks, and how they were
+    calibrated) and the model's state dict: the weights and every quantizer's buffers (amax, AWQ's pre_quant_scale).
+    """
+    mto.save(model, path)
+
+
+def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = None) -> tuple[torch.nn.Module, str]:
+    """Restores a model written by `save_quantized` onto `model`, an unquantized GPT-2 of the same shape, with
+    `mto.restore`, and returns it with its quantization mode: no calibration, the saved weights and scales as they
+    were. With `quant_mode`, the file must hold that mode. Raises QuantizedCheckpointError for a file that is not
+    a ModelOpt checkpoint, holds no quantized model, or was saved for a model of another shape or another mode.
+
+    The checks read the file before ModelOpt does, so that a wrong file is one clear message, not a traceback from
+    deep in `load_state_dict`. A GPT-2 with other weights but the same shape is accepted: the file's weights replace
+    them (that is how a QAT-trained model is restored onto the model it started from).
+    """
+    try:
+        # weights_only (torch's default) as mto.restore loads it: a ModelOpt state is tensors and plain values.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, ...) for a foreign file
+        raise QuantizedCheckpointError(f"{path} is not a ModelOpt checkpoint written by mto.save ({error})") from None
+    if not isinstance(checkpoint, dict) or not {"modelopt_state", "model_state_dict"} <= set(checkpoint):
+        raise QuantizedCheckpointError(
+            f"{path} is not a ModelOpt checkpoint written by mto.save (no modelopt_state and model_state_dict in it)"
+        )
+    saved_mode = _saved_quant_mode(checkpoint["modelopt_state"], path)
+    if quant_mode is not None and quant_mode != saved_mode:
+        raise QuantizedCheckpointError(f"{path} holds a {saved_mode} model, not {quant_mode}")
+    saved = checkpoint["model_state_dict"]
+    for name, shape in _quantized_shapes(model).items():
+        if name not in saved or list(saved[name].shape) != shape:
+            found = "missing" if name not in saved else f"shape {list(saved[name].shape)}"
+            raise QuantizedCheckpointError(
+                f"{path} was saved for another model: its {name} is {found}, the model's is {shape}"
+            )
+    return mto.restore(model, path), saved_mode
+
+
+def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
+    """The mode of a saved ModelOpt state, read from its weight quantizers' bits and blocks (as weight_loader does)."""
+    modes = [state for mode_name, state in modelopt_state.get("modelopt_state_dict", []) if mode_name == "quantize"]
+    if not modes:
+        raise QuantizedCheckpointError(f"{path} holds no quantized model (its ModelOpt state has no quantize mode)")
+    # The last entry (calibration updates it) describes the quantizers as they were saved.
+    quantizers = modelopt_state["modelopt_state_dict"][-1][1]["metadata"]["quantizer_state"]
+    found = {
+        (_hashable(state["_num_bits"]), bool(state["_block_sizes"]))
+        for name, state in quantizers.items()
+        if name.endswith(".weight_quantizer") and not state["_disabled"]
+    }
+    for mode, weight_quantizer in WEIGHT_QUANTIZER.items():
+        if found == {weight_quantizer}:
+            return mode
+    raise QuantizedCheckpointError(
+        f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)})"
+    )
+
+
+def _quantized_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """The shape of each tensor of the unquantized model once ModelOpt has quantized it: GPT-2's Conv1D weights
+    [in, out] become QuantLinear weights [out, in]."""
+    shapes = {}
+    for module_name, module in model.named_modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            transposed = isinstance(module, Conv1D) and name == "weight"
+            prefix = f"{module_name}." if module_name else ""
+            shapes[prefix + name] = list(tensor.shape)[::-1] if transposed else list(tensor.shape)
+    return {name: shape for name, shape in shapes.items() if name in model.state_dict()}
+
+
+def _hashable(num_bits: int | tuple | list) -> int | tuple:
+    """float8's num_bits (4, 3) as a tuple, however the state stored it."""
+    return tuple(num_bits) if isinstance(num_bits, list) else num_bits
 
 
 def create_forward_loop(

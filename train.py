@@ -7,46 +7,24 @@ GPT2LMHeadModel with GPT-2's own vocabulary, saved in float16 so the checkpoint 
 
     python train.py --overwrite          # replaces bundled_model/ and data/heldout.txt
     python train.py --steps 300 --out-dir /tmp/quick   # writes /tmp/quick/ and /tmp/quick/heldout.txt
+
+The corpus, loss and learning-rate schedule are in training.py, which quantization-aware training (qat.py) shares.
 """
 
 import argparse
-import ast
-import hashlib
-import math
 import os
-import re
-import sysconfig
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import checks
 from cli import ArgumentParser, UsageError, run
+from hub import BUNDLED_MODEL_DIR
 from perplexity import perplexity
 from tokenizer import gpt2_encoding
-
-REPO = Path(__file__).resolve().parent
-BUNDLED_MODEL_DIR = REPO / "bundled_model"
-HELDOUT_PATH = REPO / "data" / "heldout.txt"  # the bundled model's held-out text, which evaluate.py reads
-# Test suites, IDLE, bundled wheels, code-page tables and demo scripts: code and boilerplate rather than prose.
-SKIP_DIRS = {
-    "__phello__",
-    "__pycache__",
-    "encodings",
-    "ensurepip",
-    "idlelib",
-    "lib-dynload",
-    "lib2to3",
-    "pydoc_data",
-    "site-packages",
-    "test",
-    "tests",
-    "turtledemo",
-}
-HELDOUT_PERCENT = 5
+from training import HELDOUT_PATH, learning_rate, lm_loss, param_groups, split_corpus, stdlib_docstrings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,61 +109,9 @@ def training_bytes(args: argparse.Namespace) -> int:
 
 def heldout_path(out_dir: str) -> Path:
     """data/heldout.txt goes with the bundled model; a model trained elsewhere keeps its held-out text beside it."""
-    if Path(out_dir).resolve() == BUNDLED_MODEL_DIR:
+    if Path(out_dir).resolve() == Path(BUNDLED_MODEL_DIR).resolve():
         return HELDOUT_PATH
     return Path(out_dir) / "heldout.txt"
-
-
-def stdlib_docstrings() -> dict[str, list[str]]:
-    """Module, class and function docstrings of each stdlib source file, keyed by its path relative to the stdlib."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    docstrings = {}
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if SKIP_DIRS.intersection(relative.parts[:-1]) or relative.parts[0].startswith("config-"):
-            continue
-        tree = ast.parse(path.read_bytes())
-        nodes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-        # clean=True runs inspect.cleandoc: strips the indentation that the source code adds.
-        found = (ast.get_docstring(node, clean=True) for node in ast.walk(tree) if isinstance(node, nodes))
-        prose_texts = (prose(text) for text in found if text)
-        docstrings[relative.as_posix()] = [text for text in prose_texts if text]
-    return docstrings
-
-
-def prose(docstring: str) -> str:
-    """The docstring's paragraphs of prose, each on one line with single spaces, separated by blank lines.
-
-    Indented paragraphs (code, doctests, option lists) are dropped, and runs of spaces are folded: GPT-2's BPE makes
-    each run of spaces a token of its own, and a small model trained on them learns to print whitespace.
-    """
-    paragraphs = []
-    for paragraph in re.split(r"\n\s*\n", docstring):
-        lines = paragraph.splitlines()
-        if any(line.startswith((" ", "\t", ">>>", "...")) for line in lines):
-            continue
-        words = paragraph.split()
-        if len(words) >= 4:  # headings and labels such as "Parameters:" are not sentences
-            paragraphs.append(" ".join(words))
-    return "\n\n".join(paragraphs)
-
-
-def is_heldout(relative_path: str) -> bool:
-    # sha256 rather than hash(), which is salted per process: the split must be the same on every run.
-    return int(hashlib.sha256(relative_path.encode()).hexdigest(), 16) % 100 < HELDOUT_PERCENT
-
-
-def split_corpus(docstrings: dict[str, list[str]]) -> tuple[list[str], list[str]]:
-    """Train and validation docstrings, split by file, without repeats and with no docstring in both."""
-    train = {}  # a dict as an ordered set
-    for path, texts in docstrings.items():
-        if not is_heldout(path):
-            train.update(dict.fromkeys(texts))
-    validation = {}
-    for path, texts in docstrings.items():
-        if is_heldout(path):
-            validation.update(dict.fromkeys(text for text in texts if text not in train))
-    return list(train), list(validation)
 
 
 def build_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, dropout: float) -> GPT2LMHeadModel:
@@ -203,26 +129,12 @@ def build_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, dropou
     return GPT2LMHeadModel(config)
 
 
-def lm_loss(model: GPT2LMHeadModel, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; the softmax over 50257 tokens is computed in float32."""
-    logits = model(input_ids=inputs).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
 def validation_perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
     """The quality report's perplexity (evaluate.py), of the Hugging Face model in eval mode."""
     model.eval()
     value = perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
     model.train()
     return value
-
-
-def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth of the peak."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -248,13 +160,7 @@ def train(
     started: float,
 ) -> None:
     """AdamW on random windows of the token stream, logging the loss and, now and then, validation perplexity."""
-    # Weight decay on matrices (including the tied embedding), not on biases and LayerNorm gains.
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=True)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=True)
 
     context = args.n_positions
     generator = torch.Generator().manual_seed(args.seed)

@@ -14,14 +14,12 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode
+from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, WEIGHT_QUANTIZER, GPTConfig, check_quant_mode, layer_quant_mode
 from hub import load_hf_model
 from reference import GPT
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
-# What ModelOpt's weight quantizer must be for each mode: (num_bits, block-wise).
-WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
 
 
 def get_submodule(module: Any, attr_name: str) -> Any:

@@ -182,6 +182,23 @@ def test_table_lists_the_modes_asked_for(capsys):
     assert lines[header + 1].split()[2] == "+0.0%"  # the baseline against itself
 
 
+def test_qat_rows_train_and_report_their_training_time(capsys):
+    """One QAT step of one window (the real runs are in docs/training.md): each QAT row is its calibrated model
+    trained further, so its perplexity moves off the PTQ row's, and the table gains a training column."""
+    require_bundled_model()
+    argv = ["--modes", evaluate.INT4_MAX, "int4-weight-only-max-qat", evaluate.FINETUNED, "--max-tokens", "600"]
+    argv += ["--num-calibration-samples", "1", "--qat-steps", "1", "--qat-batch-size", "1", "--qat-lr", "1e-3"]
+    rows = {row.mode: row for row in evaluate.main(argv)}
+    assert list(rows) == [evaluate.UNQUANTIZED, evaluate.FINETUNED, evaluate.INT4_MAX, "int4-weight-only-max-qat"]
+    for mode in (evaluate.FINETUNED, "int4-weight-only-max-qat"):
+        assert rows[mode].training_seconds > 0
+    assert rows[evaluate.FINETUNED].perplexity != rows[evaluate.UNQUANTIZED].perplexity
+    assert rows["int4-weight-only-max-qat"].perplexity != rows[evaluate.INT4_MAX].perplexity
+    assert rows["int4-weight-only-max-qat"].weight_bytes == rows[evaluate.INT4_MAX].weight_bytes
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("mode "))
+    assert header.endswith("training s")
+
+
 def test_cli_saves_a_png_chart(tmp_path):
     """Run as users run it, on the default model; the unquantized row alone keeps it to the import time."""
     require_bundled_model()
@@ -199,6 +216,7 @@ def test_cli_saves_a_png_chart(tmp_path):
     [
         (["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
         (["--max-tokens", "1"], "--max-tokens must be at least 2"),
+        (["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0"),
         (["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
         (["--chart", "quality.jpg"], "--chart must name a .png file"),
         (

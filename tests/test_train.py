@@ -8,6 +8,7 @@ import pytest
 from helpers import usage_error
 
 import train
+import training
 
 
 def test_prose_keeps_sentences_and_drops_code_and_whitespace_runs():
@@ -24,7 +25,7 @@ def test_prose_keeps_sentences_and_drops_code_and_whitespace_runs():
         "The  start value   is added\n"
         "to the total,  and defaults to zero."
     )
-    assert train.prose(docstring) == (
+    assert training.prose(docstring) == (
         "Return the sum of the numbers in an iterable.\n\nThe start value is added to the total, and defaults to zero."
     )
 
@@ -33,12 +34,12 @@ def test_split_holds_out_whole_files_and_never_repeats_training_text():
     docstrings = {
         f"module_{i}.py": [f"Docstring number {i} of its module.", "A docstring shared by all."] for i in range(200)
     }
-    train_texts, validation_texts = train.split_corpus(docstrings)
-    held_out = [path for path in docstrings if train.is_heldout(path)]
+    train_texts, validation_texts = training.split_corpus(docstrings)
+    held_out = [path for path in docstrings if training.is_heldout(path)]
     assert 0 < len(held_out) < 30  # about 5% of 200 files
     assert validation_texts == [docstrings[path][0] for path in held_out]  # the shared docstring is training text
     assert not set(train_texts) & set(validation_texts)
-    assert train.split_corpus(docstrings) == (train_texts, validation_texts)  # the same split on every run
+    assert training.split_corpus(docstrings) == (train_texts, validation_texts)  # the same split on every run
 
 
 @pytest.mark.parametrize(

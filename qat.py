@@ -1,0 +1,115 @@
+"""Quantization-aware training (QAT): fine-tune a GPT-2 that ModelOpt has quantized, with its quantizers in place.
+
+Post-training quantization (PTQ, quantization.py) calibrates scales and leaves the weights as they were trained.
+QAT then trains on: every forward pass quantizes the weights with those scales, so the loss is the quantized
+model's loss, and the weights move to where rounding costs least. The result is saved with ModelOpt's mto.save, and
+the rest of the pipeline takes it as it takes a calibrated model:
+
+    python qat.py --out qat-int4-max.pt                        # int4, max calibration, 100 steps on the bundled model
+    python example.py --model-type bundled_model --load-quantized qat-int4-max.pt
+
+It trains on the bundled model's own corpus (training.py) for 100 steps by default, a tenth of the 1,000 that
+trained the bundled model, and reports the held-out perplexity of the deployed arithmetic (the PyTorch twin) before
+and after.
+"""
+
+import argparse
+import copy
+import os
+import time
+
+from cli import ArgumentParser, UsageError, run
+from config import QUANT_MODES
+from hub import BUNDLED_MODEL_DIR
+
+BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
+# train.py's learning rate at the end of its schedule (a tenth of its 2e-3 peak): fine-tuning starts where it ended.
+DEFAULT_LR = 2e-4
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+
+    import torch  # the arguments are good: now the imports that take seconds
+
+    from hub import load_hf_model
+    from perplexity import perplexity
+    from quantization import modelopt_quantize, save_quantized
+    from training import HELDOUT_PATH, finetune, train_tokens, validation_tokens
+    from weight_loader import load_twin
+
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        unquantized = load_hf_model(args.model_type)
+    except (ValueError, OSError) as error:  # not a GPT-2 checkpoint
+        raise UsageError(str(error)) from None
+    context = unquantized.config.n_positions
+    validation = validation_tokens()
+    tokens = train_tokens()
+    print(f"corpus: {len(tokens):,} training tokens; {len(validation):,} validation tokens in {HELDOUT_PATH.name}")
+
+    def deployed_perplexity(quantized: torch.nn.Module, desc: str) -> float:
+        """Perplexity of the twin built from the quantized model: the arithmetic Tripy runs."""
+        return perplexity(load_twin(unquantized, args.quant_mode, quantized), validation, context, desc=desc)
+
+    algorithm = None if args.calibration == "default" else args.calibration
+    try:
+        model = modelopt_quantize(
+            copy.deepcopy(unquantized),
+            args.quant_mode,
+            args.calibration_data,
+            num_samples=args.num_calibration_samples,
+            algorithm=algorithm,
+        )
+    except (ValueError, OSError) as error:  # calibration data that cannot be read
+        raise UsageError(str(error)) from None
+    ptq = deployed_perplexity(model, "Evaluating PTQ")
+    print(f"PTQ: {args.quant_mode} perplexity {ptq:.2f}")
+
+    start = time.time()
+    losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seed, desc="QAT")
+    minutes = (time.time() - start) / 60
+    qat = deployed_perplexity(model, "Evaluating QAT")
+    print(f"QAT: {args.steps} steps in {minutes:.1f} min, last loss {losses[-1]:.3f}, perplexity {qat:.2f}")
+    save_quantized(model, args.out)
+    print(f"saved {args.out} (mto.save); total time {(time.time() - started) / 60:.1f} min")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="qat.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", metavar="PATH", required=True, help="where to save the QAT model (mto.save)")
+    parser.add_argument("--model-type", metavar="DIR", default=BUNDLED_MODEL_DIR, help="a local GPT-2 checkpoint")
+    parser.add_argument("--quant-mode", choices=QUANT_MODES, default="int4-weight-only")
+    parser.add_argument(
+        "--calibration",
+        choices=("default", "max"),
+        default="max",
+        help="default: the mode's own calibration (AWQ for int4); max: each block's largest weight (default: max)",
+    )
+    parser.add_argument("--calibration-data", metavar="NAME_OR_FILE", help="as example.py's --calibration-data")
+    parser.add_argument("--num-calibration-samples", metavar="N", type=int, default=32)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=BUNDLED_TRAINING_STEPS // 10,
+        help=f"optimizer steps (default: a tenth of the {BUNDLED_TRAINING_STEPS} that trained the bundled model)",
+    )
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows of n_positions tokens per step")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
+        raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
+    if args.lr <= 0:
+        raise UsageError(f"--lr must be greater than 0, got {args.lr}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UsageError(f"--out {args.out}: its folder does not exist")
+    if not os.path.isdir(args.model_type):
+        raise UsageError(f"--model-type {args.model_type}: no such folder (a local GPT-2 checkpoint)")
+    return args
+
+
+if __name__ == "__main__":
+    run(main)

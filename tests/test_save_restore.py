@@ -1,0 +1,186 @@
+"""Saving a calibrated model with mto.save and restoring it with mto.restore (quantization.save_quantized and
+load_quantized): the restored model has exactly the saved scales and logits, and a wrong file is a clear error.
+
+The truth is the model that was saved: every quantizer buffer (amax, AWQ's pre_quant_scale) and the logits of the
+restored model must be bit for bit those of the calibrated one, for ModelOpt's model and for the twin built from it.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import REPO, make_gpt2, usage_error
+
+import example
+from config import QUANT_MODES
+from quantization import QuantizedCheckpointError, load_quantized, modelopt_quantize, save_quantized
+from weight_loader import load_twin
+
+
+@pytest.fixture(scope="module")
+def base():
+    """A GPT-2 128 wide (one int4 block per row) with outlier features, so AWQ's pre_quant_scale is not all ones."""
+    return make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=64)
+
+
+@pytest.fixture(scope="module")
+def saved(base, calibration_file, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, str]]:
+    """quant_mode -> (the calibrated model, the file it was saved to)."""
+    folder = tmp_path_factory.mktemp("saved")
+    result = {}
+    for mode in QUANT_MODES:
+        model = modelopt_quantize(copy.deepcopy(base), mode, calibration_file, num_samples=4)
+        path = str(folder / f"{mode}.pt")
+        save_quantized(model, path)
+        result[mode] = (model, path)
+    return result
+
+
+def quantizer_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every buffer of every ModelOpt quantizer: _amax, _pre_quant_scale, ..."""
+    return {name: tensor for name, tensor in model.named_buffers() if "_quantizer." in name}
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_restored_model_has_the_saved_scales_and_logits(base, saved, mode):
+    calibrated, path = saved[mode]
+    restored, restored_mode = load_quantized(copy.deepcopy(base), path)
+    assert restored_mode == mode
+
+    expected = quantizer_buffers(calibrated)
+    assert any(name.endswith("weight_quantizer._amax") for name in expected)
+    if mode == "int4-weight-only":
+        scales = [t for name, t in expected.items() if name.endswith("_pre_quant_scale")]
+        assert scales and not all(torch.all(scale == 1) for scale in scales)  # AWQ did scale some features
+    actual = quantizer_buffers(restored)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+    idx = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored(idx).logits, calibrated(idx).logits)
+        assert torch.equal(load_twin(base, mode, restored)(idx), load_twin(base, mode, calibrated)(idx))
+
+
+def test_restoring_does_not_calibrate(base, saved, capsys):
+    load_quantized(copy.deepcopy(base), saved["int8-weight-only"][1])
+    assert "Calibrat" not in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_modelopt_checkpoint(base, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(QuantizedCheckpointError, match="is not a ModelOpt checkpoint written by mto.save"):
+        load_quantized(copy.deepcopy(base), str(text))
+    weights = tmp_path / "weights.pt"
+    torch.save(base.state_dict(), weights)  # a plain state dict: torch's format, but no ModelOpt state
+    with pytest.raises(QuantizedCheckpointError, match="no modelopt_state and model_state_dict in it"):
+        load_quantized(copy.deepcopy(base), str(weights))
+
+
+def test_a_file_saved_without_quantization(base, tmp_path):
+    import modelopt.torch.opt as mto
+
+    path = tmp_path / "plain.pt"
+    mto.save(base, path)
+    with pytest.raises(QuantizedCheckpointError, match="holds no quantized model"):
+        load_quantized(copy.deepcopy(base), str(path))
+
+
+def test_a_file_saved_in_another_mode(base, saved):
+    with pytest.raises(QuantizedCheckpointError, match="holds a float8 model, not int4-weight-only"):
+        load_quantized(copy.deepcopy(base), saved["float8"][1], "int4-weight-only")
+
+
+@pytest.mark.parametrize(
+    "other, mismatch",
+    [
+        (dict(n_embd=256), "transformer.wte.weight is shape [50257, 128], the model's is [50257, 256]"),
+        (dict(n_layer=3), "transformer.h.2.ln_1.weight is missing"),
+        (dict(n_positions=32), "transformer.wpe.weight is shape [64, 128], the model's is [32, 128]"),
+    ],
+)
+def test_a_file_saved_for_another_model(saved, other, mismatch):
+    shape = dict(n_embd=128, n_layer=2, n_head=4, n_positions=64) | other
+    with pytest.raises(QuantizedCheckpointError, match="was saved for another model") as error:
+        load_quantized(make_gpt2(**shape), saved["int4-weight-only"][1])
+    assert mismatch in str(error.value)
+
+
+# example.py, run the way users run it: calibrate and save, then restore and generate.
+PROMPT = "The town council voted"
+
+
+def run_example(arguments: list[str], tmp_path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
+    generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", "8", "--seed", "5"]
+    command = [sys.executable, "example.py", *generate, *arguments]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def generated_text(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split(example.SEPARATOR)[1]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("gpt2-128")
+    base.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory) -> str:
+    """A GPT-2 of another width than `base`, for a file saved for another model."""
+    path = tmp_path_factory.mktemp("gpt2-256")
+    make_gpt2(n_embd=256, n_layer=2, n_head=4, n_positions=64).save_pretrained(path)
+    return str(path)
+
+
+def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, calibration_file, tmp_path):
+    path = str(tmp_path / "int4.pt")
+    calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", calibration_file]
+    calibrated = run_example([*calibrate, "--num-calibration-samples", "4", "--save-quantized", path], tmp_path)
+    assert f"Saved the quantized model to {path}" in calibrated.stdout
+    restored = run_example(["--model-type", checkpoint, "--load-quantized", path, "--verbose"], tmp_path)
+    assert f"Restored int4-weight-only from {path}" in restored.stdout
+    assert "Calibrated" not in restored.stdout and "Calibrating" not in restored.stderr
+    assert generated_text(restored) == generated_text(calibrated)
+    # --verbose: ModelOpt's summary, one line per quantizer; c_attn's weight quantizer is on, 4 bits in blocks.
+    summary = [line for line in restored.stdout.splitlines() if "transformer.h.0.attn.c_attn.weight_quantizer" in line]
+    assert len(summary) == 1 and "4 bit" in summary[0] and "block_sizes" in summary[0], restored.stdout
+    assert "TensorQuantizers found in model" in restored.stdout
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("text file", "is not a ModelOpt checkpoint written by mto.save"),
+        ("other mode", "holds a int4-weight-only model, not float8"),
+        ("other model", "was saved for another model: its transformer.wte.weight is shape [50257, 128]"),
+        ("missing file", "--load-quantized: no such file: no/such/file.pt"),
+        ("save without quantizing", "--save-quantized needs --quant-mode"),
+        ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
+    ],
+)
+def test_bad_load_quantized_is_one_line_and_exit_status_2(
+    saved, checkpoint, wide_checkpoint, tmp_path, capsys, name, expected
+):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    int4 = saved["int4-weight-only"][1]
+    arguments = {
+        "text file": ["--model-type", checkpoint, "--load-quantized", str(text)],
+        "other mode": ["--model-type", checkpoint, "--load-quantized", int4, "--quant-mode", "float8"],
+        "other model": ["--model-type", wide_checkpoint, "--load-quantized", int4],
+        "missing file": ["--load-quantized", "no/such/file.pt"],
+        "save without quantizing": ["--save-quantized", str(tmp_path / "out.pt")],
+        "verbose without quantizing": ["--verbose"],
+    }[name]
+    argv = ["--backend", "torch", "--max-new-tokens", "8", *arguments]
+    assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
