@@ -56,15 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     backend, backend_reason = choose_backend(args.backend)
     if backend == "tripy" and args.quant_mode == "float8":
         check_float8_gpu()
-    dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     print(f"Backend: {backend} ({backend_reason})")
 
     # The arguments are good: now the imports that take seconds.
-    import torch
     import transformers
 
     from tokenizer import gpt2_encoding
-    from weight_loader import config_from_export, config_from_hf
 
     transformers.logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     encoding = gpt2_encoding()
@@ -73,40 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.calibration_data == "cnn_dailymail":
         check_hub_reachable_for_calibration()
 
-    start = time.perf_counter()
-    if is_export(args.model_type):  # calibrated already: its weights and scales go straight into the model
-        model_type, hf_model = args.model_type, None
-        hf_config, quant_mode = read_export(args.model_type, args.quant_mode)
-        print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
-    else:
-        model_type, hf_model = load_hf_model(args.model_type)
-        hf_config, quant_mode = hf_model.config, args.quant_mode
-        num_params = sum(p.numel() for p in hf_model.parameters())
-        print(
-            f"Model: {model_type} ({num_params / 1e6:.1f}M parameters), loaded in {time.perf_counter() - start:.1f} s"
-        )
-    context = hf_config.n_positions
-    if len(prompt_tokens) + args.max_new_tokens > context and not args.export_only:
-        raise UsageError(
-            f"the prompt ({len(prompt_tokens)} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
-            f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
-        )
-    width = hf_config.n_embd
-    if quant_mode in ("int4-weight-only", AUTO_QUANT_MODE) and width % INT4_BLOCK_SIZE and not args.export_only:
-        raise UsageError(
-            f"--quant-mode {args.quant_mode} quantizes blocks of {INT4_BLOCK_SIZE} input features in int4, and "
-            f"{model_type} is {width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
-        )
-
+    model_type, hf_model, quant_mode = load_model(args, len(prompt_tokens))
     layer_quant_modes = None
     if args.load_quantized is not None:
         hf_model, quant_mode = load_quantized(hf_model, args.load_quantized, quant_mode)
     elif args.quant_mode == AUTO_QUANT_MODE:
-        device = "cuda" if backend == "tripy" else "cpu"
-        layer_quant_modes = auto_quantize(hf_model, args, device)
+        layer_quant_modes = auto_quantize(hf_model, args, device_for(backend))
     elif args.quant_mode is not None and hf_model is not None:
-        device = "cuda" if backend == "tripy" else "cpu"
-        quantize(hf_model, quant_mode, args.calibration_data, args.num_calibration_samples, device)
+        quantize(hf_model, quant_mode, args.calibration_data, args.num_calibration_samples, device_for(backend))
     if args.save_quantized is not None:
         save_quantized(hf_model, args.save_quantized)
     if args.verbose:
@@ -118,27 +89,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.export_only:
             return
 
-    shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
-    if hf_model is None:
-        config = config_from_export(model_type, **shape)
-    else:
-        config = config_from_hf(hf_model, quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, **shape)
+    dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
+    config = gpt_config(model_type, hf_model, quant_mode, layer_quant_modes, len(prompt_tokens), args, dtype)
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
         generate = build_torch_generator(config, model_type, hf_model)
-
-    idx = torch.tensor([prompt_tokens], dtype=torch.long)  # [batch = 1, prompt]
-    generator = torch.Generator().manual_seed(args.seed)
-    printer = TokenPrinter(encoding)
-    print(SEPARATOR)
-    print(args.input_text, end="", flush=True)
-    start = time.perf_counter()
-    generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator, printer)
-    elapsed = time.perf_counter() - start
-    printer.finish()
-    print(f"\n{SEPARATOR}")
-    print(f"Generated {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:.1f} tokens/s)")
+    generate_and_print(generate, encoding, prompt_tokens, args)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -548,6 +505,78 @@ def export_quantized(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:
     except (ValueError, RuntimeError, OSError) as error:  # export.py's documented limitations, a full disk
         raise UsageError(f"cannot export to {export_dir}: {error}") from None
     print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")
+
+
+def load_model(args: argparse.Namespace, prompt_len: int) -> tuple[str, GPT2LMHeadModel | None, str | None]:
+    """(the name or folder loaded, the Hugging Face GPT-2 or None for an export, the quantization mode), after
+    checking that the prompt and the new tokens fit the model and that int4's blocks fit its width."""
+    start = time.perf_counter()
+    if is_export(args.model_type):  # calibrated already: its weights and scales go straight into the model
+        model_type, hf_model = args.model_type, None
+        hf_config, quant_mode = read_export(args.model_type, args.quant_mode)
+        print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
+    else:
+        model_type, hf_model = load_hf_model(args.model_type)
+        hf_config, quant_mode = hf_model.config, args.quant_mode
+        num_params = sum(p.numel() for p in hf_model.parameters())
+        print(
+            f"Model: {model_type} ({num_params / 1e6:.1f}M parameters), loaded in {time.perf_counter() - start:.1f} s"
+        )
+    context = hf_config.n_positions
+    if prompt_len + args.max_new_tokens > context and not args.export_only:
+        raise UsageError(
+            f"the prompt ({prompt_len} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
+            f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
+        )
+    width = hf_config.n_embd
+    if quant_mode in ("int4-weight-only", AUTO_QUANT_MODE) and width % INT4_BLOCK_SIZE and not args.export_only:
+        raise UsageError(
+            f"--quant-mode {args.quant_mode} quantizes blocks of {INT4_BLOCK_SIZE} input features in int4, and "
+            f"{model_type} is {width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
+        )
+    return model_type, hf_model, quant_mode
+
+
+def device_for(backend: str) -> str:
+    """Where calibration runs: on the GPU when Tripy has one; the weight loader reads the model back on the CPU."""
+    return "cuda" if backend == "tripy" else "cpu"
+
+
+def gpt_config(
+    model_type: str,
+    hf_model: GPT2LMHeadModel | None,
+    quant_mode: str | None,
+    layer_quant_modes: dict[str, str | None] | None,
+    prompt_len: int,
+    args: argparse.Namespace,
+    dtype: str,
+) -> GPTConfig:
+    """The Tripy model's (and the twin's) config: the checkpoint's shape, the mode, and the sequence to generate."""
+    from weight_loader import config_from_export, config_from_hf
+
+    shape = {"seq_len": prompt_len + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
+    if hf_model is None:
+        return config_from_export(model_type, **shape)
+    return config_from_hf(hf_model, quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, **shape)
+
+
+def generate_and_print(
+    generate: Generate, encoding: tiktoken.Encoding, prompt_tokens: list[int], args: argparse.Namespace
+) -> None:
+    """Samples --max-new-tokens tokens after the prompt, printing each as it comes, then the speed."""
+    import torch
+
+    idx = torch.tensor([prompt_tokens], dtype=torch.long)  # [batch = 1, prompt]
+    generator = torch.Generator().manual_seed(args.seed)
+    printer = TokenPrinter(encoding)
+    print(SEPARATOR)
+    print(args.input_text, end="", flush=True)
+    start = time.perf_counter()
+    generate(idx, args.max_new_tokens, args.temperature, args.top_k, generator, printer)
+    elapsed = time.perf_counter() - start
+    printer.finish()
+    print(f"\n{SEPARATOR}")
+    print(f"Generated {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:.1f} tokens/s)")
 
 
 def build_torch_generator(config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel) -> Generate:

@@ -257,7 +257,8 @@ def _run_auto_quantize(
     """
     dataset_name = _default_dataset(dataset_name)
     device = next(model_hf.parameters()).device
-    batches = calibration_batches(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
+    texts = calibration_texts(dataset_name, num_samples)
+    batches = calibration_batches(model_hf, texts, gpt2_tokenizer(), device, batch_size, max_length=512)
     with warnings.catch_warnings():
         # ModelOpt warns that results with custom formats "may not be optimal": these are the example's own modes;
         # and that it turns on gradient checkpointing, which is turned off again below.
@@ -438,9 +439,12 @@ def create_forward_loop(
 ) -> Callable[[torch.nn.Module], None]:
     """A `forward_loop(model)` for `mtq.quantize`: runs `num_samples` text samples through the model.
 
-    See `calibration_batches` for the arguments.
+    dataset_name: "cnn_dailymail" or a local .txt/.json/.jsonl file (see `calibration_texts`). tokenizer: a
+    transformers GPT-2 tokenizer. The loop's `num_samples` is how many it runs: fewer than asked when the data holds
+    fewer.
     """
-    batches = calibration_batches(model, dataset_name, tokenizer, device, batch_size, num_samples, max_length)
+    texts = calibration_texts(dataset_name, num_samples)
+    batches = calibration_batches(model, texts, tokenizer, device, batch_size, max_length)
 
     @torch.no_grad()
     def forward_loop(model: torch.nn.Module) -> None:
@@ -451,29 +455,34 @@ def create_forward_loop(
     return forward_loop
 
 
-def calibration_batches(
-    model: torch.nn.Module,
-    dataset_name: str,
-    tokenizer: Any,
-    device: torch.device | str,
-    batch_size: int = 4,
-    num_samples: int = 64,
-    max_length: int = 512,
-) -> list[dict[str, torch.Tensor]]:
-    """`num_samples` text samples as batches of input_ids, attention_mask and labels (padding: -100) [batch, seq].
-
-    dataset_name: "cnn_dailymail" (articles, from the Hugging Face Hub), or a local file: .txt (one sample per
-    paragraph), .json or .jsonl (a "text" field per record). tokenizer: a transformers GPT-2 tokenizer.
-    Samples are truncated to `max_length` tokens, never beyond what the model's position embedding covers.
-    The loop's `num_samples` is how many it runs: fewer than asked when the data holds fewer.
-    """
-    if batch_size < 1 or num_samples < 1:
-        raise ValueError(f"batch_size and num_samples must be at least 1, got {batch_size} and {num_samples}")
+def calibration_texts(dataset_name: str, num_samples: int) -> list[str]:
+    """Up to `num_samples` text samples: from "cnn_dailymail" (articles, from the Hugging Face Hub), or a local file:
+    .txt (one sample per paragraph), .json or .jsonl (a "text" field per record). Says so when there are fewer."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     texts = _load_texts(dataset_name, num_samples)
     if len(texts) < num_samples:
         print(
             f"{dataset_name} has only {len(texts)} samples, fewer than the {num_samples} asked for: using {len(texts)}"
         )
+    return texts
+
+
+def calibration_batches(
+    model: torch.nn.Module,
+    texts: list[str],
+    tokenizer: Any,
+    device: torch.device | str,
+    batch_size: int,
+    max_length: int,
+) -> list[dict[str, torch.Tensor]]:
+    """`texts` as batches of input_ids, attention_mask and labels (padding: -100) [batch, seq], on `device`.
+
+    tokenizer: a transformers GPT-2 tokenizer. Samples are truncated to `max_length` tokens, never beyond what the
+    model's position embedding covers.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     max_length = min(max_length, model.config.n_positions)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -51,7 +51,10 @@ def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
 
 def config_from_hf(hf_model: GPT2LMHeadModel, **overrides: Any) -> GPTConfig:
     """The GPTConfig matching a Hugging Face GPT-2; `overrides` sets the other fields (dtype, quant_mode, ...)."""
-    hf_config = hf_model.config
+    return _config(hf_model.config, **overrides)
+
+
+def _config(hf_config: Any, **overrides: Any) -> GPTConfig:
     return GPTConfig(
         block_size=hf_config.n_positions,
         vocab_size=hf_config.vocab_size,
@@ -164,15 +167,7 @@ def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
     from modelopt_hf import read_export
 
     fmt, hf_config = read_export(export_dir)
-    return GPTConfig(
-        block_size=hf_config.n_positions,
-        vocab_size=hf_config.vocab_size,
-        num_layers=hf_config.n_layer,
-        num_heads=hf_config.n_head,
-        embedding_size=hf_config.n_embd,
-        quant_mode=fmt.quant_mode,
-        **overrides,
-    )
+    return _config(hf_config, quant_mode=fmt.quant_mode, **overrides)
 
 
 def load_export_twin(export_dir: str) -> GPT:

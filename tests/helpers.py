@@ -1,6 +1,7 @@
 """What several test files build: small GPT-2 models and a few paragraphs of calibration text."""
 
 import os
+import subprocess
 from collections.abc import Callable
 
 import pytest
@@ -65,3 +66,13 @@ def usage_error(main: Callable[[list[str]], object], argv: list[str], prog: str,
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"{prog}: error: ") and stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
     return stderr.strip()
+
+
+def assert_usage_error(result: subprocess.CompletedProcess, prog: str, expected: str) -> None:
+    """A script run in a subprocess stopped as a mistake in its input should: exit status 2, one line
+    `prog: error: ...` on stderr that says `expected`, no traceback."""
+    assert result.returncode == 2, f"exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    assert expected in lines[0]

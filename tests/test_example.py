@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, assert_usage_error, make_gpt2
 
 import config
 import example
@@ -285,12 +285,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(runs, name, expected):
-    result = runs[name].result()
-    assert result.returncode == 2, f"{name}: exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), result.stderr
-    assert expected in lines[0]
+    assert_usage_error(runs[name].result(), "example.py", expected)
 
 
 def test_hub_model_offline_suggests_a_local_directory(runs):

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, REPO, assert_usage_error, make_gpt2
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -150,12 +150,7 @@ def test_running_an_export_uses_its_weights(runs, exports):
     ],
 )
 def test_bad_export_is_one_line_and_exit_status_2(runs, name, expected):
-    result = runs[name].result()
-    assert result.returncode == 2, f"{name}: exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("example.py: error: "), result.stderr
-    assert expected in lines[0]
+    assert_usage_error(runs[name].result(), "example.py", expected)
 
 
 @pytest.mark.parametrize(
