@@ -60,11 +60,14 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
 def _write_conv1d_layout(export_dir: str) -> None:
     """Transposes the quantized Conv1D weights to [in, out], records the layout in both quantization configs, and
     unties lm_head from wte in config.json when the export holds a quantized lm_head of its own."""
+    lm_head_quantized = False
     for path in safetensors_files(export_dir):
         tensors = load_file(path)
+        lm_head_quantized |= "lm_head.weight_scale" in tensors
         for name in list(tensors):
             layer = name.removesuffix(".weight")
-            if layer != name and layer.endswith(CONV1D_LAYERS) and f"{layer}.weight_scale" in tensors:
+            # Every Conv1D layer, quantized or not: a mix (AutoQuantize) leaves some in high precision.
+            if layer != name and layer.endswith(CONV1D_LAYERS):
                 # int4's packed [out / 2, in] becomes [in, out / 2]: each byte still holds two output rows.
                 tensors[name] = tensors[name].t().contiguous()
         save_file(tensors, path, metadata={"format": "pt"})
@@ -81,7 +84,7 @@ def _write_conv1d_layout(export_dir: str) -> None:
         config = json.load(file)
     config["quantization_config"]["weight_layout"] = "conv1d"
     # float8 quantizes lm_head and exports it as its own tensor: loaders that tie it to wte would drop it.
-    if "lm_head" not in hf_quant_config["quantization"]["exclude_modules"]:
+    if lm_head_quantized:
         config["tie_word_embeddings"] = False
     if "group_size" in hf_quant_config["quantization"]:
         config["quantization_config"]["group_size"] = hf_quant_config["quantization"]["group_size"]

@@ -138,7 +138,7 @@ CASES = [
     ("example.py", ["--model-type", "{w}/config-list"], "is not a Hugging Face GPT-2 checkpoint"),
     ("example.py", ["--model-type", "{w}/bert"], "is not a Hugging Face GPT-2 checkpoint"),
     ("example.py", ["--model-type", "{w}/no-weights"], "has config.json but no weights: expected model.safetensors"),
-    ("example.py", ["--model-type", "{w}/export"], "is a quantized checkpoint (as written by --export-dir)"),
+    ("example.py", ["--model-type", "{w}/export"], "export/hf_quant_config.json was not written by ModelOpt"),
     ("example.py", ["--model-type", "{w}/data/good.txt"], "unknown --model-type"),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/more-layers"], "do not match its config.json: 12 "),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/wider"], "do not match its config.json"),

@@ -235,7 +235,14 @@ def test_export_writes_a_checkpoint_and_carries_on(runs, export_dir):
     umask = os.umask(0)
     os.umask(umask)
     written = sorted(name for name in os.listdir(export_dir) if name != USERS_FILE)
-    assert written == ["config.json", "generation_config.json", "hf_quant_config.json", "model.safetensors"]
+    assert written == [
+        "config.json",
+        "generation_config.json",
+        "hf_quant_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert {name: os.stat(os.path.join(export_dir, name)).st_mode & 0o777 for name in written} == dict.fromkeys(
         written, 0o666 & ~umask
     )

@@ -328,9 +328,9 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
     tensors = read_tensors(export_dir)
     for name, mode in MIXED_LAYER_QUANT_MODES.items():
         layer = twin.get_submodule(name)
-        weight = tensors[f"{name}.weight"]
+        weight = tensors[f"{name}.weight"].t()  # GPT-2's [in, out] -> [out, in] (int4: [out / 2, in])
         if mode is None:
-            assert torch.equal(weight, layer.weight.detach()), name  # [out, in], as it was
+            assert torch.equal(weight, layer.weight.detach()), name  # unquantized, in the same layout
             assert f"{name}.weight_scale" not in tensors, name
             continue
         assert weight.dtype == STORED_DTYPE[mode], name
@@ -341,7 +341,7 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
         elif mode == "int8-weight-only":
             dequantized = weight.float() * weight_scale[:, None]
         else:
-            scale = weight_scale.repeat_interleave(INT4_BLOCK_SIZE, dim=1)
-            dequantized = (unpack_int4(weight) * scale).t()
+            scale = weight_scale.t().repeat_interleave(INT4_BLOCK_SIZE, dim=0)  # [in, out]
+            dequantized = unpack_int4(weight.t()) * scale  # [in, out], as the twin holds it
             assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
         torch.testing.assert_close(dequantized, layer.dequantized_weight, rtol=1e-6, atol=1e-7, msg=name)
