@@ -292,8 +292,9 @@ def test_transformers_reads_modelopts_own_layout_too(exported, tmp_path):
     with torch.no_grad():
         logits = load_with_transformers(str(linear_dir))(IDX).logits
         exported_logits = load_with_transformers(exported.export_dir)(IDX).logits
-    # The same weights; a transposed copy can change the order of float32 sums in the matmul, nothing more.
-    torch.testing.assert_close(logits, exported_logits, rtol=0, atol=1e-6 * exported_logits.abs().max().item())
+    # The same weights; a transposed copy can change the order of float32 sums in the matmul (seen on CI: 1.5e-6 with
+    # a largest logit of 1.5), so the bound of the transformers-vs-twin test: 1e-5 of the largest logit.
+    torch.testing.assert_close(logits, exported_logits, rtol=0, atol=1e-5 * exported_logits.abs().max().item())
 
 
 def test_twin_loaded_from_the_export_computes_the_exporting_runs_logits(exported):
