@@ -11,7 +11,7 @@ import os
 import tempfile
 
 from cli import UsageError
-from hub import HUB_MODELS, check_checkpoint_dir
+from hub import HUB_MODELS, check_checkpoint_dir, hub_reachable
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
@@ -118,6 +118,17 @@ def check_writable(path: str, flag: str) -> None:
         os.rmdir(tempfile.mkdtemp(dir=ancestor))
     except OSError as error:
         raise UsageError(f"cannot write {flag} {path}: {error.strerror} in {ancestor}") from None
+
+
+def check_calibration_data(calibration_data: str, flag: str = "--calibration-data") -> None:
+    """cnn_dailymail, which needs the Hugging Face Hub, or a local calibration file (`check_calibration_file`)."""
+    if calibration_data != "cnn_dailymail":
+        check_calibration_file(calibration_data, flag)
+    elif not hub_reachable():
+        raise UsageError(
+            "cannot download cnn_dailymail for calibration: the Hugging Face Hub is unreachable. "
+            "Pass a local file instead, e.g. --calibration-data data/calibration.txt"
+        )
 
 
 def check_calibration_file(path: str, flag: str = "--calibration-data") -> int:

@@ -29,7 +29,7 @@ from transformers.utils import logging as transformers_logging
 import checks
 from cli import ArgumentParser, UsageError, run
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, hub_reachable, load_hf_model
+from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
@@ -157,13 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checks.check_text_file(args.eval_data, "--eval-data")
     if args.calibration_data is not None and set(args.modes) == {UNQUANTIZED}:
         raise UsageError(f"--calibration-data needs a quantized mode in --modes: {UNQUANTIZED} is not calibrated")
-    if args.calibration_data not in (None, "cnn_dailymail"):
-        checks.check_calibration_file(args.calibration_data)
-    if args.calibration_data == "cnn_dailymail" and not hub_reachable():
-        raise UsageError(
-            "cannot download cnn_dailymail for calibration: the Hugging Face Hub is unreachable. "
-            "Pass a local file instead, e.g. --calibration-data data/calibration.txt"
-        )
+    if args.calibration_data is not None:
+        checks.check_calibration_data(args.calibration_data)
     if args.chart is not None:
         if not args.chart.lower().endswith(".png"):
             raise UsageError(f"--chart must name a .png file, got {args.chart}")

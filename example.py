@@ -67,8 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     encoding = gpt2_encoding()
     # "<|endoftext|>" in a prompt is GPT-2's document separator, not literal text.
     prompt_tokens = encoding.encode(args.input_text, allowed_special="all")
-    if args.calibration_data == "cnn_dailymail":
-        check_hub_reachable_for_calibration()
 
     model_type, hf_model, quant_mode = load_model(args, len(prompt_tokens))
     layer_quant_modes = None
@@ -233,8 +231,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.calibration_data is not None:
         if args.quant_mode is None:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
-        if args.calibration_data != "cnn_dailymail":
-            checks.check_calibration_file(args.calibration_data)
+        checks.check_calibration_data(args.calibration_data)
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None:
@@ -320,16 +317,6 @@ def check_export_dir(export_dir: str, model_type: str | None, overwrite: bool) -
     written. The bundled model counts as a source: it is what runs when the default cannot be downloaded."""
     sources = tuple(path for path in (model_type, BUNDLED_MODEL_DIR) if path is not None and os.path.isdir(path))
     checks.check_output_dir(export_dir, "--export-dir", overwrite, sources)
-
-
-def check_hub_reachable_for_calibration() -> None:
-    from hub import hub_reachable
-
-    if not hub_reachable():
-        raise UsageError(
-            "cannot download cnn_dailymail for calibration: the Hugging Face Hub is unreachable. "
-            "Pass a local file instead, e.g. --calibration-data data/calibration.txt"
-        )
 
 
 def choose_backend(requested: str) -> tuple[str, str]:

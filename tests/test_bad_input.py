@@ -243,6 +243,16 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, capsys, scr
     assert tree_hash(*watched) == before
 
 
+@pytest.mark.parametrize("script", ["example.py", "evaluate.py"])
+def test_cnn_dailymail_offline_is_refused_before_any_work(monkeypatch, capsys, script):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # hub.hub_reachable answers False at once
+    argv = ["--calibration-data", "cnn_dailymail"] + (
+        ["--quant-mode", "int8-weight-only"] if script == "example.py" else []
+    )
+    line = usage_error(SCRIPTS[script], argv, script, capsys)
+    assert "cannot download cnn_dailymail for calibration: the Hugging Face Hub is unreachable" in line
+
+
 def test_good_inputs_pass_the_same_checks(workspace):
     """The checks refuse what is wrong, not more: the cases above with the mistake taken out are accepted."""
     good = ["--quant-mode", "float8", "--model-type", str(workspace / "gpt2")]
