@@ -12,6 +12,14 @@ INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, a
 WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
 
 
+def quant_mode_of(num_bits: int | tuple | list, block_wise: bool) -> str | None:
+    """The mode whose weight quantizer has these bits and blocks (WEIGHT_QUANTIZER read backwards), or None.
+
+    num_bits as ModelOpt holds it: 8, 4, or float8's (4, 3), which a saved state may hold as a list."""
+    key = (tuple(num_bits) if isinstance(num_bits, list) else num_bits, block_wise)
+    return next((mode for mode, weight_quantizer in WEIGHT_QUANTIZER.items() if weight_quantizer == key), None)
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 1024  # longest sequence the position embedding covers (HF's n_positions)

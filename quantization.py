@@ -21,7 +21,7 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, WEIGHT_QUANTIZER, check_quant_mode
+from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode, quant_mode_of
 from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
 
@@ -203,9 +203,7 @@ def _format_of(weight_cfg: dict | None) -> str | None:
     """The mode whose weight quantizer `weight_cfg` (an entry's cfg from `get_auto_quantize_config`) is."""
     if weight_cfg is None:
         return None
-    if isinstance(weight_cfg["num_bits"], (list, tuple)):  # (exponent bits, mantissa bits): float8's (4, 3)
-        return "float8"
-    return "int4-weight-only" if weight_cfg.get("block_sizes") else "int8-weight-only"
+    return quant_mode_of(weight_cfg["num_bits"], bool(weight_cfg.get("block_sizes")))
 
 
 def quantize_with_recipe(
@@ -305,9 +303,7 @@ def _quantizer_mode(module: torch.nn.Module) -> str | None:
     weight_quantizer = module.weight_quantizer
     if not weight_quantizer.is_enabled:
         return None
-    if weight_quantizer.num_bits == (4, 3):
-        return "float8"
-    return "int4-weight-only" if weight_quantizer.block_sizes else "int8-weight-only"
+    return quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes))
 
 
 def format_recipe(recipe: Recipe) -> str:
@@ -399,13 +395,12 @@ def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
     # The last entry (calibration updates it) describes the quantizers as they were saved.
     quantizers = modelopt_state["modelopt_state_dict"][-1][1]["metadata"]["quantizer_state"]
     found = {
-        (_hashable(state["_num_bits"]), bool(state["_block_sizes"]))
+        quant_mode_of(state["_num_bits"], bool(state["_block_sizes"]))
         for name, state in quantizers.items()
         if name.endswith(".weight_quantizer") and not state["_disabled"]
     }
-    for mode, weight_quantizer in WEIGHT_QUANTIZER.items():
-        if found == {weight_quantizer}:
-            return mode
+    if len(found) == 1 and None not in found:
+        return found.pop()
     raise QuantizedCheckpointError(
         f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)})"
     )
@@ -421,11 +416,6 @@ def _quantized_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
             prefix = f"{module_name}." if module_name else ""
             shapes[prefix + name] = list(tensor.shape)[::-1] if transposed else list(tensor.shape)
     return {name: shape for name, shape in shapes.items() if name in model.state_dict()}
-
-
-def _hashable(num_bits: int | tuple | list) -> int | tuple:
-    """float8's num_bits (4, 3) as a tuple, however the state stored it."""
-    return tuple(num_bits) if isinstance(num_bits, list) else num_bits
 
 
 def create_forward_loop(

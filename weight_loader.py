@@ -14,7 +14,7 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, WEIGHT_QUANTIZER, GPTConfig, check_quant_mode, layer_quant_mode
+from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode, quant_mode_of
 from hub import load_hf_model
 from reference import GPT
 
@@ -192,8 +192,7 @@ def _hf_parameters(hf_model: nn.Module) -> dict[str, torch.Tensor]:
 def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str, torch.Tensor]:
     """The Tripy layer's parameters for one ModelOpt QuantLinear (its weight is [out, in])."""
     weight_quantizer, input_quantizer = module.weight_quantizer, module.input_quantizer
-    num_bits, block_wise = WEIGHT_QUANTIZER[quant_mode]
-    if weight_quantizer.num_bits != num_bits or bool(weight_quantizer.block_sizes) != block_wise:
+    if quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes)) != quant_mode:
         raise ValueError(f"{name} was not quantized for {quant_mode} (weight quantizer: {weight_quantizer})")
     maxbound = MAXBOUND[quant_mode]
     weight = module.weight.detach()
@@ -251,15 +250,15 @@ def _load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None
     ]
     if wrong_shapes:
         raise ValueError(f"Weight shapes do not match the model: {'; '.join(wrong_shapes)}")
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype.name)  # tp.float16 -> torch's
     # Both models hold their scales in the model's dtype (nvtripy requires it): in float16 a scale may not fit.
-    _check_scales_fit(tensors, dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype.name))
+    _check_scales_fit(tensors, torch_dtype)
 
     if isinstance(model, nn.Module):
-        model.load_state_dict({name: tensor.to(dtype) for name, tensor in tensors.items()})
+        model.load_state_dict({name: tensor.to(torch_dtype) for name, tensor in tensors.items()})
     else:
         import nvtripy as tp
 
-        torch_dtype = getattr(torch, dtype.name)  # tp.float16 -> torch.float16
         # Tripy takes the tensors through DLPack; they stay in CPU memory, where its quantize wants its scales.
         model.load_state_dict(
             {name: tp.Tensor(tensor.to(torch_dtype).contiguous()) for name, tensor in tensors.items()}
