@@ -1,4 +1,4 @@
-"""Every bad input a user can give the four scripts is one line on stderr, exit status 2, no traceback, and changes no
+"""Every bad input a user can give the scripts is one line on stderr, exit status 2, no traceback, and changes no
 file: arguments, model folders, calibration and text files, output folders and files.
 
 Most cases run the script's `main` in this process (tests/helpers.usage_error), as its command line does: the checks
@@ -23,6 +23,7 @@ import benchmark
 import cli
 import evaluate
 import example
+import qat
 import train
 
 SCRIPTS = {
@@ -30,6 +31,7 @@ SCRIPTS = {
     "evaluate.py": evaluate.main,
     "benchmark.py": benchmark.main,
     "train.py": train.main,
+    "qat.py": qat.main,
 }
 
 
@@ -197,6 +199,14 @@ CASES = [
     ("evaluate.py", ["--context", "0"], "--context must be at least 1, got 0"),
     ("evaluate.py", ["--modes", "unquantized", "--calibration-data", "{w}/data/good.txt"], "needs a quantized mode"),
     ("evaluate.py", ["--num-calibration-samples", "0"], "--num-calibration-samples must be at least 1, got 0"),
+    ("evaluate.py", ["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
+    ("evaluate.py", ["--max-tokens", "1"], "--max-tokens must be at least 2"),
+    ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0"),
+    ("evaluate.py", ["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
+    ("evaluate.py", ["--chart", "quality.jpg"], "--chart must name a .png file"),
+    ("evaluate.py", ["--auto-bits", "6", "3.5"], "--auto-bits must be between 4 (every layer int4) and 16 (none"),
+    ("evaluate.py", ["--context", "100000"], "context 100000 is longer than the model's"),
+    ("evaluate.py", ["--model-type", "{w}/data"], "is not a Hugging Face GPT-2 checkpoint"),
     # benchmark.py
     ("benchmark.py", ["--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1"),
     ("benchmark.py", ["--threads", "0"], "must be >= 1"),
@@ -225,6 +235,16 @@ CASES = [
         "is longer than the held-out",
     ),
     ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
+    ("train.py", ["--out-dir", "{w}/new", "--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-"),
+    ("train.py", ["--out-dir", "{w}/new", "--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block)"),
+    ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "of --n-head: got 128 and 3"),
+    ("train.py", ["--out-dir", "{w}/new", "--warmup", "1000"], "--warmup from 0 to --steps - 1"),
+    # qat.py
+    ("qat.py", ["--out", "{w}/qat.pt", "--steps", "0"], "--steps, --batch-size and --num-calibration-samples must"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr must be greater than 0, got 0.0"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "--model-type no/such/model: no such folder"),
+    ("qat.py", ["--out", "{w}/no-such-folder/qat.pt"], "its folder does not exist"),
 ]
 
 

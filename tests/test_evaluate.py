@@ -13,7 +13,7 @@ import sys
 import matplotlib.image
 import pytest
 import torch
-from helpers import REPO, usage_error
+from helpers import REPO
 
 import evaluate
 from config import GPTConfig
@@ -209,23 +209,3 @@ def test_cli_saves_a_png_chart(tmp_path):
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(chart)  # decodes the whole file: a truncated PNG raises
     assert image.shape[0] > 100 and image.shape[1] > 100
-
-
-@pytest.mark.parametrize(
-    "arguments, expected",
-    [
-        (["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
-        (["--max-tokens", "1"], "--max-tokens must be at least 2"),
-        (["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0"),
-        (["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
-        (["--chart", "quality.jpg"], "--chart must name a .png file"),
-        (
-            ["--auto-bits", "6", "3.5"],
-            "--auto-bits must be between 4 (every layer int4) and 16 (none quantized), got 3.5",
-        ),
-        (["--model-type", BUNDLED_MODEL, "--context", "100000"], "context 100000 is longer than the model's"),
-        (["--model-type", REPO], "is not a Hugging Face GPT-2 checkpoint"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_status_2(capsys, arguments, expected):
-    assert expected in usage_error(evaluate.main, arguments, "evaluate.py", capsys)

@@ -7,9 +7,8 @@ import copy
 
 import pytest
 import torch
-from helpers import make_gpt2, usage_error
+from helpers import make_gpt2
 
-import qat
 import training
 from quantization import load_quantized, modelopt_quantize, save_quantized
 from weight_loader import load_twin
@@ -64,22 +63,3 @@ def test_qat_model_restores_onto_the_model_it_started_from(base, tokens, calibra
     with torch.no_grad():
         assert torch.equal(restored(idx).logits, quantized(idx).logits)
         assert not torch.equal(restored(idx).logits, base(idx).logits)
-
-
-@pytest.mark.parametrize(
-    "argv, expected",
-    [
-        (["--steps", "0"], "--steps, --batch-size and --num-calibration-samples must be at least 1"),
-        (["--lr", "0"], "--lr must be greater than 0, got 0.0"),
-        (["--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
-        (["--model-type", "no/such/model"], "--model-type no/such/model: no such folder"),
-    ],
-)
-def test_bad_options_are_one_line_errors_before_any_work(tmp_path, capsys, argv, expected):
-    out = tmp_path / "qat.pt"
-    assert expected in usage_error(qat.main, ["--out", str(out), *argv], "qat.py", capsys)
-    assert not out.exists()
-
-
-def test_out_folder_must_exist(capsys):
-    assert "its folder does not exist" in usage_error(qat.main, ["--out", "no/such/dir/qat.pt"], "qat.py", capsys)

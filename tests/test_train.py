@@ -1,13 +1,10 @@
-"""train.py's corpus: prose only, and a held-out split that never overlaps the training text; and its bad options.
+"""train.py's corpus: prose only, and a held-out split that never overlaps the training text. Its bad options are
+in tests/test_bad_input.py.
 
 Training itself is not run here (it takes a quarter of an hour); README shows its output and the checkpoint it made
 ships in bundled_model/, which tests/test_evaluate.py measures.
 """
 
-import pytest
-from helpers import usage_error
-
-import train
 import training
 
 
@@ -40,18 +37,3 @@ def test_split_holds_out_whole_files_and_never_repeats_training_text():
     assert validation_texts == [docstrings[path][0] for path in held_out]  # the shared docstring is training text
     assert not set(train_texts) & set(validation_texts)
     assert training.split_corpus(docstrings) == (train_texts, validation_texts)  # the same split on every run
-
-
-@pytest.mark.parametrize(
-    "arguments, expected",
-    [
-        (["--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1"),
-        (["--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block) and of --n-head: got 130 and 4"),
-        (["--n-head", "3"], "--n-embd must be a multiple of 128 (int4's block) and of --n-head: got 128 and 3"),
-        (["--warmup", "1000"], "--warmup from 0 to --steps - 1"),
-    ],
-)
-def test_bad_options_exit_with_status_2_before_any_work(capsys, tmp_path, arguments, expected):
-    argv = ["--out-dir", str(tmp_path / "model"), *arguments]
-    assert expected in usage_error(train.main, argv, "train.py", capsys)
-    assert not (tmp_path / "model").exists()
