@@ -150,9 +150,7 @@ def auto_quantize(
     much it moves the loss (gradients times output change) and picks, per layer, the formats with the least total
     score whose weights average at most `effective_bits` bits.
     """
-    low, high = EFFECTIVE_BITS_RANGE
-    if not low <= effective_bits <= high:
-        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
+    _check_effective_bits([effective_bits])
     start = time.perf_counter()
     model_hf, state = _run_auto_quantize(model_hf, effective_bits, dataset_name, batch_size, num_samples)
     if not state["best"]["is_satisfied"]:
@@ -163,6 +161,12 @@ def auto_quantize(
         f"bits in {time.perf_counter() - start:.1f} s: {recipe.effective_bits:.2f} effective bits"
     )
     return recipe
+
+
+def _check_effective_bits(budgets: list[float]) -> None:
+    low, high = EFFECTIVE_BITS_RANGE
+    if not budgets or not all(low <= bits <= high for bits in budgets):
+        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
 
 
 def search_recipes(
@@ -177,9 +181,7 @@ def search_recipes(
     The scores do not depend on the budget, only the choice that follows them does: ModelOpt's
     `get_auto_quantize_config` solves that choice again for each budget, without calibrating or scoring again.
     """
-    low, high = EFFECTIVE_BITS_RANGE
-    if not budgets or not all(low <= bits <= high for bits in budgets):
-        raise ValueError(f"effective_bits must be between {low:g} (all int4) and {high:g} (none quantized)")
+    _check_effective_bits(budgets)
     start = time.perf_counter()
     searched, state = _run_auto_quantize(copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples)
     layers = _block_linears(searched)
