@@ -170,11 +170,6 @@ class GPT(tp.Module):
         lm_head_mode = layer_quant_mode(config, "lm_head")  # float8 quantizes lm_head, which has no bias
         self.lm_head = linear_layer(config, lm_head_mode, config.embedding_size, config.vocab_size, bias=False)
 
-    def forward(self, idx: tp.Tensor) -> tp.Tensor:
-        """idx [batch, seq] int32 token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""
-        x, _, _ = self.hidden_states(idx)
-        return self.lm_head(x)  # [batch, seq, vocab]
-
     def forward_with_cache(self, idx, past_keys=None, past_values=None):
         """Runs `idx` [batch, seq] after a past already seen, whose keys and values are given.
 

@@ -195,7 +195,10 @@ class GPT(nn.Module):
         self.lm_head = linear_layer(config, lm_head_mode, config.embedding_size, config.vocab_size, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [batch, seq] token ids -> logits [batch, seq, vocab], recomputing the whole sequence."""
+        """idx [batch, seq] token ids -> logits [batch, seq, vocab], recomputing the whole sequence.
+
+        The twin's own, for perplexity and the comparison with Hugging Face: the Tripy model only ever runs
+        forward_with_cache, the one method compile_model compiles."""
         x, _, _ = self.hidden_states(idx)
         return self.lm_head(x)  # [batch, seq, vocab]
 
