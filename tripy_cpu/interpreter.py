@@ -226,6 +226,13 @@ def _product(x, dim, keepdim):
     return x
 
 
+def _unary(function):
+    def run(op, x):
+        return function(x)
+
+    return run
+
+
 def _reduce(function):
     def run(op, x):
         return function(x, dim=tuple(op.dim), keepdim=op.keepdim)
@@ -247,19 +254,19 @@ OPS = {
     binary.Greater: _elementwise(torch.gt),
     binary.Equal: _elementwise(torch.eq),
     binary.LogicalOr: _elementwise(torch.logical_or),
-    unary.Exp: lambda op, x: torch.exp(x),
-    unary.Recip: lambda op, x: torch.reciprocal(x),
-    unary.Log: lambda op, x: torch.log(x),
-    unary.Sin: lambda op, x: torch.sin(x),
-    unary.Cos: lambda op, x: torch.cos(x),
-    unary.Sqrt: lambda op, x: torch.sqrt(x),
-    unary.Abs: lambda op, x: torch.abs(x),
-    unary.Not: lambda op, x: torch.logical_not(x),
-    unary.Neg: lambda op, x: torch.neg(x),
-    unary.Tanh: lambda op, x: torch.tanh(x),
-    unary.Relu: lambda op, x: torch.relu(x),
-    unary.Sigmoid: lambda op, x: torch.sigmoid(x),
-    unary.GeluErf: lambda op, x: torch.nn.functional.gelu(x),
+    unary.Exp: _unary(torch.exp),
+    unary.Recip: _unary(torch.reciprocal),
+    unary.Log: _unary(torch.log),
+    unary.Sin: _unary(torch.sin),
+    unary.Cos: _unary(torch.cos),
+    unary.Sqrt: _unary(torch.sqrt),
+    unary.Abs: _unary(torch.abs),
+    unary.Not: _unary(torch.logical_not),
+    unary.Neg: _unary(torch.neg),
+    unary.Tanh: _unary(torch.tanh),
+    unary.Relu: _unary(torch.relu),
+    unary.Sigmoid: _unary(torch.sigmoid),
+    unary.GeluErf: _unary(torch.nn.functional.gelu),
     reduce.Sum: _reduce(torch.sum),
     reduce.Prod: _reduce(_product),
     reduce.Avg: _reduce(torch.mean),
