@@ -371,14 +371,19 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
         # weights_only (torch's default) as mto.restore loads it: a ModelOpt state is tensors and plain values.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, ...) for a foreign file
-        raise QuantizedCheckpointError(f"{path} is not a ModelOpt checkpoint written by mto.save ({error})") from None
+        # The first line of torch's message is enough to tell a truncated file from a foreign one; the rest is advice
+        # about weights_only, which does not apply to a file that mto.save did not write.
+        reason = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+        raise QuantizedCheckpointError(
+            f"{path} is not a ModelOpt checkpoint written by mto.save (torch.load: {reason})"
+        ) from None
     if not isinstance(checkpoint, dict) or not {"modelopt_state", "model_state_dict"} <= set(checkpoint):
         raise QuantizedCheckpointError(
             f"{path} is not a ModelOpt checkpoint written by mto.save (no modelopt_state and model_state_dict in it)"
         )
     saved_mode = _saved_quant_mode(checkpoint["modelopt_state"], path)
     if quant_mode is not None and quant_mode != saved_mode:
-        raise QuantizedCheckpointError(f"{path} holds a {saved_mode} model, not {quant_mode}")
+        raise QuantizedCheckpointError(f"{path} holds a model quantized in {saved_mode}, not {quant_mode}")
     saved = checkpoint["model_state_dict"]
     for name, shape in _quantized_shapes(model).items():
         if name not in saved or list(saved[name].shape) != shape:

@@ -161,7 +161,7 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
     "name, expected",
     [
         ("text file", "is not a ModelOpt checkpoint written by mto.save"),
-        ("other mode", "holds a int4-weight-only model, not float8"),
+        ("other mode", "holds a model quantized in int4-weight-only, not float8"),
         ("other model", "was saved for another model: its transformer.wte.weight is shape [50257, 128]"),
         ("missing file", "--load-quantized: no such file: no/such/file.pt"),
         ("save without quantizing", "--save-quantized needs --quant-mode"),
