@@ -92,7 +92,7 @@ def test_a_file_saved_without_quantization(base, tmp_path):
 
 
 def test_a_file_saved_in_another_mode(base, saved):
-    with pytest.raises(QuantizedCheckpointError, match="holds a float8 model, not int4-weight-only"):
+    with pytest.raises(QuantizedCheckpointError, match="holds a model quantized in float8, not int4-weight-only"):
         load_quantized(copy.deepcopy(base), saved["float8"][1], "int4-weight-only")
 
 
