@@ -241,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
     if args.load_quantized is not None:
+        if os.path.isdir(args.load_quantized):
+            raise UsageError(f"--load-quantized {args.load_quantized} is a folder: name a file --save-quantized wrote")
         if not os.path.isfile(args.load_quantized):
             raise UsageError(f"--load-quantized: no such file: {args.load_quantized}")
         if args.calibration_data is not None or args.save_quantized is not None:
@@ -249,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
+    if args.save_quantized is not None:
+        checks.check_output_file(args.save_quantized, "--save-quantized")
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
     check_auto_quantize_args(args)
@@ -275,6 +279,8 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
         raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
+    if args.recipe_out is not None:
+        checks.check_output_file(args.recipe_out, "--recipe-out")
 
 
 def is_export(model_type: str | None) -> bool:

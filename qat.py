@@ -18,6 +18,7 @@ import copy
 import os
 import time
 
+import checks
 from cli import ArgumentParser, UsageError, run
 from config import QUANT_MODES
 from hub import BUNDLED_MODEL_DIR
@@ -104,8 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be greater than 0, got {args.lr}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UsageError(f"--out {args.out}: its folder does not exist")
+    checks.check_output_file(args.out, "--out")
     if not os.path.isdir(args.model_type):
         raise UsageError(f"--model-type {args.model_type}: no such folder (a local GPT-2 checkpoint)")
     return args

@@ -244,7 +244,16 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr must be greater than 0, got 0.0"),
     ("qat.py", ["--out", "{w}/qat.pt", "--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "--model-type no/such/model: no such folder"),
-    ("qat.py", ["--out", "{w}/no-such-folder/qat.pt"], "its folder does not exist"),
+    ("qat.py", ["--out", "{w}/no-such-folder/qat.pt"], "the folder {w}/no-such-folder does not exist"),
+    ("qat.py", ["--out", "{w}/users-folder"], "--out {w}/users-folder is a folder: name a file"),
+    ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/users-folder"], "is a folder: name"),
+    ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/no-such-folder/q.pt"], "not exist"),
+    ("example.py", ["--load-quantized", "{w}/users-folder"], "users-folder is a folder: name a file --save-quantized"),
+    (
+        "example.py",
+        ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", "{w}/users-folder"],
+        "--recipe-out {w}/users-folder is a folder: name a file",
+    ),
 ]
 
 
