@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     config = gpt_config(model_type, hf_model, quant_mode, layer_quant_modes, len(prompt_tokens), args, dtype)
+    if backend == "tripy" and "float8" in {config.quant_mode, *(config.layer_quant_modes or {}).values()}:
+        check_float8_gpu()  # again: an export, a saved model or AutoQuantize's search has said what runs
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
     else:
@@ -332,6 +334,12 @@ def choose_backend(requested: str) -> tuple[str, str]:
             raise UsageError(
                 "--backend tripy-cpu needs nvtripy's frontend: pip install --no-deps nvtripy==0.1.7 colored"
             )
+        import tripy_cpu
+
+        if tripy_cpu.use() == "tensorrt":  # its stand-ins never replace a real installation
+            raise UsageError(
+                "--backend tripy-cpu is for machines without TensorRT, and this one has it: use --backend tripy"
+            )
         return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
     if requested == "tripy" and missing is not None:
@@ -355,7 +363,7 @@ def check_float8_gpu() -> None:
     major, minor = torch.cuda.get_device_capability()
     if (major, minor) < FLOAT8_MIN_CAPABILITY:
         raise UsageError(
-            f"--quant-mode float8 on --backend tripy needs a GPU of compute capability "
+            f"float8 on --backend tripy needs a GPU of compute capability "
             f"{'.'.join(map(str, FLOAT8_MIN_CAPABILITY))} or newer (Ada, Hopper, Blackwell); "
             f"{torch.cuda.get_device_name()} is {major}.{minor}: use int8-weight-only or int4-weight-only"
         )
@@ -621,14 +629,22 @@ def load_weights(
     backend_model: object, config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel | None, dtype: object
 ) -> None:
     """Copies the (quantized) Hugging Face model's weights and scales, or an export's, into the backend's GPT."""
-    from weight_loader import load_quant_weights_from_hf, load_weights_from_export, load_weights_from_hf
+    from weight_loader import (
+        ScaleUnderflowError,
+        load_quant_weights_from_hf,
+        load_weights_from_export,
+        load_weights_from_hf,
+    )
 
-    if hf_model is None:
-        load_weights_from_export(backend_model, model_type, dtype)
-    elif config.quant_mode is None:
-        load_weights_from_hf(backend_model, model_type, dtype, hf_model=hf_model)
-    else:
-        load_quant_weights_from_hf(backend_model, model_type, dtype, config.quant_mode, quantized_model=hf_model)
+    try:
+        if hf_model is None:
+            load_weights_from_export(backend_model, model_type, dtype)
+        elif config.quant_mode is None:
+            load_weights_from_hf(backend_model, model_type, dtype, hf_model=hf_model)
+        else:
+            load_quant_weights_from_hf(backend_model, model_type, dtype, config.quant_mode, quantized_model=hf_model)
+    except ScaleUnderflowError as error:  # the model's weights and --dtype float16: the user's choice can fix it
+        raise UsageError(f"{error} (--dtype float32)") from None
 
 
 class TokenPrinter:

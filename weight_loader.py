@@ -218,6 +218,10 @@ def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str
     }
 
 
+class ScaleUnderflowError(ValueError):
+    """A quantization scale the model's dtype cannot hold (see `_check_scales_fit`)."""
+
+
 def _check_scales_fit(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
     """Raises if a quantization scale is below `dtype`'s smallest normal number.
 
@@ -228,7 +232,7 @@ def _check_scales_fit(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> N
     tiny = torch.finfo(dtype).tiny
     for name, tensor in tensors.items():
         if name.endswith("_scale") and tensor.numel() and tensor.min().item() < tiny:
-            raise ValueError(
+            raise ScaleUnderflowError(
                 f"{name} has a scale of {tensor.min().item():.3g}, below {dtype}'s smallest normal number "
                 f"({tiny:.3g}): it would lose precision or become zero. Run in float32 instead"
             )

@@ -90,6 +90,24 @@ def test_stand_ins_never_shadow_real_modules():
     subprocess.run([sys.executable, "-c", program], check=True, cwd=".")
 
 
+def test_a_partial_installation_is_refused_not_shadowed():
+    """With only `tensorrt` importable (MLIR-TensorRT missing), `use` names what is missing and replaces nothing."""
+    program = (
+        "import sys, types\n"
+        "real = sys.modules['tensorrt'] = types.ModuleType('tensorrt')\n"
+        "import tripy_cpu\n"
+        "tripy_cpu._imports = lambda module: module in sys.modules\n"
+        "try:\n"
+        "    tripy_cpu.use()\n"
+        "except RuntimeError as error:\n"
+        "    assert 'present: tensorrt; missing: mlir_tensorrt.compiler.api, mlir_tensorrt.runtime' in str(error)\n"
+        "else:\n"
+        "    raise AssertionError('use() accepted a partial installation')\n"
+        "assert sys.modules['tensorrt'] is real and 'nvtripy' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", program], check=True, cwd=".")
+
+
 def test_torch_tensors_pass_through_dlpack():
     weights = torch.arange(6, dtype=torch.float16).reshape(2, 3)
     assert tp.Tensor(weights).tolist() == weights.tolist()

@@ -108,3 +108,24 @@ def test_a_scale_float16_cannot_hold_is_an_error_not_a_silent_loss():
         load_quant_weights_from_hf(GPT(config), None, torch.float16, "int8-weight-only", quantized_model=hf_model)
     twin = GPT(config_from_hf(hf_model, dtype="float32", quant_mode="int8-weight-only"))
     load_quant_weights_from_hf(twin, None, torch.float32, "int8-weight-only", quantized_model=hf_model)
+
+
+def test_example_reports_a_scale_float16_cannot_hold_in_one_line(tmp_path, capsys):
+    """The same model through example.py: one line naming the scale and --dtype float32, exit status 2."""
+    import cli
+    import example
+
+    hf_model = make_gpt2(n_embd=128, n_layer=1, n_head=4, n_positions=32)
+    with torch.no_grad():
+        hf_model.transformer.h[0].attn.c_proj.weight.mul_(1e-3)
+    hf_model.save_pretrained(tmp_path / "tiny-weights")
+    argv = ["--model-type", str(tmp_path / "tiny-weights"), "--quant-mode", "int8-weight-only", "--dtype", "float16"]
+    argv += ["--backend", "torch", "--num-calibration-samples", "4", "--max-new-tokens", "2", "--input-text", "Hi"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda: example.main(argv), "example.py")
+    stderr = capsys.readouterr().err  # calibration's progress bars, then the error: it is found after calibrating
+    assert exit_info.value.code == 2 and "Traceback" not in stderr, stderr
+    line = stderr.splitlines()[-1]
+    assert line.startswith("example.py: error: transformer.h.0.attn.c_proj.weight_scale has a scale of"), line
+    assert line.endswith("(--dtype float32)"), line

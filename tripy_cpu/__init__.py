@@ -25,6 +25,7 @@ import importlib
 import sys
 
 BACKEND = None  # "tensorrt" or "cpu", once `use` has run
+REAL_MODULES = ("tensorrt", "mlir_tensorrt.compiler.api", "mlir_tensorrt.runtime.api")  # what nvtripy imports
 
 
 def _imports(module: str) -> bool:
@@ -40,7 +41,8 @@ def use() -> str:
     global BACKEND
     if BACKEND is not None:
         return BACKEND
-    if _imports("tensorrt") and _imports("mlir_tensorrt.compiler.api") and _imports("mlir_tensorrt.runtime.api"):
+    found = {module: _imports(module) for module in REAL_MODULES}
+    if all(found.values()):
         BACKEND = "tensorrt"
         from tripy_cpu import stack_info
 
@@ -48,6 +50,13 @@ def use() -> str:
         return BACKEND
     if "nvtripy" in sys.modules:
         raise RuntimeError("tripy_cpu.use() must run before nvtripy is imported")
+    if any(found.values()):  # the stand-ins would replace the part that is there
+        present = ", ".join(module for module, ok in found.items() if ok)
+        missing = ", ".join(module for module, ok in found.items() if not ok)
+        raise RuntimeError(
+            f"TensorRT is installed only in part (present: {present}; missing: {missing}): install nvtripy's "
+            "dependencies whole for the GPU, or remove them to run on the CPU executor"
+        )
 
     from tripy_cpu import stubs
 
