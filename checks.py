@@ -92,12 +92,15 @@ def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, 
     check_writable(path, flag)
 
 
-def check_output_file(path: str, flag: str) -> None:
-    """A file the run writes at the end (a chart): its folder must exist and be writable, and it is not a folder."""
+def check_output_file(path: str, flag: str, new: bool = False) -> None:
+    """A file the run writes at the end: its folder must exist and be writable, and it is not a folder. With `new`,
+    it must not exist yet (a saved model or recipe: a chart is made to be replaced, anything else is not)."""
     if not path.strip():
         raise UsageError(f"{flag} is empty: name a file")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder: name a file")
+    if new and os.path.lexists(path):
+        raise UsageError(f"{flag} {path} already exists: name a new file (nothing is overwritten)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")

@@ -254,7 +254,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
     if args.save_quantized is not None:
-        checks.check_output_file(args.save_quantized, "--save-quantized")
+        checks.check_output_file(args.save_quantized, "--save-quantized", new=True)
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
     check_auto_quantize_args(args)
@@ -282,7 +282,7 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
     if args.recipe_out is not None:
-        checks.check_output_file(args.recipe_out, "--recipe-out")
+        checks.check_output_file(args.recipe_out, "--recipe-out", new=True)
 
 
 def is_export(model_type: str | None) -> bool:

@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
     if args.lr <= 0:
         raise UsageError(f"--lr must be greater than 0, got {args.lr}")
-    checks.check_output_file(args.out, "--out")
+    checks.check_output_file(args.out, "--out", new=True)
     if not os.path.isdir(args.model_type):
         raise UsageError(f"--model-type {args.model_type}: no such folder (a local GPT-2 checkpoint)")
     return args

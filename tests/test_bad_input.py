@@ -246,6 +246,17 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "--model-type no/such/model: no such folder"),
     ("qat.py", ["--out", "{w}/no-such-folder/qat.pt"], "the folder {w}/no-such-folder does not exist"),
     ("qat.py", ["--out", "{w}/users-folder"], "--out {w}/users-folder is a folder: name a file"),
+    ("qat.py", ["--out", "{w}/data/good.txt"], "--out {w}/data/good.txt already exists: name a new file"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--save-quantized", os.path.join(REPO, "bundled_model", "model.safetensors")],
+        "model.safetensors already exists: name a new file (nothing is overwritten)",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", "{w}/data/strings.json"],
+        "strings.json already exists",
+    ),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/users-folder"], "is a folder: name"),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/no-such-folder/q.pt"], "not exist"),
     ("example.py", ["--load-quantized", "{w}/users-folder"], "users-folder is a folder: name a file --save-quantized"),
