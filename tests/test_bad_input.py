@@ -249,7 +249,7 @@ CASES = [
     ("qat.py", ["--out", "{w}/data/good.txt"], "--out {w}/data/good.txt already exists: name a new file"),
     (
         "example.py",
-        ["--quant-mode", "float8", "--save-quantized", os.path.join(REPO, "bundled_model", "model.safetensors")],
+        ["--quant-mode", "float8", "--save-quantized", "{w}/gpt2/model.safetensors"],  # a model's own weights
         "model.safetensors already exists: name a new file (nothing is overwritten)",
     ),
     (
