@@ -373,7 +373,8 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
     except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, ...) for a foreign file
         # The first line of torch's message is enough to tell a truncated file from a foreign one; the rest is advice
         # about weights_only, which does not apply to a file that mto.save did not write.
-        reason = str(error).splitlines()[0].split(". ")[0] if str(error) else type(error).__name__
+        message = str(error) or type(error).__name__
+        reason = message.splitlines()[0].split(". ")[0]
         raise QuantizedCheckpointError(
             f"{path} is not a ModelOpt checkpoint written by mto.save (torch.load: {reason})"
         ) from None

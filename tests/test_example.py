@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, assert_usage_error, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, assert_usage_error, make_gpt2, usage_error
 
 import config
 import example
@@ -336,25 +336,15 @@ def test_float8_on_a_gpu_older_than_ada_is_an_error(monkeypatch):
     example.check_float8_gpu()  # an Ada GPU: no error
 
 
-def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(monkeypatch, tmp_path, capsys):
+def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(runs, export_dir, monkeypatch, capsys):
     """--model-type EXPORT says its mode only once read: the check runs again before Tripy loads anything."""
-    from helpers import usage_error
-
-    from export import export_checkpoint
-    from quantization import modelopt_quantize
-
-    calibration = tmp_path / "calibration.txt"
-    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
-    hf_model = make_gpt2(n_embd=128, n_layer=1, n_head=4, n_positions=32)
-    export_checkpoint(modelopt_quantize(hf_model, "float8", str(calibration), num_samples=4), str(tmp_path / "fp8"))
+    succeeded(runs, "float8")  # the run that wrote the float8 export
     monkeypatch.setattr(example, "choose_backend", lambda requested: ("tripy", "a faked GPU"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
-    capsys.readouterr()
-    argv = ["--model-type", str(tmp_path / "fp8"), "--max-new-tokens", "2", "--input-text", "Hi"]
-    assert "float8 on --backend tripy needs a GPU of compute capability 8.9" in usage_error(
-        example.main, argv, "example.py", capsys
-    )
+    argv = ["--model-type", export_dir, "--max-new-tokens", "2", "--input-text", "Hi"]
+    line = usage_error(example.main, argv, "example.py", capsys)
+    assert "float8 on --backend tripy needs a GPU of compute capability 8.9" in line
 
 
 def test_help_explains_the_dtype_default():
