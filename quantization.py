@@ -152,12 +152,12 @@ def auto_quantize(
     """
     _check_effective_bits([effective_bits])
     start = time.perf_counter()
-    model_hf, state = _run_auto_quantize(model_hf, effective_bits, dataset_name, batch_size, num_samples)
+    model_hf, state, samples_used = _run_auto_quantize(model_hf, effective_bits, dataset_name, batch_size, num_samples)
     if not state["best"]["is_satisfied"]:
         raise ValueError(f"AutoQuantize found no mix of formats within {effective_bits} effective bits")
     recipe = recipe_from_model(model_hf)
     print(
-        f"AutoQuantize searched {len(recipe.layers)} layers on {num_samples} samples for {effective_bits:g} effective "
+        f"AutoQuantize searched {len(recipe.layers)} layers on {samples_used} samples for {effective_bits:g} effective "
         f"bits in {time.perf_counter() - start:.1f} s: {recipe.effective_bits:.2f} effective bits"
     )
     return recipe
@@ -183,7 +183,9 @@ def search_recipes(
     """
     _check_effective_bits(budgets)
     start = time.perf_counter()
-    searched, state = _run_auto_quantize(copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples)
+    searched, state, samples_used = _run_auto_quantize(
+        copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples
+    )
     layers = _block_linears(searched)
     recipes = []
     for bits in budgets:
@@ -197,7 +199,9 @@ def search_recipes(
             if entry["quantizer_name"].endswith(".weight_quantizer") and entry.get("enable", True)
         }
         recipes.append(_recipe(searched, {layer: _format_of(enabled.get(layer)) for layer in layers}))
-    print(f"AutoQuantize searched {len(layers)} layers on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    print(
+        f"AutoQuantize searched {len(layers)} layers on {samples_used} samples in {time.perf_counter() - start:.1f} s"
+    )
     return recipes
 
 
@@ -233,10 +237,10 @@ def quantize_with_recipe(
     ]
     unquantized = [layer for layer, mode in recipe.layers.items() if mode is None]
     start = time.perf_counter()
-    model_hf, _ = _run_auto_quantize(
+    model_hf, _, samples_used = _run_auto_quantize(
         model_hf, EFFECTIVE_BITS_RANGE[1], dataset_name, batch_size, num_samples, spaces, unquantized, score_steps=1
     )
-    print(f"Calibrated the recipe's formats on {num_samples} samples in {time.perf_counter() - start:.1f} s")
+    print(f"Calibrated the recipe's formats on {samples_used} samples in {time.perf_counter() - start:.1f} s")
     return model_hf
 
 
@@ -249,8 +253,9 @@ def _run_auto_quantize(
     search_spaces: list[dict] | None = None,
     unquantized: list[str] | None = None,
     score_steps: int | None = None,
-) -> tuple[torch.nn.Module, dict]:
-    """mtq.auto_quantize over this example's modes on `num_samples` samples; returns the model and the search state.
+) -> tuple[torch.nn.Module, dict, int]:
+    """mtq.auto_quantize over this example's modes on up to `num_samples` samples; returns the model, the search
+    state and the number of samples used (fewer than asked when the calibration data holds fewer).
 
     search_spaces and unquantized narrow the search per layer (see `quantize_with_recipe`); score_steps: the batches
     to score on (default: all of them).
@@ -280,7 +285,7 @@ def _run_auto_quantize(
             verbose=False,
         )
     model_hf.gradient_checkpointing_disable()
-    return model_hf.eval(), state
+    return model_hf.eval(), state, len(texts)
 
 
 def _block_linears(model_hf: torch.nn.Module) -> list[str]:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, make_gpt2
 
 from config import AUTO_QUANT_MODE
 from quantization import (
@@ -54,7 +54,7 @@ def mixed(hf_model):
 @pytest.fixture(scope="module")
 def searched(hf_model):
     """ModelOpt's search at 6 bits: the model, its search state, and the recipe read back from the model."""
-    model, state = _run_auto_quantize(copy.deepcopy(hf_model), 6.0, SHIPPED_CALIBRATION_TEXT, **SAMPLES)
+    model, state, _ = _run_auto_quantize(copy.deepcopy(hf_model), 6.0, SHIPPED_CALIBRATION_TEXT, **SAMPLES)
     return model, state, recipe_from_model(model)
 
 
@@ -179,10 +179,12 @@ def test_recipe_replayed_gives_the_searched_model(hf_model, searched, tokens, tm
     torch.testing.assert_close(replayed(tokens).logits, model(tokens).logits, atol=0, rtol=0)
 
 
-def test_auto_quantize_prints_the_search(hf_model, capsys):
-    recipe = auto_quantize(copy.deepcopy(hf_model), 5.0, SHIPPED_CALIBRATION_TEXT, batch_size=4, num_samples=4)
+def test_auto_quantize_prints_the_search(hf_model, tmp_path, capsys):
+    calibration = tmp_path / "three.txt"  # fewer samples than asked for: the report says how many it used
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS[:3]))
+    recipe = auto_quantize(copy.deepcopy(hf_model), 5.0, str(calibration), batch_size=4, num_samples=4)
     assert recipe.effective_bits <= 5.0
-    assert "AutoQuantize searched 8 layers on 4 samples for 5 effective bits" in capsys.readouterr().out
+    assert "AutoQuantize searched 8 layers on 3 samples for 5 effective bits" in capsys.readouterr().out
     table = format_recipe(recipe).splitlines()
     assert table[0].split() == ["layer", "format", "bits"]
     assert len(table) == 1 + 8 + 1 and table[-1].split()[-1] == f"{recipe.effective_bits:.2f}"
@@ -192,6 +194,13 @@ def test_auto_quantize_prints_the_search(hf_model, capsys):
 def test_effective_bits_out_of_reach_are_refused_before_any_work(bits):
     with pytest.raises(ValueError, match=r"effective_bits must be between 4 \(all int4\) and 16"):
         auto_quantize(None, bits)
+
+
+def test_a_recipe_reports_the_samples_it_calibrated_on(hf_model, tmp_path, capsys):
+    calibration = tmp_path / "two.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS[:2]))
+    quantize_with_recipe(copy.deepcopy(hf_model), Recipe(MIXED, 6.0), str(calibration), batch_size=4, num_samples=100)
+    assert "Calibrated the recipe's formats on 2 samples" in capsys.readouterr().out
 
 
 def test_recipe_for_another_model_is_refused(tmp_path):
