@@ -11,9 +11,12 @@ import os
 import tempfile
 
 from cli import UsageError
-from hub import HUB_MODELS, check_checkpoint_dir, hub_reachable
+from hub import GPT2_VOCAB_SIZE, HUB_MODELS, check_checkpoint_dir, context_length, hub_reachable
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
+# AdamW moves each weight by about the learning rate per step: above 1 a step is larger than the weights themselves,
+# and training turns the model into NaNs.
+MAX_LEARNING_RATE = 1.0
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
 
 
@@ -39,6 +42,25 @@ def seed(text: str) -> int:
     return value
 
 
+def learning_rate(text: str) -> float:
+    """argparse type: a learning rate, above 0 and at most 1."""
+    value = finite_float(text)
+    if not 0 < value <= MAX_LEARNING_RATE:
+        raise argparse.ArgumentTypeError(
+            f"expected a learning rate above 0 and at most {MAX_LEARNING_RATE:g}, got {text!r}"
+        )
+    return value
+
+
+def check_prompt(text: str, flag: str) -> None:
+    if not text.strip():
+        raise UsageError(f"{flag} is empty: give a prompt for the model to continue")
+    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer would silently replace
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag} is not valid UTF-8: check the terminal's encoding") from None
+
+
 def check_model_type(model_type: str, flag: str = "--model-type") -> None:
     """A Hub name, or a folder that holds a GPT-2 checkpoint (config.json and the weights' header are read)."""
     if model_type in HUB_MODELS:
@@ -60,8 +82,11 @@ def check_text_file(path: str, flag: str) -> str:
         raise UsageError(
             f"{flag}: {path} not found{' (it is a folder)' if os.path.isdir(path) else ''}: expected a text file"
         )
-    with open(path, "rb") as file:
-        data = file.read()
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:  # no permission to read it, a disk error
+        raise UsageError(f"cannot read {flag} {path}: {error.strerror}") from None
     if b"\0" in data:
         raise UsageError(f"{flag} {path} is a binary file: expected UTF-8 text")
     try:
@@ -75,36 +100,62 @@ def check_text_file(path: str, flag: str) -> str:
 
 def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, ...] = ()) -> None:
     """Refuses a folder whose files a run would replace, unless `overwrite`; refuses the folders of `sources`
-    (the model being read) always; and checks that the folder can be created and written to."""
+    (the model being read) and anything inside them always; and checks that the folder can be created and written to."""
     if not path.strip():  # "" would mean the current folder to the code that writes
         raise UsageError(f"{flag} is empty: name a folder")
+    check_path_name(path, flag)
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file, not a folder: choose a new or empty folder")
-    if os.path.isdir(path):
-        for source in sources:
-            if os.path.isdir(source) and os.path.samefile(path, source):
-                raise UsageError(f"{flag} {path} is the folder the model is read from: choose a new or empty folder")
-        if os.listdir(path) and not overwrite:
+    for source in sources:
+        if os.path.isdir(source) and _is_within(path, source):
             raise UsageError(
-                f"{flag} {path} is not empty: choose a new or empty folder, or pass --overwrite to replace the files "
-                "of the same names in it"
+                f"{flag} {path} is {'the' if _is_within(source, path) else 'inside the'} folder the model is read "
+                "from: choose a new or empty folder"
             )
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise UsageError(
+            f"{flag} {path} is not empty: choose a new or empty folder, or pass --overwrite to replace the files "
+            "of the same names in it"
+        )
     check_writable(path, flag)
 
 
 def check_output_file(path: str, flag: str, new: bool = False) -> None:
-    """A file the run writes at the end: its folder must exist and be writable, and it is not a folder. With `new`,
-    it must not exist yet (a saved model or recipe: a chart is made to be replaced, anything else is not)."""
+    """A file the run writes at the end: its folder must exist and be writable, and it is not a folder, a pipe or
+    a read-only file. With `new`, it must not exist yet (a saved model or recipe: a chart is made to be replaced,
+    anything else is not)."""
     if not path.strip():
         raise UsageError(f"{flag} is empty: name a file")
+    check_path_name(path, flag)
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a folder: name a file")
     if new and os.path.lexists(path):
         raise UsageError(f"{flag} {path} already exists: name a new file (nothing is overwritten)")
+    if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: writing to it could wait forever
+        raise UsageError(f"{flag} {path} is not a regular file: name a file")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise UsageError(f"cannot write {flag} {path}: it is read-only")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
     check_writable(folder, flag)
+
+
+def check_path_name(path: str, flag: str) -> None:
+    """Refuses a path that is a symbolic link to nothing, or that is not valid UTF-8, which the safetensors and
+    ModelOpt writers cannot take (bytes that are not UTF-8 reach Python as lone surrogates)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{flag}: the path {path!r} is not valid UTF-8: name it in UTF-8") from None
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UsageError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+
+
+def _is_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, once symbolic links are resolved."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -206,3 +257,13 @@ def check_fits_in_memory(what: str, num_bytes: float) -> None:
             f"{what} need about {num_bytes / 1e9:,.1f} GB, more than this machine's {total / 1e9:.1f} GB of memory: "
             "choose smaller sizes"
         )
+
+
+def check_finetuning_fits(model_type: str, batch_size: int, flag: str) -> None:
+    """Refuses a fine-tuning batch whose logits alone would not fit: [batch, n_positions, vocab] in float32, held
+    three times over (the logits, their gradient and the softmax of the loss). `model_type` is checked already."""
+    positions = context_length(model_type)
+    check_fits_in_memory(
+        f"fine-tuning batches of {flag} {batch_size} windows of {positions} tokens",
+        3 * 4 * batch_size * positions * GPT2_VOCAB_SIZE,
+    )

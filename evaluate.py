@@ -33,6 +33,7 @@ from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
+from training import TrainingDivergedError, finetune, train_tokens
 from weight_loader import load_twin
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.qat_lr,
             args.qat_batch_size,
         )
+    except TrainingDivergedError as error:
+        raise UsageError(f"--qat-lr {args.qat_lr:g} is too high for this model: {error}") from None
     except (ValueError, OSError) as error:  # not a GPT-2, an unreadable file, too little text, a Hub model offline
         raise UsageError(str(error)) from None
     print(format_table(rows))
@@ -119,7 +122,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the last four fine-tune for --qat-steps, minutes each)",
     )
     parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
-    parser.add_argument("--qat-lr", type=float, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows")
+    parser.add_argument(
+        "--qat-lr", type=checks.learning_rate, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows"
+    )
     parser.add_argument("--qat-batch-size", type=int, default=8, help="windows of n_positions tokens per QAT step")
     parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
     parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
@@ -150,8 +155,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     checks.check_model_type(args.model_type)
-    if min(args.qat_steps, args.qat_batch_size) < 1 or args.qat_lr <= 0:
-        raise UsageError("--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0")
+    if min(args.qat_steps, args.qat_batch_size) < 1:
+        raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
+    if any(mode in QAT_MODES for mode in args.modes):
+        checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
     if not os.path.isfile(args.eval_data):
         raise UsageError(f"held-out text not found: {args.eval_data}")
     checks.check_text_file(args.eval_data, "--eval-data")
@@ -239,8 +246,6 @@ def quantization_aware_training(
     model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
 ) -> tuple[GPT2LMHeadModel, float]:
     """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
-    from training import finetune, train_tokens
-
     start = time.perf_counter()
     trained = copy.deepcopy(model)
     finetune(trained, train_tokens(), steps, lr, batch_size, desc=f"Fine-tuning {desc}")

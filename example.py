@@ -44,6 +44,7 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 # the most, every token among the top k is about as likely as another, which is noise, not text.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 DEFAULT_RECIPE = "autoquantize_recipe.json"
+DEFAULT_CALIBRATION_SAMPLES = 32
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
@@ -181,10 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-calibration-samples",
         metavar="N",
         type=int,
-        default=32,
         help="text samples to calibrate on: more give better scales and take longer. int4's AWQ search is the slow "
         "one: on 2 CPU cores, 32 of the shipped paragraphs take about 3 s for the bundled model and 40 s for gpt2 "
-        "(default: 32)",
+        f"(default: {DEFAULT_CALIBRATION_SAMPLES})",
     )
     parser.add_argument(
         "--export-dir",
@@ -217,18 +217,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     if args.model_type is not None and not is_export(args.model_type):  # an export is checked as it is read
         checks.check_model_type(args.model_type)
-    if is_export(args.model_type) and (args.calibration_data is not None or args.export_dir is not None):
-        raise UsageError(
-            f"{args.model_type} is an exported checkpoint, calibrated already: --calibration-data and --export-dir "
-            "are for a model that example.py quantizes"
-        )
-    check_input_text(args.input_text)
+    if is_export(args.model_type):
+        check_export_args(args)
+    checks.check_prompt(args.input_text, "--input-text")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_temperature(args.temperature)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.num_calibration_samples < 1:
+    if args.num_calibration_samples is None:
+        args.num_calibration_samples = DEFAULT_CALIBRATION_SAMPLES
+    elif args.quant_mode is None or args.load_quantized is not None:
+        raise UsageError("--num-calibration-samples needs --quant-mode: only quantization calibrates")
+    elif args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     if args.calibration_data is not None:
         if args.quant_mode is None:
@@ -247,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             raise UsageError(f"--load-quantized {args.load_quantized} is a folder: name a file --save-quantized wrote")
         if not os.path.isfile(args.load_quantized):
             raise UsageError(f"--load-quantized: no such file: {args.load_quantized}")
+        try:
+            open(args.load_quantized, "rb").close()
+        except OSError as error:
+            raise UsageError(f"cannot read --load-quantized {args.load_quantized}: {error.strerror}") from None
         if args.calibration_data is not None or args.save_quantized is not None:
             raise UsageError(
                 "--load-quantized restores a calibrated model: --calibration-data and --save-quantized do not apply"
@@ -259,6 +264,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
     check_auto_quantize_args(args)
     return args
+
+
+def check_export_args(args: argparse.Namespace) -> None:
+    """An export runs as it was calibrated: the options that quantize, save or restore a model do not apply to it."""
+    given = [
+        option
+        for option, value in (
+            ("--calibration-data", args.calibration_data),
+            ("--num-calibration-samples", args.num_calibration_samples),
+            ("--export-dir", args.export_dir),
+            ("--save-quantized", args.save_quantized),
+            ("--load-quantized", args.load_quantized),
+            ("--verbose", args.verbose or None),
+        )
+        if value is not None
+    ]
+    if given:
+        raise UsageError(
+            f"{args.model_type} is an exported checkpoint, calibrated already: {', '.join(given)} "
+            f"{'is' if len(given) == 1 else 'are'} for a model that example.py quantizes"
+        )
 
 
 def check_auto_quantize_args(args: argparse.Namespace) -> None:
@@ -279,10 +305,17 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
         )
     if args.recipe is not None and not os.path.isfile(args.recipe):
         raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
+    if args.recipe is not None:
+        import quantization  # torch and ModelOpt take seconds to import, but the model is not loaded yet
+
+        try:
+            quantization.load_recipe(args.recipe)
+        except ValueError as error:
+            raise UsageError(f"--recipe: {error}") from None
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
-    if args.recipe_out is not None:
-        checks.check_output_file(args.recipe_out, "--recipe-out", new=True)
+    if args.effective_bits is not None:  # the user's own --recipe-out is never replaced; the default one is
+        checks.check_output_file(args.recipe_out or DEFAULT_RECIPE, "--recipe-out", new=args.recipe_out is not None)
 
 
 def is_export(model_type: str | None) -> bool:
@@ -297,19 +330,10 @@ def is_export(model_type: str | None) -> bool:
     try:
         with open(config_path, encoding="utf-8") as file:
             config = json.load(file)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False  # not an export; checks.check_model_type names what is wrong with the file
     quantization_config = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "modelopt"
-
-
-def check_input_text(input_text: str) -> None:
-    if not input_text.strip():
-        raise UsageError("--input-text is empty: give a prompt for the model to continue")
-    try:  # bytes that are not UTF-8 reach Python as lone surrogates, which the tokenizer would silently replace
-        input_text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("--input-text is not valid UTF-8: check the terminal's encoding") from None
 
 
 def check_temperature(temperature: float) -> None:
@@ -403,7 +427,10 @@ def load_hf_model(model_type: str | None) -> tuple[str, GPT2LMHeadModel]:
         f"Could not download {DEFAULT_MODEL} (the Hugging Face Hub is unreachable and it is not in the local cache): "
         f"running the bundled model in {os.path.relpath(BUNDLED_MODEL_DIR)}/ instead"
     )
-    return os.path.relpath(BUNDLED_MODEL_DIR), hub.load_hf_model(BUNDLED_MODEL_DIR)
+    try:
+        return os.path.relpath(BUNDLED_MODEL_DIR), hub.load_hf_model(BUNDLED_MODEL_DIR)
+    except (ValueError, OSError) as error:  # a damaged copy of the repository
+        raise UsageError(f"the bundled model cannot be loaded: {error}") from None
 
 
 def read_export(export_dir: str, quant_mode: str | None) -> tuple[object, str]:
@@ -467,8 +494,12 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     print(quantization.format_recipe(recipe))
     if args.recipe is None:
         path = args.recipe_out or DEFAULT_RECIPE
-        quantization.save_recipe(recipe, path)
-        print(f"Saved the per-layer formats to {path}: --recipe {path} reuses them without searching")
+        replaced = " (replacing the last search's)" if os.path.exists(path) else ""
+        try:
+            quantization.save_recipe(recipe, path)
+        except OSError as error:
+            raise UsageError(f"cannot write --recipe-out {path}: {error.strerror}") from None
+        print(f"Saved the per-layer formats to {path}{replaced}: --recipe {path} reuses them without searching")
     return recipe.layers
 
 
@@ -491,7 +522,7 @@ def save_quantized(hf_model: GPT2LMHeadModel, path: str) -> None:
 
     try:
         save(hf_model, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
         raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
     print(f"Saved the quantized model to {path} (mto.save)")
 

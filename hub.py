@@ -20,6 +20,9 @@ DEFAULT_MODEL = "gpt2"
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
 NEEDS = "config.json with model_type 'gpt2'"
 GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
+GPT2_WIDTH, GPT2_HEADS = 768, 12  # what transformers' GPT2Config takes when config.json leaves them out
+HUB_CONTEXT_LENGTH = 1024  # n_positions of every GPT-2 on the Hub, and GPT2Config's default
+SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
 # What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
 WEIGHT_FILES = (
     "model.safetensors",
@@ -57,8 +60,11 @@ def check_checkpoint_dir(folder: str) -> None:
             config = json.load(file)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{config_path} is not valid JSON ({error}): is the checkpoint complete?") from None
+    except OSError as error:  # no permission to read it
+        raise ValueError(f"cannot read {config_path}: {error.strerror}") from None
     if not isinstance(config, dict) or config.get("model_type") != "gpt2":
         raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
+    check_sizes(config, config_path)
     # An export holds quantized weights, which a plain GPT2LMHeadModel would load as noise: refused by name.
     if os.path.isfile(os.path.join(folder, "hf_quant_config.json")) or "quantization_config" in config:
         raise ValueError(
@@ -72,6 +78,26 @@ def check_checkpoint_dir(folder: str) -> None:
         raise ValueError(f"{folder!r} has config.json but no weights: expected {' or '.join(WEIGHT_FILES)}")
 
 
+def check_sizes(config: dict, config_path: str) -> None:
+    """The sizes in a GPT-2 config.json that the model is built from are whole numbers of at least 1, and the width
+    splits evenly into the heads; a zero would otherwise surface as a division by zero deep in transformers."""
+    for name in SIZES:
+        value = config.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{config_path}: {name} must be a whole number of at least 1, got {value!r}")
+    n_embd, n_head = config.get("n_embd", GPT2_WIDTH), config.get("n_head", GPT2_HEADS)
+    if n_embd % n_head:
+        raise ValueError(f"{config_path}: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+
+
+def context_length(model_type: str) -> int:
+    """The n_positions of a Hub model or of a checkpoint folder that `check_checkpoint_dir` accepted."""
+    if model_type in HUB_MODELS:
+        return HUB_CONTEXT_LENGTH
+    with open(os.path.join(model_type, "config.json"), encoding="utf-8") as file:
+        return json.load(file).get("n_positions", HUB_CONTEXT_LENGTH)
+
+
 def check_safetensors(path: str) -> None:
     """Raises ValueError if a .safetensors file is cut short or its header is not what the format prescribes.
 
@@ -79,15 +105,19 @@ def check_safetensors(path: str) -> None:
     ("data_offsets", counted from the end of the header), then the tensor data.
     """
     size = os.path.getsize(path)
-    with open(path, "rb") as file:
-        header_length = int.from_bytes(file.read(8), "little")
-        if size < 8 or 8 + header_length > size:
-            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes): copy it again")
-        try:
-            header = json.loads(file.read(header_length))
-            data_end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-            raise ValueError(f"{path} has a corrupted header: copy it again") from None
+    try:
+        with open(path, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if size < 8 or 8 + header_length > size:
+                raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes): copy it again")
+            header_bytes = file.read(header_length)
+    except OSError as error:  # no permission to read it
+        raise ValueError(f"cannot read {path}: {error.strerror}") from None
+    try:
+        header = json.loads(header_bytes)
+        data_end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError(f"{path} has a corrupted header: copy it again") from None
     if 8 + header_length + data_end > size:
         raise ValueError(f"{path} is truncated: {size} bytes, its header describes {8 + header_length + data_end}")
 
@@ -119,8 +149,6 @@ def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
     """A local checkpoint, strictly: any weight the checkpoint lacks or holds in another shape is an error, where
     transformers would start it from random numbers and only log a report."""
     import torch
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
     from transformers import GPT2LMHeadModel
     from transformers.utils import logging as transformers_logging
 
@@ -131,8 +159,9 @@ def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
         model, info = GPT2LMHeadModel.from_pretrained(
             folder, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True
         )
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError, StrictDataclassError) as error:
-        raise ValueError(f"cannot load the checkpoint in {folder!r}: {' '.join(str(error).split())}") from None
+    except Exception as error:  # a damaged pytorch_model.bin alone fails in half a dozen types (pickle's, zip's, ...)
+        message = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"cannot load the checkpoint in {folder!r}: {message}") from None
     finally:
         transformers_logging.set_verbosity(verbosity)
     wrong = [*info["missing_keys"], *(key for key, *_ in info["mismatched_keys"])]

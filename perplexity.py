@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 EVAL_BATCH_SIZE = 4  # windows per forward pass
+MAX_EXP_ARGUMENT = 709.0  # math.exp overflows a float above about 709.78
 
 
 @torch.no_grad()
@@ -31,4 +32,5 @@ def perplexity(
             logits = model(inputs[batch])  # [batch, context, vocab]
             total_loss += F.cross_entropy(logits.flatten(0, 1), targets[batch].flatten(), reduction="sum").item()
             progress.update(inputs[batch].numel())
-    return math.exp(total_loss / (num_windows * context))
+    mean_loss = total_loss / (num_windows * context)
+    return math.exp(mean_loss) if mean_loss < MAX_EXP_ARGUMENT else math.inf  # a model gone wrong: no OverflowError

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     from hub import load_hf_model
     from perplexity import perplexity
     from quantization import modelopt_quantize, save_quantized
-    from training import HELDOUT_PATH, finetune, train_tokens, validation_tokens
+    from training import HELDOUT_PATH, TrainingDivergedError, finetune, train_tokens, validation_tokens
     from weight_loader import load_twin
 
     torch.manual_seed(args.seed)
@@ -70,18 +70,30 @@ def main(argv: list[str] | None = None) -> None:
     print(f"PTQ: {args.quant_mode} perplexity {ptq:.2f}")
 
     start = time.time()
-    losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seed, desc="QAT")
+    try:
+        losses = finetune(model, tokens, args.steps, args.lr, args.batch_size, args.seed, desc="QAT")
+    except TrainingDivergedError as error:
+        raise UsageError(f"--lr {args.lr:g} is too high for this model: {error}; nothing was saved") from None
     minutes = (time.time() - start) / 60
     qat = deployed_perplexity(model, "Evaluating QAT")
     print(f"QAT: {args.steps} steps in {minutes:.1f} min, last loss {losses[-1]:.3f}, perplexity {qat:.2f}")
-    save_quantized(model, args.out)
+    try:
+        save_quantized(model, args.out)
+    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
+        raise UsageError(f"cannot write --out {args.out}: {error}") from None
     print(f"saved {args.out} (mto.save); total time {(time.time() - started) / 60:.1f} min")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="qat.py", description=__doc__.splitlines()[0])
     parser.add_argument("--out", metavar="PATH", required=True, help="where to save the QAT model (mto.save)")
-    parser.add_argument("--model-type", metavar="DIR", default=BUNDLED_MODEL_DIR, help="a local GPT-2 checkpoint")
+    parser.add_argument(
+        "--model-type",
+        metavar="NAME_OR_DIR",
+        default=BUNDLED_MODEL_DIR,
+        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub) "
+        "(default: the bundled model)",
+    )
     parser.add_argument("--quant-mode", choices=QUANT_MODES, default="int4-weight-only")
     parser.add_argument(
         "--calibration",
@@ -97,17 +109,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=BUNDLED_TRAINING_STEPS // 10,
         help=f"optimizer steps (default: a tenth of the {BUNDLED_TRAINING_STEPS} that trained the bundled model)",
     )
-    parser.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)")
+    parser.add_argument(
+        "--lr", type=checks.learning_rate, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="windows of n_positions tokens per step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
         raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
-    if args.lr <= 0:
-        raise UsageError(f"--lr must be greater than 0, got {args.lr}")
+    checks.check_model_type(args.model_type)
+    if args.calibration_data is not None:
+        checks.check_calibration_data(args.calibration_data)
+    checks.check_finetuning_fits(args.model_type, args.batch_size, "--batch-size")
     checks.check_output_file(args.out, "--out", new=True)
-    if not os.path.isdir(args.model_type):
-        raise UsageError(f"--model-type {args.model_type}: no such folder (a local GPT-2 checkpoint)")
     return args
 
 

