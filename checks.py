@@ -65,6 +65,7 @@ def check_model_type(model_type: str, flag: str = "--model-type") -> None:
     """A Hub name, or a folder that holds a GPT-2 checkpoint (config.json and the weights' header are read)."""
     if model_type in HUB_MODELS:
         return
+    check_path_name(model_type, flag)
     if not os.path.isdir(model_type):
         raise UsageError(
             f"unknown {flag} {model_type!r}: expected one of {', '.join(HUB_MODELS)} or a local GPT-2 checkpoint "

@@ -155,6 +155,7 @@ CASES = [
     ("example.py", ["--model-type", "{w}/no-weights"], "has config.json but no weights: expected model.safetensors"),
     ("example.py", ["--model-type", "{w}/export"], "export/hf_quant_config.json was not written by ModelOpt"),
     ("example.py", ["--model-type", "{w}/data/good.txt"], "unknown --model-type"),
+    ("example.py", ["--model-type", "{w}/gpt\udce9"], "--model-type: the path '{w}/gpt\\udce9' is not valid UTF-8"),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/more-layers"], "do not match its config.json: 12 "),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/wider"], "do not match its config.json"),
     (
