@@ -202,6 +202,9 @@ def evaluate(
     if context > hf_model.config.n_positions:
         raise ValueError(f"context {context} is longer than the model's n_positions ({hf_model.config.n_positions})")
     tokens = heldout_tokens(eval_data, max_tokens)
+    if max_tokens is not None and len(tokens) < max_tokens:
+        used = f"{len(tokens):,}"
+        print(f"{eval_data} has only {used} tokens, fewer than the {max_tokens:,} asked for: using {used}")
     if len(tokens) < context + 1:
         raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
 

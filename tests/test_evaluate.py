@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -209,3 +210,12 @@ def test_cli_saves_a_png_chart(tmp_path):
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(chart)  # decodes the whole file: a truncated PNG raises
     assert image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_a_held_out_file_shorter_than_max_tokens_says_how_many_it_used(tmp_path, capsys):
+    require_bundled_model()
+    text = tmp_path / "heldout.txt"
+    text.write_text(Path(evaluate.DEFAULT_EVAL_DATA).read_text()[:3000])  # about 700 tokens
+    used = len(evaluate.heldout_tokens(str(text)))
+    evaluate.main(["--modes", "unquantized", "--eval-data", str(text), "--max-tokens", "100000"])
+    assert f"has only {used:,} tokens, fewer than the 100,000 asked for: using {used:,}" in capsys.readouterr().out
