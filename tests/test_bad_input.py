@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from helpers import CALIBRATION_PARAGRAPHS, REPO, usage_error
+from huggingface_hub import try_to_load_from_cache
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import benchmark
@@ -397,6 +398,16 @@ def test_a_file_that_cannot_be_read_is_one_line(unreadable, capsys, arguments, n
         if as_root:
             os.seteuid(0)
     assert f"cannot read {names.replace('{u}', str(unreadable))}: Permission denied" in line
+
+
+def test_a_damaged_bundled_model_is_one_line(workspace, monkeypatch, capsys):
+    """The fallback when gpt2 cannot be downloaded: a copy of the repository whose bundled model was cut short."""
+    if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
+        pytest.skip("gpt2 is in this machine's Hugging Face cache: example.py runs it, not the bundled model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(example, "BUNDLED_MODEL_DIR", str(workspace / "truncated"))
+    line = usage_error(example.main, ["--backend", "torch"], "example.py", capsys)
+    assert "the bundled model cannot be loaded: " in line and "truncated/model.safetensors is truncated" in line
 
 
 @pytest.mark.parametrize("script", ["example.py", "evaluate.py"])
