@@ -85,6 +85,9 @@ def test_tripy_backend_runs_model_py_and_agrees_with_transformers(capsys, restor
     assert "All 2 generated the same tokens: yes" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, --backend tripy runs the real engine")
-def test_tripy_backend_without_a_gpu_needs_tiny(capsys):
+@pytest.mark.skipif(benchmark.tripy_on_gpu(), reason="with TensorRT and a GPU, --backend tripy runs the real engine")
+@pytest.mark.parametrize("gpu", [False, True])
+def test_tripy_backend_on_the_cpu_executor_needs_tiny(monkeypatch, capsys, gpu):
+    """Without TensorRT, a GPU changes nothing: model.py runs on the CPU executor, and transformers beside it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     assert "add --tiny" in usage_error(benchmark.main, ["--backend", "tripy"], "benchmark.py", capsys)
