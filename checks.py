@@ -11,7 +11,7 @@ import os
 import tempfile
 
 from cli import UsageError
-from hub import GPT2_VOCAB_SIZE, HUB_MODELS, check_checkpoint_dir, context_length, hub_reachable
+from hub import GPT2_VOCAB_SIZE, HUB_MODELS, check_checkpoint_dir, context_length, hub_reachable, machine_memory
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 # AdamW moves each weight by about the learning rate per step: above 1 a step is larger than the weights themselves,
@@ -252,7 +252,7 @@ def _json_records(text: str, path: str, flag: str, extension: str) -> object:
 
 def check_fits_in_memory(what: str, num_bytes: float) -> None:
     """Refuses sizes whose tensors alone would take more than the machine's memory, before allocating them."""
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    total = machine_memory()
     if num_bytes > total:
         raise UsageError(
             f"{what} need about {num_bytes / 1e9:,.1f} GB, more than this machine's {total / 1e9:.1f} GB of memory: "

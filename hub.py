@@ -20,8 +20,20 @@ DEFAULT_MODEL = "gpt2"
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
 NEEDS = "config.json with model_type 'gpt2'"
 GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
-GPT2_WIDTH, GPT2_HEADS = 768, 12  # what transformers' GPT2Config takes when config.json leaves them out
+GPT2_WIDTH, GPT2_HEADS, GPT2_LAYERS = (
+    768,
+    12,
+    12,
+)  # what transformers' GPT2Config takes when config.json leaves them out
+# The config.json options that change GPT-2's arithmetic: (transformers' default, the values model.py computes).
+GPT2_ARITHMETIC = {
+    "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # both the tanh approximation
+    "layer_norm_epsilon": (1e-5, (1e-5,)),
+    "scale_attn_weights": (True, (True,)),
+    "scale_attn_by_inverse_layer_idx": (False, (False,)),
+}
 HUB_CONTEXT_LENGTH = 1024  # n_positions of every GPT-2 on the Hub, and GPT2Config's default
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names for the dtypes a GPT-2 checkpoint's weights have
 SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
 # What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
 WEIGHT_FILES = (
@@ -38,13 +50,21 @@ class HubUnreachableError(OSError):
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers on its port; quick, so that being offline never hangs."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if hub_offline():
         return False
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
     except OSError:
         return False
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) asks for offline mode, read as huggingface_hub reads it:
+    only these values mean offline, and anything else ("false", "no", a typo) leaves it online. Read otherwise, the
+    two would disagree on which model and calibration data to use."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 def check_checkpoint_dir(folder: str) -> None:
@@ -64,7 +84,7 @@ def check_checkpoint_dir(folder: str) -> None:
         raise ValueError(f"cannot read {config_path}: {error.strerror}") from None
     if not isinstance(config, dict) or config.get("model_type") != "gpt2":
         raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
-    check_sizes(config, config_path)
+    check_config(config, config_path)
     # An export holds quantized weights, which a plain GPT2LMHeadModel would load as noise: refused by name.
     if os.path.isfile(os.path.join(folder, "hf_quant_config.json")) or "quantization_config" in config:
         raise ValueError(
@@ -78,9 +98,11 @@ def check_checkpoint_dir(folder: str) -> None:
         raise ValueError(f"{folder!r} has config.json but no weights: expected {' or '.join(WEIGHT_FILES)}")
 
 
-def check_sizes(config: dict, config_path: str) -> None:
-    """The sizes in a GPT-2 config.json that the model is built from are whole numbers of at least 1, and the width
-    splits evenly into the heads; a zero would otherwise surface as a division by zero deep in transformers."""
+def check_config(config: dict, config_path: str) -> None:
+    """A GPT-2 config.json that this example's models can be built from, checked before anything is allocated:
+    its sizes are whole numbers of at least 1 (a zero would surface as a division by zero deep in transformers),
+    the width splits evenly into the heads, the weights fit in memory, and it asks for GPT-2's own arithmetic, the
+    only one model.py and its twin compute."""
     for name in SIZES:
         value = config.get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -88,6 +110,25 @@ def check_sizes(config: dict, config_path: str) -> None:
     n_embd, n_head = config.get("n_embd", GPT2_WIDTH), config.get("n_head", GPT2_HEADS)
     if n_embd % n_head:
         raise ValueError(f"{config_path}: n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    n_layer = config.get("n_layer", GPT2_LAYERS)
+    embeddings = config.get("vocab_size", GPT2_VOCAB_SIZE) + config.get("n_positions", HUB_CONTEXT_LENGTH)
+    weight_bytes = 4 * (12 * n_layer * n_embd**2 + embeddings * n_embd)  # float32: 12 n_embd^2 per block
+    if weight_bytes > machine_memory():
+        raise ValueError(
+            f"{config_path}: a GPT-2 of these sizes needs {weight_bytes / 1e9:,.0f} GB for its weights, more than this "
+            f"machine's {machine_memory() / 1e9:.0f} GB of memory"
+        )
+    for name, (default, accepted) in GPT2_ARITHMETIC.items():
+        if config.get(name, default) not in accepted:
+            raise ValueError(
+                f"{config_path}: {name} is {config[name]!r}; model.py and its twin compute GPT-2's "
+                f"{' or '.join(map(repr, accepted))}"
+            )
+
+
+def machine_memory() -> int:
+    """The machine's physical memory in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def context_length(model_type: str) -> int:
@@ -115,9 +156,13 @@ def check_safetensors(path: str) -> None:
         raise ValueError(f"cannot read {path}: {error.strerror}") from None
     try:
         header = json.loads(header_bytes)
-        data_end = max((t["data_offsets"][1] for n, t in header.items() if n != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        tensors = [tensor for name, tensor in header.items() if name != "__metadata__"]
+        data_end = max((tensor["data_offsets"][1] for tensor in tensors), default=0)
+        dtypes = {tensor["dtype"] for tensor in tensors}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise ValueError(f"{path} has a corrupted header: copy it again") from None
+    if not dtypes <= FLOAT_DTYPES:  # transformers would cast integers to float without a word
+        raise ValueError(f"{path} holds {', '.join(sorted(dtypes - FLOAT_DTYPES))} tensors: expected float weights")
     if 8 + header_length + data_end > size:
         raise ValueError(f"{path} is truncated: {size} bytes, its header describes {8 + header_length + data_end}")
 
@@ -170,6 +215,9 @@ def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
             f"the weights in {folder!r} do not match its config.json: {len(wrong)} missing or of another shape, "
             f"such as {sorted(wrong)[0]}"
         )
+    broken = next((name for name, weight in model.named_parameters() if not torch.isfinite(weight).all()), None)
+    if broken is not None:
+        raise ValueError(f"the weights in {folder!r} hold inf or NaN (in {broken}): copy the checkpoint again")
     if model.config.vocab_size < GPT2_VOCAB_SIZE:  # token ids from GPT-2's tokenizer would index past its embedding
         raise ValueError(
             f"{folder!r} has a vocabulary of {model.config.vocab_size} tokens: this example encodes text with GPT-2's "

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 from helpers import CALIBRATION_PARAGRAPHS, REPO, usage_error
 from huggingface_hub import try_to_load_from_cache
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -70,6 +72,17 @@ def build_workspace(root: Path) -> None:
     variant("bad-heads", config_text=json.dumps({**config, "n_head": 5}))
     variant("string-layers", config_text=json.dumps({**config, "n_layer": "one"}))
     variant("zero-heads", config_text=json.dumps({**config, "n_head": 0}))
+    variant("huge", config_text=json.dumps({**config, "n_layer": 1_000_000}))  # would be allocated, then refused
+    variant("relu", config_text=json.dumps({**config, "activation_function": "relu"}))  # the twin computes GELU
+    variant("epsilon", config_text=json.dumps({**config, "layer_norm_epsilon": 0.5}))
+    variant(
+        "int8-weights",
+        weights_bytes=safetensors.torch.save({"transformer.wte.weight": torch.ones(2, 2).to(torch.int8)}),
+    )
+    nan_model = GPT2LMHeadModel.from_pretrained(good)
+    with torch.no_grad():
+        nan_model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    nan_model.save_pretrained(root / "nan-weights")
     variant("garbage-bin", weights_bytes=None)  # a pytorch_model.bin that is not one, and no safetensors
     (root / "garbage-bin" / "pytorch_model.bin").write_bytes(b"not a pickle, not a zip" * 100)
     # What --export-dir writes: ModelOpt's hf_quant_config.json and a quantization_config in config.json.
@@ -167,6 +180,20 @@ CASES = [
     ("example.py", ["--model-type", "{w}/string-layers"], "n_layer must be a whole number of at least 1, got 'one'"),
     ("example.py", ["--model-type", "{w}/zero-heads"], "zero-heads/config.json: n_head must be a whole number of at "),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("example.py", ["--model-type", "{w}/huge"], "huge/config.json: a GPT-2 of these sizes needs 197 GB for its weights"),
+    (
+        "example.py",
+        ["--model-type", "{w}/relu"],
+        "activation_function is 'relu'; model.py and its twin compute GPT-2's",
+    ),
+    ("example.py", ["--model-type", "{w}/epsilon"], "layer_norm_epsilon is 0.5; model.py and its twin compute GPT-2's"),
+    ("example.py", ["--model-type", "{w}/int8-weights"], "model.safetensors holds I8 tensors: expected float weights"),
+    (
+        "example.py",
+        ["--backend", "torch", "--model-type", "{w}/nan-weights"],
+        "hold inf or NaN (in transformer.h.0.mlp",
+    ),
+    ("evaluate.py", ["--model-type", "{w}/nan-weights"], "hold inf or NaN (in transformer.h.0.mlp.c_fc.weight)"),
     # example.py: an export runs as it was calibrated
     ("example.py", ["--model-type", "{w}/export", "--verbose"], "calibrated already: --verbose is for a model that"),
     ("example.py", ["--model-type", "{w}/export", "--save-quantized", "{w}/q.pt"], "calibrated already: --save-qua"),

@@ -2,12 +2,13 @@ import json
 import time
 from dataclasses import replace
 
+import huggingface_hub.constants
 import pytest
 import torch
 from helpers import make_gpt2
 from torch import nn
 
-from hub import HubUnreachableError, load_hf_model
+from hub import HubUnreachableError, hub_offline, load_hf_model
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from reference import GPT
 from tokenizer import gpt2_encoding, gpt2_tokenizer
@@ -129,3 +130,11 @@ def test_example_reports_a_scale_float16_cannot_hold_in_one_line(tmp_path, capsy
     line = stderr.splitlines()[-1]
     assert line.startswith("example.py: error: transformer.h.0.attn.c_proj.weight_scale has a scale of"), line
     assert line.endswith("(--dtype float32)"), line
+
+
+@pytest.mark.parametrize("value", ["1", "ON", "yes", "True", "0", "no", "off", "false", "FALSE", "offline", ""])
+def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(monkeypatch, value):
+    """Read otherwise, HF_HUB_OFFLINE=no would make this example run the bundled model while transformers is online."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", value)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    assert hub_offline() == huggingface_hub.constants._is_true(value)
