@@ -215,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
+    if args.model_type is not None and args.model_type not in HUB_MODELS:
+        checks.check_path_name(args.model_type, "--model-type")
     if args.model_type is not None and not is_export(args.model_type):  # an export is checked as it is read
         checks.check_model_type(args.model_type)
     if is_export(args.model_type):

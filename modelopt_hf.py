@@ -27,13 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GPT2Config
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from hub import check_config
 from reference import quantize_dequantize
 
 QUANT_ALGOS = {"W8A16": "int8-weight-only", "W4A16_AWQ": "int4-weight-only", "FP8": "float8"}
@@ -81,8 +82,12 @@ def export_format(quantization: dict[str, Any], source: str = "the quantization 
         raise ExportFormatError(f"{source} has weight_layout {weight_layout!r}; expected one of {WEIGHT_LAYOUTS}")
     # config.json names the excluded modules "ignore", hf_quant_config.json "exclude_modules".
     excluded = quantization.get("exclude_modules", quantization.get("ignore")) or []
+    if not isinstance(excluded, list) or not all(isinstance(module, str) for module in excluded):
+        raise ExportFormatError(f"{source} has exclude_modules {excluded!r}; expected a list of module names")
     group_size = quantization.get("group_size") or DEFAULT_INT4_GROUP_SIZE
-    return ExportFormat(quant_algo, weight_layout, int(group_size), list(excluded))
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ExportFormatError(f"{source} has group_size {group_size!r}; expected a whole number of input features")
+    return ExportFormat(quant_algo, weight_layout, group_size, excluded)
 
 
 def is_modelopt_export(path: str) -> bool:
@@ -99,18 +104,35 @@ def read_export(export_dir: str) -> tuple[ExportFormat, GPT2Config]:
             f"{export_dir} is not a ModelOpt export: it has no hf_quant_config.json "
             "(write one with example.py --quant-mode MODE --export-dir DIR)"
         )
-    with open(quant_config_path) as file:
-        hf_quant_config = json.load(file)
-    if hf_quant_config.get("producer", {}).get("name") != "modelopt" or "quantization" not in hf_quant_config:
+    hf_quant_config = _read_json_object(quant_config_path)
+    producer, quantization = hf_quant_config.get("producer"), hf_quant_config.get("quantization")
+    if not isinstance(producer, dict) or producer.get("name") != "modelopt" or not isinstance(quantization, dict):
         raise ExportFormatError(f"{quant_config_path} was not written by ModelOpt (no producer 'modelopt')")
-    fmt = export_format(hf_quant_config["quantization"], quant_config_path)
+    fmt = export_format(quantization, quant_config_path)
     if not os.path.isfile(config_path):
         raise ExportFormatError(f"{export_dir} has no config.json")
-    with open(config_path) as file:
-        model_type = json.load(file).get("model_type")
-    if model_type != "gpt2":
-        raise ExportFormatError(f"{config_path} is a {model_type!r} model; this loader reads GPT-2 exports")
-    return fmt, GPT2Config.from_pretrained(export_dir)
+    config = _read_json_object(config_path)
+    if config.get("model_type") != "gpt2":
+        raise ExportFormatError(
+            f"{config_path} is a {config.get('model_type')!r} model; this loader reads GPT-2 exports"
+        )
+    try:
+        check_config(config, config_path)
+        return fmt, GPT2Config.from_pretrained(export_dir)
+    except Exception as error:  # transformers' own checks of the fields raise several types
+        raise ExportFormatError(" ".join(str(error).split()) or type(error).__name__) from None
+
+
+def _read_json_object(path: str) -> dict:
+    """A JSON file holding an object; ExportFormatError, naming the file, for anything else."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            value = json.load(file)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise ExportFormatError(f"{path} is not valid JSON ({error}): is the export complete?") from None
+    if not isinstance(value, dict):
+        raise ExportFormatError(f"{path} holds a JSON {type(value).__name__}, not an object: is it an export's?")
+    return value
 
 
 def expected_tensors(fmt: ExportFormat, config: GPT2Config) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -163,9 +185,10 @@ def safetensors_files(export_dir: str) -> list[str]:
     """The checkpoint's .safetensors files: model.safetensors, or the shards its index lists."""
     index_path = os.path.join(export_dir, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-        with open(index_path) as file:
-            shards = sorted(set(json.load(file)["weight_map"].values()))
-        return [os.path.join(export_dir, shard) for shard in shards]
+        weight_map = _read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ExportFormatError(f"{index_path} has no weight_map of tensor names to shard files")
+        return [os.path.join(export_dir, shard) for shard in sorted(set(weight_map.values()))]
     path = os.path.join(export_dir, "model.safetensors")
     if not os.path.isfile(path):
         raise ExportFormatError(f"{export_dir} has no model.safetensors")
@@ -176,10 +199,13 @@ def check_tensors(export_dir: str, fmt: ExportFormat, config: GPT2Config) -> Non
     """Checks the tensor names, shapes and quantized types from the safetensors headers, without reading data."""
     found = {}
     for path in safetensors_files(export_dir):
-        with safe_open(path, "pt") as file:
-            for name in file.keys():
-                tensor_slice = file.get_slice(name)
-                found[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+        try:
+            with safe_open(path, "pt") as file:
+                for name in file.keys():
+                    tensor_slice = file.get_slice(name)
+                    found[name] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+        except (OSError, SafetensorError) as error:  # a shard missing, a header cut short or not JSON
+            raise ExportFormatError(f"cannot read {path}: {' '.join(str(error).split())}") from None
     where = f"{export_dir} ({fmt.quant_algo}, weight_layout {fmt.weight_layout})"
     for name, (shape, dtype) in expected_tensors(fmt, config).items():
         if name not in found:

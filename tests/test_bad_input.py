@@ -180,7 +180,11 @@ CASES = [
     ("example.py", ["--model-type", "{w}/string-layers"], "n_layer must be a whole number of at least 1, got 'one'"),
     ("example.py", ["--model-type", "{w}/zero-heads"], "zero-heads/config.json: n_head must be a whole number of at "),
     ("example.py", ["--backend", "torch", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
-    ("example.py", ["--model-type", "{w}/huge"], "huge/config.json: a GPT-2 of these sizes needs 197 GB for its weights"),
+    (
+        "example.py",
+        ["--model-type", "{w}/huge"],
+        "huge/config.json: a GPT-2 of these sizes needs 197 GB for its weights",
+    ),
     (
         "example.py",
         ["--model-type", "{w}/relu"],

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, REPO, assert_usage_error, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, REPO, assert_usage_error, make_gpt2, usage_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -170,3 +170,38 @@ def test_a_plain_checkpoint_is_not_an_export(tmp_path):
     make_gpt2(n_embd=128, n_layer=1).save_pretrained(tmp_path)
     with pytest.raises(modelopt_hf.ExportFormatError, match="is not a ModelOpt export"):
         load_weights_from_export(GPT(GPTConfig(quant_mode="int8-weight-only")), str(tmp_path), torch.float32)
+
+
+# A file of the good export replaced: (file, its new content, what the one line must say)
+DAMAGED_FILES = {
+    "hf_quant_config.json cut short": ("hf_quant_config.json", "{", "hf_quant_config.json is not valid JSON"),
+    "hf_quant_config.json a list": ("hf_quant_config.json", "[]", "holds a JSON list, not an object"),
+    "producer a string": ("hf_quant_config.json", '{"producer": "modelopt", "quantization": {}}', "not written by"),
+    "config.json a list": ("config.json", "[1]", "config.json holds a JSON list, not an object"),
+    "an index without a weight map": ("model.safetensors.index.json", "{}", "has no weight_map of tensor names"),
+    "a safetensors header of garbage": ("model.safetensors", "\0" * 8 + "x" * 64, "cannot read"),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGED_FILES)
+def test_a_damaged_export_is_one_line(exports, tmp_path, capsys, name):
+    file_name, content, expected = DAMAGED_FILES[name]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exports["good"], damaged)
+    (damaged / file_name).write_text(content)
+    assert expected in usage_error(example.main, ["--model-type", str(damaged)], "example.py", capsys)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda config: config.update(n_layer=0), "n_layer must be a whole number of at least 1, got 0"),
+        (lambda config: config.update(n_positions="64"), "n_positions must be a whole number of at least 1, got '64'"),
+        (lambda config: config.update(activation_function="relu"), "activation_function is 'relu'"),
+    ],
+)
+def test_an_export_whose_config_the_models_cannot_compute_is_one_line(exports, tmp_path, capsys, edit, expected):
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(exports["good"], damaged)
+    edit_json(os.path.join(damaged, "config.json"), edit)
+    assert expected in usage_error(example.main, ["--model-type", damaged], "example.py", capsys)
