@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     model_type, hf_model, quant_mode = load_model(args, len(prompt_tokens))
     layer_quant_modes = None
     if args.load_quantized is not None:
-        hf_model, quant_mode = load_quantized(hf_model, args.load_quantized, quant_mode)
+        hf_model, quant_mode, layer_quant_modes = load_quantized(hf_model, args.load_quantized, quant_mode)
     elif args.quant_mode == AUTO_QUANT_MODE:
         layer_quant_modes = auto_quantize(hf_model, args, device_for(backend))
     elif args.quant_mode is not None and hf_model is not None:
@@ -207,8 +207,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--load-quantized",
         metavar="PATH",
-        help="restore a model written by --save-quantized or qat.py instead of calibrating (its mode comes from the "
-        "file; --quant-mode, if given, must match it)",
+        help="restore a model written by --save-quantized or qat.py instead of calibrating (its mode, or with "
+        f"{AUTO_QUANT_MODE} each layer's format, comes from the file; --quant-mode, if given, must match it)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="print ModelOpt's summary of the quantized model's quantizers"
@@ -290,8 +290,13 @@ def check_export_args(args: argparse.Namespace) -> None:
 
 
 def check_auto_quantize_args(args: argparse.Namespace) -> None:
-    """--quant-mode auto takes either --effective-bits (search, and save the result) or --recipe (reuse one)."""
+    """--quant-mode auto takes either --effective-bits (search, and save the result) or --recipe (reuse one), or,
+    with --load-quantized, neither: the file holds each layer's format."""
     auto = args.quant_mode == AUTO_QUANT_MODE
+    if args.load_quantized is not None:
+        if args.effective_bits is not None or args.recipe is not None:
+            raise UsageError("--load-quantized restores a calibrated model: --effective-bits and --recipe do not apply")
+        auto = False  # a restored mix is neither searched nor built from a recipe
     for option, value in (("--effective-bits", args.effective_bits), ("--recipe", args.recipe)):
         if value is not None and not auto:
             raise UsageError(f"{option} needs --quant-mode {AUTO_QUANT_MODE}")
@@ -505,18 +510,24 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     return recipe.layers
 
 
-def load_quantized(hf_model: GPT2LMHeadModel, path: str, quant_mode: str | None) -> tuple[GPT2LMHeadModel, str]:
-    """Restores a model saved with mto.save onto `hf_model` (no calibration); returns it and its quant mode."""
-    from quantization import QuantizedCheckpointError
-    from quantization import load_quantized as restore
+def load_quantized(
+    hf_model: GPT2LMHeadModel, path: str, quant_mode: str | None
+) -> tuple[GPT2LMHeadModel, str, dict[str, str | None] | None]:
+    """Restores a model saved with mto.save onto `hf_model` (no calibration); returns it, its quant mode, and for an
+    AutoQuantize mix each layer's format (printed as the search prints it), otherwise None."""
+    import quantization
 
     start = time.perf_counter()
     try:
-        hf_model, quant_mode = restore(hf_model, path, quant_mode)
-    except QuantizedCheckpointError as error:
+        hf_model, quant_mode = quantization.load_quantized(hf_model, path, quant_mode)
+    except quantization.QuantizedCheckpointError as error:
         raise UsageError(f"--load-quantized: {error}") from None
     print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
-    return hf_model, quant_mode
+    if quant_mode != AUTO_QUANT_MODE:
+        return hf_model, quant_mode, None
+    recipe = quantization.recipe_from_model(hf_model)  # the formats as the restored quantizers are
+    print(quantization.format_recipe(recipe))
+    return hf_model, quant_mode, recipe.layers
 
 
 def save_quantized(hf_model: GPT2LMHeadModel, path: str) -> None:

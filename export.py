@@ -5,10 +5,12 @@ two per byte) next to its scales, as safetensors, and names the algorithm in hf_
 config.json as `quantization_config`). The scales come from the same calibrated amaxes that weight_loader.py turns
 into the Tripy model's scales, so an engine and Tripy run the same quantized model.
 
-Two things are added so that the directory is all a consumer needs (modelopt_hf.py describes the format):
+Three things are added so that the directory is all a consumer needs (modelopt_hf.py describes the format):
 - GPT-2's c_attn/c_proj/c_fc weights are rewritten [in, out], the layout of GPT-2's Conv1D that GPT-2 loaders expect
   (vLLM's transposes every one of them; ModelOpt writes [out, in]), recorded as "weight_layout": "conv1d";
-- GPT-2's tokenizer files, so that `vllm serve DIR` or `AutoTokenizer.from_pretrained(DIR)` work offline.
+- GPT-2's tokenizer files, so that `vllm serve DIR` or `AutoTokenizer.from_pretrained(DIR)` work offline;
+- a pre_quant_scale of ones for int4 layers calibrated without AWQ, which W4A16_AWQ promises (see
+  `_add_identity_pre_quant_scales`).
 """
 
 import copy
@@ -43,6 +45,7 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     # `weight.to(dtype)` then reads the string as a device (RuntimeError: Invalid device string: 'float32').
     dtype = next(model.parameters()).dtype
     model.config.dtype = dtype
+    _add_identity_pre_quant_scales(model)
     before = _file_states(export_dir)
     with torch.inference_mode():
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
@@ -55,6 +58,22 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     for name, state in _file_states(export_dir).items():
         if before.get(name) != state:
             os.chmod(os.path.join(export_dir, name), 0o666 & ~umask)
+
+
+def _add_identity_pre_quant_scales(model: GPT2LMHeadModel) -> None:
+    """Gives each int4 layer without AWQ's pre_quant_scale (int4 calibrated with "max", as qat.py does) a scale of ones.
+
+    ModelOpt exports every block-wise int4 layer as W4A16_AWQ with "pre_quant_scale": true, but writes the tensor only
+    for a layer that has one: such an export promises tensors it lacks, and loaders of W4A16_AWQ (modelopt_hf.py
+    among them) refuse it. (x * 1) @ W^T is x @ W^T exactly, so the export computes what the model computes, as
+    weight_loader.py's twin does, which also takes a missing scale as ones.
+    """
+    for module in model.modules():
+        if _is_quantized(module) and module.weight_quantizer.num_bits == 4:
+            input_quantizer = module.input_quantizer
+            if input_quantizer.pre_quant_scale is None:
+                weight = module.weight  # QuantLinear's: [out, in]
+                input_quantizer.pre_quant_scale = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
 
 
 def _write_conv1d_layout(export_dir: str) -> None:

@@ -21,7 +21,14 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from config import EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES, check_quant_mode, quant_mode_of
+from config import (
+    AUTO_QUANT_MODE,
+    EFFECTIVE_BITS_RANGE,
+    INT4_BLOCK_SIZE,
+    QUANT_MODES,
+    check_quant_mode,
+    quant_mode_of,
+)
 from hub import hub_reachable
 from tokenizer import gpt2_tokenizer
 
@@ -365,8 +372,10 @@ def save_quantized(model: torch.nn.Module, path: str) -> None:
 def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = None) -> tuple[torch.nn.Module, str]:
     """Restores a model written by `save_quantized` onto `model`, an unquantized GPT-2 of the same shape, with
     `mto.restore`, and returns it with its quantization mode: no calibration, the saved weights and scales as they
-    were. With `quant_mode`, the file must hold that mode. Raises QuantizedCheckpointError for a file that is not
-    a ModelOpt checkpoint, holds no quantized model, or was saved for a model of another shape or another mode.
+    were. The mode is one of QUANT_MODES, or AUTO_QUANT_MODE for a per-layer mix that AutoQuantize made (from a
+    search or a recipe): `recipe_from_model` of the returned model then gives each layer's format. With
+    `quant_mode`, the file must hold that mode. Raises QuantizedCheckpointError for a file that is not a ModelOpt
+    checkpoint, holds no quantized model, or was saved for a model of another shape or another mode.
 
     The checks read the file before ModelOpt does, so that a wrong file is one clear message, not a traceback from
     deep in `load_state_dict`. A GPT-2 with other weights but the same shape is accepted: the file's weights replace
@@ -401,21 +410,32 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
 
 
 def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
-    """The mode of a saved ModelOpt state, read from its weight quantizers' bits and blocks (as weight_loader does)."""
-    modes = [state for mode_name, state in modelopt_state.get("modelopt_state_dict", []) if mode_name == "quantize"]
-    if not modes:
-        raise QuantizedCheckpointError(f"{path} holds no quantized model (its ModelOpt state has no quantize mode)")
+    """The mode of a saved ModelOpt state: AUTO_QUANT_MODE for a model that mtq.auto_quantize quantized, otherwise the
+    one mode its weight quantizers' bits and blocks show (as weight_loader does)."""
+    entries = modelopt_state.get("modelopt_state_dict", [])
+    # ModelOpt records mtq.quantize as its "quantize" mode and mtq.auto_quantize (a search, or quantize_with_recipe)
+    # as "auto_quantize" (modelopt/torch/quantization/mode.py), whose calibration leaves no mode of its own.
+    applied = {mode_name for mode_name, _ in entries}
+    if not applied & {"quantize", "auto_quantize"}:
+        raise QuantizedCheckpointError(
+            f"{path} holds no quantized model (its ModelOpt state has no quantize or auto_quantize mode)"
+        )
     # The last entry (calibration updates it) describes the quantizers as they were saved.
-    quantizers = modelopt_state["modelopt_state_dict"][-1][1]["metadata"]["quantizer_state"]
+    quantizers = entries[-1][1]["metadata"]["quantizer_state"]
     found = {
         quant_mode_of(state["_num_bits"], bool(state["_block_sizes"]))
         for name, state in quantizers.items()
         if name.endswith(".weight_quantizer") and not state["_disabled"]
     }
-    if len(found) == 1 and None not in found:
-        return found.pop()
+    if None not in found:
+        # A mix stays a mix even when it happens to hold one format: lm_head stays out of it, unlike float8's.
+        if "auto_quantize" in applied:
+            return AUTO_QUANT_MODE
+        if len(found) == 1:
+            return found.pop()
     raise QuantizedCheckpointError(
-        f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)})"
+        f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)}, "
+        f"or a per-layer mix of them: {AUTO_QUANT_MODE})"
     )
 
 

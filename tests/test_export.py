@@ -306,6 +306,31 @@ def test_twin_loaded_from_the_export_computes_the_exporting_runs_logits(exported
     assert torch.equal(logits, exported.logits_before)
 
 
+def test_int4_calibrated_without_awq_exports_a_pre_quant_scale_of_ones(calibration_file, tmp_path):
+    """int4 calibrated with max (qat.py's default) has no pre_quant_scale. ModelOpt exports it as W4A16_AWQ all the
+    same, "pre_quant_scale": true, so the export must hold the tensor: ones, the scale that changes nothing."""
+    quantized_model = modelopt_quantize(
+        make_gpt2(), "int4-weight-only", dataset_name=calibration_file, num_samples=4, batch_size=4, algorithm="max"
+    )
+    assert not [name for name, _ in quantized_model.named_buffers() if name.endswith("_pre_quant_scale")]
+    with torch.no_grad():
+        expected = load_twin(quantized_model, "int4-weight-only", quantized_model)(IDX)
+    export_dir = str(tmp_path / "int4-max")
+    export_checkpoint(quantized_model, export_dir)
+    assert not [name for name, _ in quantized_model.named_buffers() if name.endswith("_pre_quant_scale")]
+
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as f:
+        assert json.load(f)["quantization"] == EXPECTED_QUANT_CONFIG["int4-weight-only"]
+    tensors = read_tensors(export_dir)
+    for name in MIXED_LAYER_QUANT_MODES:  # every block linear of make_gpt2's two blocks
+        in_features = quantized_model.get_submodule(name).weight.shape[1]  # QuantLinear: [out, in]
+        assert torch.equal(tensors[f"{name}.pre_quant_scale"], torch.ones(in_features)), name
+    with torch.no_grad():
+        assert torch.equal(load_export_twin(export_dir)(IDX), expected)  # what example.py --model-type runs
+        logits = load_with_transformers(export_dir)(IDX).logits
+    assert (logits - expected).abs().max() <= 1e-5 * expected.abs().max()  # as test_transformers_logits_equal_...
+
+
 @pytest.fixture(scope="module")
 def exported_mixed(calibration_file, tmp_path_factory) -> tuple[str, GPT]:
     """A mix of every format and an unquantized layer, as AutoQuantize makes it; the export and the twin."""

@@ -12,11 +12,21 @@ import sys
 
 import pytest
 import torch
-from helpers import REPO, make_gpt2, usage_error
+from helpers import MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
-from config import QUANT_MODES
-from quantization import QuantizedCheckpointError, load_quantized, modelopt_quantize, save_quantized
+from config import AUTO_QUANT_MODE, QUANT_MODES
+from quantization import (
+    QuantizedCheckpointError,
+    Recipe,
+    format_recipe,
+    load_quantized,
+    load_recipe,
+    modelopt_quantize,
+    quantize_with_recipe,
+    recipe_from_model,
+    save_quantized,
+)
 from weight_loader import load_twin
 
 
@@ -37,6 +47,17 @@ def saved(base, calibration_file, tmp_path_factory) -> dict[str, tuple[torch.nn.
         save_quantized(model, path)
         result[mode] = (model, path)
     return result
+
+
+@pytest.fixture(scope="module")
+def saved_mix(base, calibration_file, tmp_path_factory) -> tuple[torch.nn.Module, str]:
+    """A per-layer mix of every format and an unquantized layer, calibrated by AutoQuantize (mtq.auto_quantize,
+    without its search), and the file it was saved to."""
+    recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
+    model = quantize_with_recipe(copy.deepcopy(base), recipe, calibration_file, batch_size=4, num_samples=4)
+    path = str(tmp_path_factory.mktemp("saved") / "mixed.pt")
+    save_quantized(model, path)
+    return model, path
 
 
 def quantizer_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -64,6 +85,38 @@ def test_restored_model_has_the_saved_scales_and_logits(base, saved, mode):
     with torch.no_grad():
         assert torch.equal(restored(idx).logits, calibrated(idx).logits)
         assert torch.equal(load_twin(base, mode, restored)(idx), load_twin(base, mode, calibrated)(idx))
+
+
+def test_restored_mix_has_the_saved_formats_scales_and_logits(base, saved_mix):
+    """ModelOpt records AutoQuantize as its "auto_quantize" mode, not "quantize": the mix is restored all the same,
+    and each layer's format is read back from the restored quantizers."""
+    calibrated, path = saved_mix
+    restored, restored_mode = load_quantized(copy.deepcopy(base), path)
+    assert restored_mode == AUTO_QUANT_MODE
+    layers = recipe_from_model(restored).layers
+    assert layers == recipe_from_model(calibrated).layers == MIXED_LAYER_QUANT_MODES
+
+    expected = quantizer_buffers(calibrated)
+    scales = [t for name, t in expected.items() if name.endswith("_pre_quant_scale")]
+    assert scales and not all(torch.all(scale == 1) for scale in scales)  # the int4 layers' AWQ did scale
+    actual = quantizer_buffers(restored)
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+    idx = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored(idx).logits, calibrated(idx).logits)
+        twin = load_twin(base, AUTO_QUANT_MODE, restored, layer_quant_modes=layers)
+        calibrated_twin = load_twin(base, AUTO_QUANT_MODE, calibrated, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
+        assert torch.equal(twin(idx), calibrated_twin(idx))
+
+
+def test_a_mix_and_a_single_mode_are_not_mistaken_for_each_other(base, saved, saved_mix):
+    with pytest.raises(QuantizedCheckpointError, match="holds a model quantized in auto, not float8"):
+        load_quantized(copy.deepcopy(base), saved_mix[1], "float8")
+    with pytest.raises(QuantizedCheckpointError, match="holds a model quantized in int8-weight-only, not auto"):
+        load_quantized(copy.deepcopy(base), saved["int8-weight-only"][1], AUTO_QUANT_MODE)
 
 
 def test_restoring_does_not_calibrate(base, saved, capsys):
@@ -157,6 +210,29 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
     assert "TensorQuantizers found in model" in restored.stdout
 
 
+def test_restore_an_autoquantize_mix_then_generate_prints_what_the_search_printed(
+    checkpoint, calibration_file, tmp_path
+):
+    """The command lines of the report: search and save, then restore with and without --quant-mode auto. The restored
+    run prints the search's table of formats and, greedy (--top-k 1), the same text."""
+    path, recipe = str(tmp_path / "mixed.pt"), str(tmp_path / "recipe.json")
+    search = ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", recipe, "--save-quantized", path]
+    samples = ["--calibration-data", calibration_file, "--num-calibration-samples", "4"]
+    searched = run_example(["--model-type", checkpoint, "--top-k", "1", *search, *samples], tmp_path)
+    assert f"Saved the quantized model to {path}" in searched.stdout, searched.stderr
+    searched_formats = load_recipe(recipe)
+    assert len(set(searched_formats.layers.values())) > 1  # a mix, not one format everywhere
+    table = format_recipe(searched_formats)
+    assert table in searched.stdout
+    restore = ["--model-type", checkpoint, "--top-k", "1", "--load-quantized", path]
+    for quant_mode in ([], ["--quant-mode", "auto"]):
+        restored = run_example([*restore, *quant_mode], tmp_path)
+        assert f"Restored auto from {path}" in restored.stdout, restored.stderr
+        assert "Calibrated" not in restored.stdout and "Calibrating" not in restored.stderr
+        assert table in restored.stdout
+        assert generated_text(restored) == generated_text(searched)
+
+
 @pytest.mark.parametrize(
     "name, expected",
     [
@@ -166,6 +242,7 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
         ("missing file", "--load-quantized: no such file: no/such/file.pt"),
         ("save without quantizing", "--save-quantized needs --quant-mode"),
         ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
+        ("search and restore", "--load-quantized restores a calibrated model: --effective-bits and --recipe do not"),
     ],
 )
 def test_bad_load_quantized_is_one_line_and_exit_status_2(
@@ -181,6 +258,7 @@ def test_bad_load_quantized_is_one_line_and_exit_status_2(
         "missing file": ["--load-quantized", "no/such/file.pt"],
         "save without quantizing": ["--save-quantized", str(tmp_path / "out.pt")],
         "verbose without quantizing": ["--verbose"],
+        "search and restore": ["--load-quantized", int4, "--quant-mode", "auto", "--effective-bits", "6"],
     }[name]
     argv = ["--backend", "torch", "--max-new-tokens", "8", *arguments]
     assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
