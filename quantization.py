@@ -396,10 +396,17 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
         raise QuantizedCheckpointError(
             f"{path} is not a ModelOpt checkpoint written by mto.save (no modelopt_state and model_state_dict in it)"
         )
-    saved_mode = _saved_quant_mode(checkpoint["modelopt_state"], path)
+    try:
+        saved_mode = _saved_quant_mode(checkpoint["modelopt_state"], path)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a state edited, or from another tool
+        raise QuantizedCheckpointError(
+            f"{path} holds a ModelOpt state of another layout than mto.save writes ({type(error).__name__}: {error})"
+        ) from None
+    saved = checkpoint["model_state_dict"]
+    if not isinstance(saved, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in saved.values()):
+        raise QuantizedCheckpointError(f"{path}: its model_state_dict is not a dictionary of tensors")
     if quant_mode is not None and quant_mode != saved_mode:
         raise QuantizedCheckpointError(f"{path} holds a model quantized in {saved_mode}, not {quant_mode}")
-    saved = checkpoint["model_state_dict"]
     for name, shape in _quantized_shapes(model).items():
         if name not in saved or list(saved[name].shape) != shape:
             found = "missing" if name not in saved else f"shape {list(saved[name].shape)}"

@@ -7,6 +7,7 @@ restored model must be bit for bit those of the calibrated one, for ModelOpt's m
 
 import copy
 import os
+import re
 import subprocess
 import sys
 
@@ -133,6 +134,36 @@ def test_a_file_that_is_not_a_modelopt_checkpoint(base, tmp_path):
     torch.save(base.state_dict(), weights)  # a plain state dict: torch's format, but no ModelOpt state
     with pytest.raises(QuantizedCheckpointError, match="no modelopt_state and model_state_dict in it"):
         load_quantized(copy.deepcopy(base), str(weights))
+
+
+def drop_metadata(checkpoint: dict) -> None:
+    del checkpoint["modelopt_state"]["modelopt_state_dict"][-1][1]["metadata"]
+
+
+def drop_disabled(checkpoint: dict) -> None:
+    quantizers = checkpoint["modelopt_state"]["modelopt_state_dict"][-1][1]["metadata"]["quantizer_state"]
+    for state in quantizers.values():
+        del state["_disabled"]
+
+
+@pytest.mark.parametrize(
+    "damage, expected",
+    [
+        (drop_metadata, "holds a ModelOpt state of another layout than mto.save writes (KeyError: 'metadata')"),
+        (drop_disabled, "(KeyError: '_disabled')"),
+        (lambda checkpoint: checkpoint.update(modelopt_state=[]), "(AttributeError: 'list' object has no attr"),
+        (lambda checkpoint: checkpoint.update(model_state_dict=[1]), "its model_state_dict is not a dictionary"),
+    ],
+    ids=["no metadata", "no _disabled", "state a list", "weights a list"],
+)
+def test_a_damaged_modelopt_state_is_named(base, saved, tmp_path, damage, expected):
+    """A file mto.save wrote, edited by hand or by another tool: one error, not a KeyError from deep in the reader."""
+    checkpoint = torch.load(saved["int8-weight-only"][1], weights_only=True)
+    damage(checkpoint)
+    path = tmp_path / "damaged.pt"
+    torch.save(checkpoint, path)
+    with pytest.raises(QuantizedCheckpointError, match=re.escape(expected)):
+        load_quantized(copy.deepcopy(base), str(path))
 
 
 def test_a_file_saved_without_quantization(base, tmp_path):
