@@ -125,9 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
     checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
     if args.chart is not None:
-        if not args.chart.lower().endswith(".png"):
-            raise UsageError(f"--chart must name a .png file, got {args.chart}")
-        checks.check_output_file(args.chart, "--chart")
+        checks.check_chart(args.chart)
     return args
 
 

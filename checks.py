@@ -17,6 +17,7 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 # AdamW moves each weight by about the learning rate per step: above 1 a step is larger than the weights themselves,
 # and training turns the model into NaNs.
 MAX_LEARNING_RATE = 1.0
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"  # the first 8 bytes of every PNG file
 CALIBRATION_EXTENSIONS = (".txt", ".json", ".jsonl")
 
 
@@ -108,9 +109,9 @@ def check_output_dir(path: str, flag: str, overwrite: bool, sources: tuple[str, 
     if os.path.exists(path) and not os.path.isdir(path):
         raise UsageError(f"{flag} {path} is a file, not a folder: choose a new or empty folder")
     for source in sources:
-        if os.path.isdir(source) and _is_within(path, source):
+        if os.path.isdir(source) and is_within(path, source):
             raise UsageError(
-                f"{flag} {path} is {'the' if _is_within(source, path) else 'inside the'} folder the model is read "
+                f"{flag} {path} is {'the' if is_within(source, path) else 'inside the'} folder the model is read "
                 "from: choose a new or empty folder"
             )
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
@@ -132,6 +133,8 @@ def check_output_file(path: str, flag: str, new: bool = False) -> None:
         raise UsageError(f"{flag} {path} is a folder: name a file")
     if new and os.path.lexists(path):
         raise UsageError(f"{flag} {path} already exists: name a new file (nothing is overwritten)")
+    if os.path.islink(path):
+        raise UsageError(f"{flag} {path} is a symbolic link to {os.readlink(path)}: name the file itself")
     if os.path.exists(path) and not os.path.isfile(path):  # a pipe or a device: writing to it could wait forever
         raise UsageError(f"{flag} {path} is not a regular file: name a file")
     if os.path.isfile(path) and not os.access(path, os.W_OK):
@@ -140,6 +143,17 @@ def check_output_file(path: str, flag: str, new: bool = False) -> None:
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {path}: the folder {folder} does not exist")
     check_writable(folder, flag)
+
+
+def check_chart(path: str, flag: str = "--chart") -> None:
+    """A .png file to write a chart to: a new file, or a PNG (an earlier chart) that the run replaces."""
+    if not path.lower().endswith(".png"):
+        raise UsageError(f"{flag} must name a .png file, got {path}")
+    check_output_file(path, flag)
+    if os.path.isfile(path):
+        with open(path, "rb") as file:
+            if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                raise UsageError(f"{flag} {path} exists and is not a PNG image: name a new file or an earlier chart")
 
 
 def check_path_name(path: str, flag: str) -> None:
@@ -153,7 +167,7 @@ def check_path_name(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
 
 
-def _is_within(path: str, folder: str) -> bool:
+def is_within(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or lies inside it, once symbolic links are resolved."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([path, folder]) == folder
@@ -196,6 +210,8 @@ def check_calibration_file(path: str, flag: str = "--calibration-data") -> int:
         raise UsageError(f"{flag} {path} is a folder: expected {accepted}")
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: calibration data not found: {path} (expected {accepted})")
+    if any(character in path for character in "*?["):  # `datasets` would read the path as a pattern
+        raise UsageError(f"{flag} {path}: a path with * ? or [ is read as a pattern of files: rename the file")
     extension = os.path.splitext(path)[1].lower()
     if extension not in CALIBRATION_EXTENSIONS:
         raise UsageError(f"{flag}: unsupported calibration file {path}: expected a .txt, .json or .jsonl file")
@@ -228,11 +244,20 @@ def _count_json_texts(text: str, path: str, flag: str, extension: str) -> int:
 def _json_records(text: str, path: str, flag: str, extension: str) -> object:
     """A .json file's value, or the values of its lines; `datasets` reads JSON lines from a .json file too."""
     whole_file_error = None
-    if extension == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
-            whole_file_error = error
+    try:
+        if extension == ".json":
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError as error:
+                whole_file_error = error
+        return _json_lines(text, path, flag, extension, whole_file_error)
+    except RecursionError:
+        raise UsageError(f"{flag} {path} is nested too deeply to read: expected records with a 'text' field") from None
+
+
+def _json_lines(
+    text: str, path: str, flag: str, extension: str, whole_file_error: json.JSONDecodeError | None
+) -> list[object]:
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():

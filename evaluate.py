@@ -28,7 +28,7 @@ from transformers.utils import logging as transformers_logging
 
 import checks
 from cli import ArgumentParser, UsageError, run
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
@@ -159,17 +159,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
     if any(mode in QAT_MODES for mode in args.modes):
         checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
-    if not os.path.isfile(args.eval_data):
-        raise UsageError(f"held-out text not found: {args.eval_data}")
     checks.check_text_file(args.eval_data, "--eval-data")
-    if args.calibration_data is not None and set(args.modes) == {UNQUANTIZED}:
-        raise UsageError(f"--calibration-data needs a quantized mode in --modes: {UNQUANTIZED} is not calibrated")
+    fine_tuned = set(args.modes) & {FINETUNED, "int4-weight-only-qat", "int4-weight-only-max-qat"}
+    calibrated = set(args.modes) - {UNQUANTIZED, FINETUNED}
+    if args.calibration_data is not None and not calibrated:
+        raise UsageError(
+            f"--calibration-data needs a quantized mode in --modes: {' '.join(args.modes)} calibrate nothing"
+        )
+    unused = {
+        "auto_bits": AUTO_QUANT_MODE not in args.modes,
+        "qat_steps": not fine_tuned,
+        "qat_lr": not fine_tuned,
+        "qat_batch_size": not fine_tuned,
+        "num_calibration_samples": not calibrated,
+    }
+    ignored = [
+        name for name, is_unused in unused.items() if is_unused and getattr(args, name) != parser.get_default(name)
+    ]
+    if ignored:
+        options = ", ".join(f"--{name.replace('_', '-')}" for name in ignored)
+        raise UsageError(f"{options} would do nothing for --modes {' '.join(args.modes)}")
     if args.calibration_data is not None:
         checks.check_calibration_data(args.calibration_data)
     if args.chart is not None:
-        if not args.chart.lower().endswith(".png"):
-            raise UsageError(f"--chart must name a .png file, got {args.chart}")
-        checks.check_output_file(args.chart, "--chart")
+        checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
     low, high = EFFECTIVE_BITS_RANGE
     outside = [bits for bits in args.auto_bits if not low <= bits <= high]
     if outside:
@@ -198,6 +211,13 @@ def evaluate(
     if unknown:
         raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
     hf_model = load_hf_model(model_type)
+    width = hf_model.config.n_embd
+    int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
+    if int4_rows and width % INT4_BLOCK_SIZE:
+        raise ValueError(
+            f"{model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: leave {int4_rows[0]} "
+            "out of --modes"
+        )
     context = context or hf_model.config.n_positions
     if context > hf_model.config.n_positions:
         raise ValueError(f"context {context} is longer than the model's n_positions ({hf_model.config.n_positions})")

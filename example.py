@@ -45,6 +45,8 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
 DEFAULT_RECIPE = "autoquantize_recipe.json"
 DEFAULT_CALIBRATION_SAMPLES = 32
+# What only generation uses: with --export-only, given other than their defaults, they would be ignored.
+GENERATION_OPTIONS = ("input_text", "max_new_tokens", "seed", "temperature", "top_k", "dtype")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 SEPARATOR = "-" * 80
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
@@ -265,7 +267,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
     check_auto_quantize_args(args)
+    check_outputs_apart(args)
+    if args.export_only:
+        changed = [name for name in GENERATION_OPTIONS if getattr(args, name) != parser.get_default(name)]
+        if changed:
+            options = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
+            raise UsageError(f"--export-only stops before generating: {options} would do nothing")
     return args
+
+
+def check_outputs_apart(args: argparse.Namespace) -> None:
+    """Two outputs of one run never land on the same file, and the export writes its folder alone."""
+    files = [("--save-quantized", args.save_quantized)]
+    if args.effective_bits is not None:
+        files.append(("--recipe-out", DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out))
+    files = [(flag, path) for flag, path in files if path is not None]
+    for flag, path in files:
+        if args.export_dir is not None and checks.is_within(path, args.export_dir):
+            raise UsageError(f"{flag} {path} is inside --export-dir {args.export_dir}: keep it out of the export")
+    if len(files) == 2 and os.path.realpath(files[0][1]) == os.path.realpath(files[1][1]):
+        raise UsageError(f"--save-quantized and --recipe-out are the same file, {files[0][1]}: name two files")
 
 
 def check_export_args(args: argparse.Namespace) -> None:
@@ -322,7 +343,8 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
     if args.effective_bits is not None:  # the user's own --recipe-out is never replaced; the default one is
-        checks.check_output_file(args.recipe_out or DEFAULT_RECIPE, "--recipe-out", new=args.recipe_out is not None)
+        recipe_out = DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out
+        checks.check_output_file(recipe_out, "--recipe-out", new=args.recipe_out is not None)
 
 
 def is_export(model_type: str | None) -> bool:
@@ -500,7 +522,7 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     hf_model.to("cpu")
     print(quantization.format_recipe(recipe))
     if args.recipe is None:
-        path = args.recipe_out or DEFAULT_RECIPE
+        path = DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out
         replaced = " (replacing the last search's)" if os.path.exists(path) else ""
         try:
             quantization.save_recipe(recipe, path)

@@ -73,6 +73,10 @@ def check_checkpoint_dir(folder: str) -> None:
     Reads config.json and the header of model.safetensors only, so a command line can check a folder at once.
     """
     config_path = os.path.join(folder, "config.json")
+    try:
+        os.listdir(folder)
+    except OSError as error:  # a folder its user may not open reads as one without config.json
+        raise ValueError(f"cannot read {folder}: {error.strerror}") from None
     if not os.path.isfile(config_path):
         raise ValueError(f"{folder!r} is not a Hugging Face GPT-2 checkpoint (needs {NEEDS})")
     try:

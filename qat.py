@@ -20,7 +20,7 @@ import time
 
 import checks
 from cli import ArgumentParser, UsageError, run
-from config import QUANT_MODES
+from config import INT4_BLOCK_SIZE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR
 
 BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
@@ -46,6 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         unquantized = load_hf_model(args.model_type)
     except (ValueError, OSError) as error:  # not a GPT-2 checkpoint
         raise UsageError(str(error)) from None
+    width = unquantized.config.n_embd
+    if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE:
+        raise UsageError(
+            f"{args.model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: use "
+            "--quant-mode int8-weight-only or float8"
+        )
     context = unquantized.config.n_positions
     validation = validation_tokens()
     tokens = train_tokens()

@@ -342,13 +342,13 @@ def load_recipe(path: str) -> Recipe:
     try:
         with open(path, encoding="utf-8") as file:
             data = json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
         raise ValueError(f"cannot read the recipe {path}: {error}") from None
     layers = data.get("layers") if isinstance(data, dict) else None
     if not isinstance(layers, dict) or not layers or not isinstance(data.get("effective_bits"), (int, float)):
         raise ValueError(f"{path} is not a recipe: expected {{'effective_bits': number, 'layers': {{layer: format}}}}")
     formats = (*QUANT_MODES, UNQUANTIZED)
-    unknown = sorted({mode for mode in layers.values() if mode not in formats}, key=str)
+    unknown = sorted({str(mode) for mode in layers.values() if not isinstance(mode, str) or mode not in formats})
     if unknown:
         raise ValueError(f"{path} has unknown formats {unknown}; supported: {', '.join(formats)}")
     return Recipe(

@@ -99,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
         raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
-    if args.weight_decay < 0 or not 0 <= args.dropout < 1:
+    if not 0 <= args.weight_decay <= 1 or not 0 <= args.dropout < 1:  # AdamW shrinks weights by lr * weight_decay
         raise UsageError(
-            f"--weight-decay must be at least 0 and --dropout from 0 to below 1: got {args.weight_decay} and "
+            f"--weight-decay must be from 0 to 1 and --dropout from 0 to below 1: got {args.weight_decay} and "
             f"{args.dropout}"
         )
     checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))

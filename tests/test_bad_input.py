@@ -114,16 +114,26 @@ def build_workspace(root: Path) -> None:
     (root / "dangling.png").symlink_to(root / "nowhere.png")
     os.mkfifo(root / "fifo.png")  # writing to a pipe that nothing reads waits forever
     (data / "recipe.json").write_text("layers: all int4\n")  # not what --recipe-out writes
+    (data / "recipe-list.json").write_text('{"effective_bits": 6, "layers": {"transformer.h.0.mlp.c_fc": ["int4"]}}')
+    (data / "deep.json").write_text("[" * 100_000)  # deeper than Python's JSON reader recurses
+    (data / "notes.png").write_text("not an image\n")
+    (data / "cal[1].txt").write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
+    (root / "link.png").symlink_to(data / "good.txt")
+    narrow = GPT2Config(n_embd=64, n_layer=1, n_head=2, n_positions=32)  # GPT-2's vocabulary, 64 wide: no int4
+    GPT2LMHeadModel(narrow).save_pretrained(root / "narrow")
 
 
 def tree_hash(*folders: Path) -> str:
-    """Names, modes, modification times and contents of every file and folder under `folders`."""
+    """Names and modes of every file and folder under `folders`, and each file's modification time and contents.
+
+    A folder's modification time is left out: checking that a folder is writable makes and removes a folder in it."""
     digest = hashlib.sha256()
     for folder in folders:
         for path in sorted(folder.rglob("*")):
             stat = path.lstat()  # a symbolic link as itself: the cases include one to nothing
+            modified = "" if path.is_dir() and not path.is_symlink() else stat.st_mtime_ns
             # fsencode: a case's file name may hold bytes that are not UTF-8
-            digest.update(os.fsencode(f"{path.relative_to(folder)} {stat.st_mode:o} {stat.st_mtime_ns}"))
+            digest.update(os.fsencode(f"{path.relative_to(folder)} {stat.st_mode:o} {modified}"))
             if path.is_file():
                 digest.update(path.read_bytes())
     return digest.hexdigest()
@@ -210,6 +220,30 @@ CASES = [
         "--num-calibration-samples needs --quant-mode: only quantization calibrates",
     ),
     ("example.py", ["--quant-mode", "auto", "--recipe", "{w}/data/recipe.json"], "--recipe: cannot read the recipe"),
+    ("example.py", ["--quant-mode", "auto", "--recipe", "{w}/data/deep.json"], "--recipe: cannot read the recipe"),
+    ("example.py", ["--quant-mode", "auto", "--recipe", "{w}/data/recipe-list.json"], "has unknown formats"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-dir", "{w}/empty-folder", "--export-only", "--temperature", "1.5"],
+        "--export-only stops before generating: --temperature would do nothing",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-dir", "{w}/empty-folder", "--save-quantized", "{w}/empty-folder/q.pt"],
+        "--save-quantized {w}/empty-folder/q.pt is inside --export-dir {w}/empty-folder",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "auto", "--effective-bits", "6", "--save-quantized", "{w}/q.pt", "--recipe-out", "{w}/q.pt"],
+        "--save-quantized and --recipe-out are the same file",
+    ),
+    ("example.py", ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", ""], "--recipe-out is empty"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--calibration-data", "{w}/data/cal[1].txt"],
+        "a path with * ? or [ is read as a pattern of files",
+    ),
+    ("example.py", ["--quant-mode", "float8", "--calibration-data", "{w}/data/deep.json"], "is nested too deeply"),
     # GPT-2's tokenizer gives ids up to 50256: a smaller embedding would be indexed past its end while generating.
     ("example.py", ["--backend", "torch", "--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
     # example.py: calibration files
@@ -289,7 +323,20 @@ CASES = [
     ("evaluate.py", ["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
     ("evaluate.py", ["--max-tokens", "1"], "--max-tokens must be at least 2"),
     ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1"),
-    ("evaluate.py", ["--eval-data", "missing.txt"], "held-out text not found: missing.txt"),
+    ("evaluate.py", ["--eval-data", "missing.txt"], "--eval-data: missing.txt not found: expected a text file"),
+    ("evaluate.py", ["--eval-data", "{w}/data/folder.txt"], "folder.txt not found (it is a folder)"),
+    ("evaluate.py", ["--modes", "unquantized", "--auto-bits", "5"], "--auto-bits would do nothing for --modes unq"),
+    ("evaluate.py", ["--modes", "unquantized", "--qat-steps", "5"], "--qat-steps would do nothing for --modes"),
+    ("evaluate.py", ["--modes", "unquantized", "--num-calibration-samples", "8"], "--num-calibration-samples would"),
+    (
+        "evaluate.py",
+        ["--modes", "unquantized-finetuned", "--calibration-data", "{w}/data/good.txt"],
+        "--calibration-data needs a quantized mode in --modes: unquantized-finetuned calibrate nothing",
+    ),
+    ("evaluate.py", ["--chart", "{w}/data/notes.png"], "notes.png exists and is not a PNG image: name a new file"),
+    ("evaluate.py", ["--chart", "{w}/link.png"], "link.png is a symbolic link to {w}/data/good.txt: name the file"),
+    ("evaluate.py", ["--model-type", "{w}/narrow", "--modes", "int4-weight-only"], "is 64 wide, not a multiple of"),
+    ("benchmark.py", ["--tiny", "--chart", "{w}/data/notes.png"], "notes.png exists and is not a PNG image"),
     ("evaluate.py", ["--chart", "quality.jpg"], "--chart must name a .png file"),
     ("evaluate.py", ["--auto-bits", "6", "3.5"], "--auto-bits must be between 4 (every layer int4) and 16 (none"),
     ("evaluate.py", ["--context", "100000"], "context 100000 is longer than the model's"),
@@ -310,7 +357,8 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/new", "--lr", "1e30"], "--lr: expected a learning rate above 0 and at most 1"),
     ("train.py", ["--out-dir", "{w}/dangling"], "--out-dir {w}/dangling is a symbolic link to {w}/nowhere"),
     ("train.py", ["--out-dir", "{w}/new", "--dropout", "1.5"], "--dropout from 0 to below 1"),
-    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay must be at least 0"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay must be from 0 to 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "1e300"], "--weight-decay must be from 0 to 1"),
     ("train.py", ["--out-dir", "{w}/new", "--seed", str(2**64)], "expected an integer from 0 to 2**64 - 1"),
     ("train.py", ["--out-dir", "{w}/new", "--n-positions", "1000000"], "training a GPT-2 of these sizes"),
     ("train.py", ["--out-dir", "{w}/new", "--batch-size", "100000"], "more than this machine's"),
@@ -339,6 +387,7 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/zero-heads"], "n_head must be a whole number"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/narrow"], "narrow is 64 wide, not a multiple of int4's"),
     ("qat.py", ["--out", "{w}/dangling"], "--out {w}/dangling is a symbolic link to {w}/nowhere"),
     # serve_vllm.py
     ("serve_vllm.py", ["{w}/export", "--prompt", ""], "--prompt is empty: give a prompt"),
@@ -395,6 +444,7 @@ UNREADABLE_CASES = [
     (["example.py", "--model-type", "{u}/config"], "{u}/config/config.json"),
     (["example.py", "--model-type", "{u}/weights"], "{u}/weights/model.safetensors"),
     (["example.py", "--load-quantized", "{u}/quantized.pt"], "--load-quantized {u}/quantized.pt"),
+    (["example.py", "--model-type", "{u}/locked"], "{u}/locked"),
 ]
 
 
@@ -410,8 +460,10 @@ def unreadable(tmp_path_factory) -> Path:
         path.write_text("\n\n".join(CALIBRATION_PARAGRAPHS))
     for path in [*root.rglob("*")]:
         path.chmod(0o755 if path.is_dir() else 0o644)
+    (root / "locked").mkdir()  # a folder its owner keeps closed
     for path in (*root.glob("*.*"), root / "config" / "config.json", root / "weights" / "model.safetensors"):
         path.chmod(0)
+    (root / "locked").chmod(0)
     yield root
     shutil.rmtree(root)
 
