@@ -113,6 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
     if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
         raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+    if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured
+        raise UsageError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
         raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:

@@ -93,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
         raise UsageError("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
+    if args.log_interval > args.steps:  # the loss is printed every --log-interval steps: it would never be
+        raise UsageError(f"--log-interval ({args.log_interval}) must be at most --steps ({args.steps})")
     if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
         raise UsageError(
             f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"

@@ -350,6 +350,7 @@ CASES = [
     ("benchmark.py", ["--n-layer", "100000"], "a GPT-2 of these sizes and the batches need about"),
     ("benchmark.py", ["--batch-sizes", "1,100000"], "more than this machine's"),
     ("benchmark.py", ["--positions", ""], "comma-separated integers"),
+    ("benchmark.py", ["--batch-sizes", "1,1"], "--batch-sizes lists a size twice: [1, 1]"),
     ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
     # train.py
     ("train.py", ["--out-dir", "{w}/new", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
@@ -376,6 +377,7 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/new", "--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block)"),
     ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "of --n-head: got 128 and 3"),
     ("train.py", ["--out-dir", "{w}/new", "--warmup", "1000"], "--warmup from 0 to --steps - 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--steps", "20", "--warmup", "1"], "--log-interval (50) must be at most"),
     # qat.py
     ("qat.py", ["--out", "{w}/qat.pt", "--steps", "0"], "--steps, --batch-size and --num-calibration-samples must"),
     ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1, got '0'"),
