@@ -200,6 +200,19 @@ def check_calibration_data(calibration_data: str, flag: str = "--calibration-dat
         )
 
 
+def check_datasets_cache() -> None:
+    """`datasets`, which reads the calibration text, writes a cache of it first: the folder must be writable. Found
+    as `datasets` finds it, from HF_DATASETS_CACHE, HF_HOME or XDG_CACHE_HOME, whichever is set first."""
+    variable = next((name for name in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME") if os.environ.get(name)), None)
+    if variable == "HF_DATASETS_CACHE":
+        folder = os.environ[variable]
+    elif variable == "HF_HOME":
+        folder = os.path.join(os.environ[variable], "datasets")
+    else:
+        folder = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface", "datasets")
+    check_writable(os.path.expanduser(folder), f"the calibration data's cache ({variable or 'in ~/.cache'})")
+
+
 def check_calibration_file(path: str, flag: str = "--calibration-data") -> int:
     """A local calibration file must be UTF-8 text with at least one sample; returns how many samples it holds.
 

@@ -181,6 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"{options} would do nothing for --modes {' '.join(args.modes)}")
     if args.calibration_data is not None:
         checks.check_calibration_data(args.calibration_data)
+    if calibrated:
+        checks.check_datasets_cache()
     if args.chart is not None:
         checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
     low, high = EFFECTIVE_BITS_RANGE

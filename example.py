@@ -239,6 +239,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.quant_mode is None:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
         checks.check_calibration_data(args.calibration_data)
+    if args.quant_mode is not None and args.load_quantized is None and not is_export(args.model_type):
+        checks.check_datasets_cache()
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None:

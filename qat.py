@@ -126,6 +126,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     checks.check_model_type(args.model_type)
     if args.calibration_data is not None:
         checks.check_calibration_data(args.calibration_data)
+    checks.check_datasets_cache()
     checks.check_finetuning_fits(args.model_type, args.batch_size, "--batch-size")
     checks.check_output_file(args.out, "--out", new=True)
     return args

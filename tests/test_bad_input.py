@@ -485,6 +485,24 @@ def test_a_file_that_cannot_be_read_is_one_line(unreadable, capsys, arguments, n
     assert f"cannot read {names.replace('{u}', str(unreadable))}: Permission denied" in line
 
 
+@pytest.mark.parametrize(
+    "variable, value, expected",
+    [
+        ("HF_DATASETS_CACHE", "{w}/data/good.txt/cache", "cache (HF_DATASETS_CACHE) {w}/data/good.txt/cache: {w}/data"),
+        ("HF_HOME", "/dev/null/hf", "cannot create the calibration data's cache (HF_HOME) /dev/null/hf/datasets"),
+    ],
+)
+@pytest.mark.parametrize("script", ["example.py", "evaluate.py", "qat.py"])
+def test_a_cache_folder_that_cannot_be_written_is_one_line(
+    workspace, monkeypatch, capsys, script, variable, value, expected
+):
+    """`datasets` caches the calibration text before reading it: found after the model loaded, this named nothing."""
+    monkeypatch.setenv(variable, value.replace("{w}", str(workspace)))
+    argv = {"example.py": ["--quant-mode", "int8-weight-only"], "evaluate.py": [], "qat.py": ["--out", "q.pt"]}[script]
+    line = usage_error(SCRIPTS[script], argv, script, capsys)
+    assert expected.replace("{w}", str(workspace)) in line
+
+
 def test_a_damaged_bundled_model_is_one_line(workspace, monkeypatch, capsys):
     """The fallback when gpt2 cannot be downloaded: a copy of the repository whose bundled model was cut short."""
     if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
