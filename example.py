@@ -515,7 +515,12 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
     try:
         if args.recipe is not None:
-            quantization.quantize_with_recipe(hf_model, quantization.load_recipe(args.recipe), **samples)
+            saved_recipe = quantization.load_recipe(args.recipe)
+            try:
+                quantization.check_recipe(hf_model, saved_recipe)
+            except ValueError as error:
+                raise UsageError(f"--recipe {args.recipe}: {error}") from None
+            quantization.quantize_with_recipe(hf_model, saved_recipe, **samples)
             recipe = quantization.recipe_from_model(hf_model)  # what the model now is, whatever the file says
         else:
             recipe = quantization.auto_quantize(hf_model, args.effective_bits, **samples)

@@ -231,12 +231,7 @@ def quantize_with_recipe(
     Each quantized layer gets a search space of its one format, without the unquantized choice, and the others are
     disabled: AutoQuantize's calibration then gives the model the search would have given on the same samples.
     """
-    layers = _block_linears(model_hf)
-    if sorted(recipe.layers) != layers:
-        raise ValueError(
-            f"The recipe's layers do not match the model's: the recipe names {len(recipe.layers)} "
-            f"({', '.join(sorted(recipe.layers)[:2])}, ...), the model has {len(layers)} ({', '.join(layers[:2])}, ...)"
-        )
+    check_recipe(model_hf, recipe)
     spaces = [
         {"module_name_patterns": [layer], "quantization_formats": [auto_quantize_format(mode)], "allow_no_quant": False}
         for layer, mode in recipe.layers.items()
@@ -249,6 +244,16 @@ def quantize_with_recipe(
     )
     print(f"Calibrated the recipe's formats on {samples_used} samples in {time.perf_counter() - start:.1f} s")
     return model_hf
+
+
+def check_recipe(model_hf: torch.nn.Module, recipe: Recipe) -> None:
+    """Raises ValueError unless the recipe names exactly the model's block linears."""
+    layers = _block_linears(model_hf)
+    if sorted(recipe.layers) != layers:
+        raise ValueError(
+            f"The recipe's layers do not match the model's: the recipe names {len(recipe.layers)} "
+            f"({', '.join(sorted(recipe.layers)[:2])}, ...), the model has {len(layers)} ({', '.join(layers[:2])}, ...)"
+        )
 
 
 def _run_auto_quantize(

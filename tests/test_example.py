@@ -283,7 +283,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("calibration without quantizing", "--calibration-data needs --quant-mode"),
         ("unsupported calibration file", "calibration.csv: expected a .txt, .json or .jsonl file"),
         ("no calibration samples", "--num-calibration-samples must be at least 1, got 0"),
-        ("recipe for another model", "The recipe's layers do not match the model's: the recipe names 12"),
+        ("recipe for another model", "other.json: The recipe's layers do not match the model's: the recipe names 12"),
         ("effective bits below int4", "--effective-bits must be between 4 (every layer int4) and 16 (none quantized)"),
         ("effective bits above unquantized", "--effective-bits must be between 4 (every layer int4) and 16"),
         ("auto without a budget or recipe", "--quant-mode auto needs either --effective-bits (to search) or --recipe"),
