@@ -157,10 +157,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     checks.check_model_type(args.model_type)
     if min(args.qat_steps, args.qat_batch_size) < 1:
         raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
-    if any(mode in QAT_MODES for mode in args.modes):
+    fine_tuned = set(args.modes) & (set(QAT_MODES) - {INT4_MAX})  # INT4_MAX is calibrated, not trained
+    if fine_tuned:
         checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
     checks.check_text_file(args.eval_data, "--eval-data")
-    fine_tuned = set(args.modes) & {FINETUNED, "int4-weight-only-qat", "int4-weight-only-max-qat"}
     calibrated = set(args.modes) - {UNQUANTIZED, FINETUNED}
     if args.calibration_data is not None and not calibrated:
         raise UsageError(

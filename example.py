@@ -217,11 +217,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
 
-    if args.model_type is not None and args.model_type not in HUB_MODELS:
-        checks.check_path_name(args.model_type, "--model-type")
-    if args.model_type is not None and not is_export(args.model_type):  # an export is checked as it is read
+    export = is_export(args.model_type)
+    if args.model_type is not None and not export:  # an export is checked as it is read
         checks.check_model_type(args.model_type)
-    if is_export(args.model_type):
+    if export:
+        checks.check_path_name(args.model_type, "--model-type")  # safetensors cannot open a path that is not UTF-8
         check_export_args(args)
     checks.check_prompt(args.input_text, "--input-text")
     if args.max_new_tokens < 1:
@@ -239,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.quant_mode is None:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
         checks.check_calibration_data(args.calibration_data)
-    if args.quant_mode is not None and args.load_quantized is None and not is_export(args.model_type):
+    if args.quant_mode is not None and args.load_quantized is None and not export:
         checks.check_datasets_cache()
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
@@ -282,7 +282,7 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     """Two outputs of one run never land on the same file, and the export writes its folder alone."""
     files = [("--save-quantized", args.save_quantized)]
     if args.effective_bits is not None:
-        files.append(("--recipe-out", DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out))
+        files.append(("--recipe-out", recipe_out_path(args)))
     files = [(flag, path) for flag, path in files if path is not None]
     for flag, path in files:
         if args.export_dir is not None and checks.is_within(path, args.export_dir):
@@ -345,8 +345,12 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
     if args.effective_bits is not None:  # the user's own --recipe-out is never replaced; the default one is
-        recipe_out = DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out
-        checks.check_output_file(recipe_out, "--recipe-out", new=args.recipe_out is not None)
+        checks.check_output_file(recipe_out_path(args), "--recipe-out", new=args.recipe_out is not None)
+
+
+def recipe_out_path(args: argparse.Namespace) -> str:
+    """Where a search saves its recipe: --recipe-out, or the default when it is not given ("" is not the default)."""
+    return DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out
 
 
 def is_export(model_type: str | None) -> bool:
@@ -529,7 +533,7 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     hf_model.to("cpu")
     print(quantization.format_recipe(recipe))
     if args.recipe is None:
-        path = DEFAULT_RECIPE if args.recipe_out is None else args.recipe_out
+        path = recipe_out_path(args)
         replaced = " (replacing the last search's)" if os.path.exists(path) else ""
         try:
             quantization.save_recipe(recipe, path)

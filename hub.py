@@ -20,11 +20,8 @@ DEFAULT_MODEL = "gpt2"
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
 NEEDS = "config.json with model_type 'gpt2'"
 GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
-GPT2_WIDTH, GPT2_HEADS, GPT2_LAYERS = (
-    768,
-    12,
-    12,
-)  # what transformers' GPT2Config takes when config.json leaves them out
+# What transformers' GPT2Config takes when config.json leaves them out.
+GPT2_WIDTH, GPT2_HEADS, GPT2_LAYERS = 768, 12, 12
 # The config.json options that change GPT-2's arithmetic: (transformers' default, the values model.py computes).
 GPT2_ARITHMETIC = {
     "activation_function": ("gelu_new", ("gelu_new", "gelu_pytorch_tanh")),  # both the tanh approximation
@@ -117,10 +114,11 @@ def check_config(config: dict, config_path: str) -> None:
     n_layer = config.get("n_layer", GPT2_LAYERS)
     embeddings = config.get("vocab_size", GPT2_VOCAB_SIZE) + config.get("n_positions", HUB_CONTEXT_LENGTH)
     weight_bytes = 4 * (12 * n_layer * n_embd**2 + embeddings * n_embd)  # float32: 12 n_embd^2 per block
-    if weight_bytes > machine_memory():
+    memory = machine_memory()
+    if weight_bytes > memory:
         raise ValueError(
             f"{config_path}: a GPT-2 of these sizes needs {weight_bytes / 1e9:,.0f} GB for its weights, more than this "
-            f"machine's {machine_memory() / 1e9:.0f} GB of memory"
+            f"machine's {memory / 1e9:.0f} GB of memory"
         )
     for name, (default, accepted) in GPT2_ARITHMETIC.items():
         if config.get(name, default) not in accepted:

@@ -197,9 +197,10 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        check_finite(model, loss.item(), step, args.steps)
+        step_loss = loss.item()
+        check_finite(model, step_loss, step, args.steps)
 
-        loss_sum += loss.item()
+        loss_sum += step_loss
         if (step + 1) % args.log_interval == 0:
             elapsed = time.time() - interval_start
             rate = args.log_interval * tokens_per_step / elapsed

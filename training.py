@@ -181,8 +181,8 @@ def finetune(
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        check_finite(model, loss.item(), step, steps)
         losses.append(loss.item())
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        check_finite(model, losses[-1], step, steps)
+        progress.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
     return losses
