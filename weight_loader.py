@@ -4,6 +4,7 @@ Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plu
     int8-weight-only   weight [out, in]  weight_scale [out]                                  (per output channel)
     float8             weight [out, in]  weight_scale []     input_scale []                  (per tensor)
     int4-weight-only   weight [in, out]  weight_scale [in / 128, out]  pre_quant_scale [in]  (blocks of 128 inputs)
+and, on each attention layer with a float8 KV cache (config.kv_cache), k_scale [] and v_scale [] (per tensor).
 Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
 """
 
@@ -99,6 +100,12 @@ def load_quant_weights_from_hf(
                 raise ValueError(f"{name} is quantized by ModelOpt, but unquantized in the model's config")
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
+        for kv in ("k", "v"):  # ModelOpt's KV-cache quantizers, on GPT2Attention
+            quantizer = getattr(module, f"{kv}_bmm_quantizer", None)
+            if quantizer is not None and quantizer.is_enabled:
+                if quant_mode_of(quantizer.num_bits, False) != "float8":
+                    raise ValueError(f"{name}.{kv}_bmm_quantizer is not float8: {quantizer}")
+                tensors[f"{name}.{kv}_scale"] = convert_to_scale(quantizer.amax, MAXBOUND["float8"])
     _load_into(model, tensors, dtype)
 
 
@@ -107,11 +114,14 @@ def load_twin(
     quant_mode: str | None = None,
     quantized_model: GPT2LMHeadModel | None = None,
     layer_quant_modes: dict[str, str | None] | None = None,
+    kv_cache: str | None = None,
 ) -> GPT:
     """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
     scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
-    `quantization.auto_quantize`, which chose the `layer_quant_modes`)."""
-    config = config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes)
+    `quantization.auto_quantize`, which chose the `layer_quant_modes`), and with `kv_cache` its KV-cache scales."""
+    config = config_from_hf(
+        hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, kv_cache=kv_cache
+    )
     twin = GPT(config).eval()
     if quant_mode is None:
         load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)

@@ -1,0 +1,150 @@
+"""A float8 KV cache: the twin and the Tripy model against ModelOpt's own KV-cache quantizers.
+
+ModelOpt's truth here is its Hugging Face GPT-2 quantized with a mode's config plus the entry of `mtq.FP8_KV_CFG`,
+ModelOpt's own preset: `_QuantAttention` fake-quantizes the keys and values handed to the attention function, after
+the cache update. The twin (reference.py) and model.py, on the CPU executor, must give its logits.
+"""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from helpers import make_gpt2
+
+import config
+import reference
+import tripy_cpu
+from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
+from quantization import calibration_batches, calibration_texts, create_forward_loop, mtq, quant_config
+from tokenizer import gpt2_tokenizer
+from weight_loader import config_from_hf, load_quant_weights_from_hf, load_twin
+
+NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None
+if NVTRIPY_INSTALLED:
+    BACKEND = tripy_cpu.use()
+    import nvtripy as tp
+
+    import model
+needs_tripy = pytest.mark.skipif(
+    not NVTRIPY_INSTALLED or (BACKEND == "tensorrt" and not torch.cuda.is_available()),
+    reason="needs nvtripy (pip install --no-deps nvtripy==0.1.7), and a GPU where TensorRT is installed",
+)
+NUM_SAMPLES = 4
+
+
+def modelopt_quantize_with_kv(hf_model, quant_mode: str, kv_cache: bool):
+    """ModelOpt's quantized copy of `hf_model` in `quant_mode`, with ModelOpt's own FP8_KV_CFG entry when kv_cache."""
+    quantized = copy.deepcopy(hf_model)
+    quant_cfg = quant_config(quant_mode)
+    if kv_cache:
+        quant_cfg = {**quant_cfg, "quant_cfg": quant_cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]}
+    forward_loop = create_forward_loop(quantized, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", 4, NUM_SAMPLES)
+    return mtq.quantize(quantized, quant_cfg, forward_loop)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    # The float8 end-to-end parity's milder outliers (test_quantization.py): large gains amplify single FP8 steps.
+    return make_gpt2(outlier_gain=3.0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def modelopt(hf_model):
+    """modelopt(mode, kv_cache): ModelOpt's quantized model, calibrated once per module."""
+    models = {}
+
+    def get(quant_mode, kv_cache):
+        if (quant_mode, kv_cache) not in models:
+            models[quant_mode, kv_cache] = modelopt_quantize_with_kv(hf_model, quant_mode, kv_cache)
+        return models[quant_mode, kv_cache]
+
+    return get
+
+
+def assert_matches_modelopt(actual, modelopt, quant_mode, tokens, positions=slice(None)) -> None:
+    """The float8 parity's bound (test_quantization.py): an order of magnitude closer to ModelOpt's logits than
+    ModelOpt's own KV quantizers move them, so that a dropped or swapped scale, which is off by about that effect,
+    fails. Only the float8 rounding of what ModelOpt multiplies by a reciprocal and TensorRT divides may differ."""
+    with torch.no_grad():
+        expected = modelopt(quant_mode, True)(tokens).logits[:, positions]
+        without_kv = modelopt(quant_mode, False)(tokens).logits[:, positions]
+    kv_effect = (expected - without_kv).abs().max()
+    assert kv_effect > 1e-2  # the KV quantizers are visible, so the comparison below means something
+    error = (actual - expected).abs().max()
+    assert error < 0.1 * kv_effect, f"error {error:.3g}, effect of the KV quantizers {kv_effect:.3g}"
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+@torch.no_grad()
+def test_twin_matches_modelopt_with_kv_quantizers(hf_model, modelopt, tokens, quant_mode):
+    twin = load_twin(hf_model, quant_mode, modelopt(quant_mode, True), kv_cache="float8")
+    assert_matches_modelopt(twin(tokens), modelopt, quant_mode, tokens)
+    # Through the cache, one token at a time after a prompt of 8: the past is rounded again, which changes nothing.
+    logits, keys, values = twin.forward_with_cache(tokens[:, :8])
+    step_logits = [logits]
+    for i in range(8, 12):
+        logits, keys, values = twin.forward_with_cache(tokens[:, i : i + 1], keys, values)
+        step_logits.append(logits)
+    assert_matches_modelopt(torch.cat(step_logits, dim=1), modelopt, quant_mode, tokens, slice(7, None))
+
+
+def test_kv_scales_are_amax_of_keys_and_values_over_448(hf_model, modelopt):
+    """k_scale and v_scale from the keys and values themselves: ModelOpt calibrates with its quantizers observing,
+    not quantizing, so the amax is that of the unquantized model's keys and values over the calibration batches."""
+    embd = hf_model.config.n_embd
+    seen = {}
+    hooks = [
+        block.attn.c_attn.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, []).append(out))
+        for i, block in enumerate(hf_model.transformer.h)
+    ]
+    texts = calibration_texts(CALIBRATION_TEXT, NUM_SAMPLES)
+    with torch.no_grad():
+        for batch in calibration_batches(hf_model, texts, gpt2_tokenizer(), "cpu", 4, 512):
+            hf_model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    twin = load_twin(hf_model, "float8", modelopt("float8", True), kv_cache="float8")
+    for i, outputs in seen.items():
+        qkv = torch.cat([out.flatten(0, 1) for out in outputs])  # [tokens, 3 * embd]: queries, keys, values
+        attn = twin.transformer.h[i].attn
+        torch.testing.assert_close(attn.k_scale.detach(), qkv[:, embd : 2 * embd].abs().max() / 448)
+        torch.testing.assert_close(attn.v_scale.detach(), qkv[:, 2 * embd :].abs().max() / 448)
+
+
+def test_loading_kv_scales_into_a_model_without_a_kv_cache_fails(hf_model, modelopt):
+    twin = reference.GPT(config_from_hf(hf_model, dtype="float32", quant_mode="float8"))
+    with pytest.raises(ValueError, match=r"Unexpected: \['transformer.h.0.attn.k_scale'"):
+        load_quant_weights_from_hf(twin, None, torch.float32, "float8", modelopt("float8", True))
+
+
+@needs_tripy
+def test_tripy_state_dict_has_the_twins_kv_scales(hf_model):
+    kv_config = config_from_hf(hf_model, dtype="float32", quant_mode="int8-weight-only", kv_cache="float8")
+    twin, tripy = reference.GPT(kv_config).state_dict(), model.GPT(kv_config).state_dict()
+    scales = sorted(name for name in twin if name.endswith(("k_scale", "v_scale")))
+    assert scales == sorted(name for name in tripy if name.endswith(("k_scale", "v_scale")))
+    assert len(scales) == 2 * hf_model.config.n_layer
+    assert all(tuple(tripy[name].shape) == () for name in scales)
+
+
+@needs_tripy
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_tripy_matches_modelopt_with_kv_quantizers(hf_model, modelopt, tokens, quant_mode):
+    """model.py itself, compiled (on the CPU executor where TensorRT is missing), through its KV cache."""
+    gpt_config = config_from_hf(hf_model, seq_len=16, batch_size=1, dtype="float32", quant_mode=quant_mode)
+    gpt_config.kv_cache = "float8"
+    gpt = model.GPT(gpt_config)
+    load_quant_weights_from_hf(gpt, None, tp.float32, quant_mode, quantized_model=modelopt(quant_mode, True))
+    compiled = model.compile_model(gpt, gpt_config)
+    logits, keys, values = model.run(compiled.prefill, model.gpu_tokens(tokens[:, :8]))
+    step_logits = [logits]
+    for i in range(8, 12):
+        logits, keys, values = model.run(compiled.decode, model.gpu_tokens(tokens[:, i : i + 1]), keys, values)
+        step_logits.append(logits)
+    assert_matches_modelopt(torch.cat(step_logits, dim=1), modelopt, quant_mode, tokens, slice(7, None))
