@@ -7,18 +7,24 @@ the cache update. The twin (reference.py) and model.py, on the CPU executor, mus
 
 import copy
 import importlib.util
+import json
+import os
 
 import pytest
 import torch
 from helpers import make_gpt2
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import config
+import modelopt_hf
 import reference
 import tripy_cpu
+from export import export_checkpoint
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import calibration_batches, calibration_texts, create_forward_loop, mtq, quant_config
 from tokenizer import gpt2_tokenizer
-from weight_loader import config_from_hf, load_quant_weights_from_hf, load_twin
+from weight_loader import config_from_hf, load_export_twin, load_quant_weights_from_hf, load_twin
 
 NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None
 if NVTRIPY_INSTALLED:
@@ -148,3 +154,68 @@ def test_tripy_matches_modelopt_with_kv_quantizers(hf_model, modelopt, tokens, q
         logits, keys, values = model.run(compiled.decode, model.gpu_tokens(tokens[:, i : i + 1]), keys, values)
         step_logits.append(logits)
     assert_matches_modelopt(torch.cat(step_logits, dim=1), modelopt, quant_mode, tokens, slice(7, None))
+
+
+@pytest.fixture(scope="module")
+def exported(hf_model, modelopt, tmp_path_factory):
+    """exported(mode): the export of ModelOpt's model with the KV quantizers, and its twin's logits."""
+    exports = {}
+
+    def get(quant_mode):
+        if quant_mode not in exports:
+            quantized = modelopt(quant_mode, True)
+            export_dir = str(tmp_path_factory.mktemp(f"export-kv-{quant_mode}"))
+            export_checkpoint(quantized, export_dir)
+            with torch.no_grad():
+                logits = load_twin(hf_model, quant_mode, quantized, kv_cache="float8")(EXPORT_TOKENS)
+            exports[quant_mode] = export_dir, logits
+        return exports[quant_mode]
+
+    return get
+
+
+EXPORT_TOKENS = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
+
+
+def test_export_records_the_kv_cache_and_names_its_scales_as_vllm_reads_them(modelopt, exported):
+    export_dir, _ = exported("float8")
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as file:
+        assert json.load(file)["quantization"]["kv_cache_quant_algo"] == "FP8"
+    with open(os.path.join(export_dir, "config.json")) as file:
+        scheme = json.load(file)["quantization_config"]["kv_cache_scheme"]
+    assert scheme == {"dynamic": False, "num_bits": 8, "type": "float"}
+    tensors = load_file(os.path.join(export_dir, "model.safetensors"))
+    assert not [
+        name for name in tensors if ".k_proj." in name or ".v_proj." in name
+    ]  # ModelOpt's names: vLLM refuses them
+    for i, block in enumerate(modelopt("float8", True).transformer.h):
+        for kv in ("k", "v"):
+            expected = getattr(block.attn, f"{kv}_bmm_quantizer").amax / 448
+            torch.testing.assert_close(tensors[f"transformer.h.{i}.attn.attn.{kv}_scale"], expected.reshape(()))
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_twin_loaded_from_the_export_computes_the_exporting_twins_logits(exported, quant_mode):
+    """What example.py --model-type EXPORT_DIR runs: the KV cache read from the export, the same logits."""
+    export_dir, expected = exported(quant_mode)
+    twin = load_export_twin(export_dir)
+    assert twin.config.kv_cache == "float8"
+    with torch.no_grad():
+        assert torch.equal(twin(EXPORT_TOKENS), expected)
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_transformers_computes_the_twins_logits_with_the_kv_scales(exported, quant_mode):
+    """transformers' GPT-2, loaded through modelopt_hf, quantizes the keys and values it attends to: within the bound
+    of test_export.py's transformers-vs-twin test (1e-5 of the largest logit), and generates the twin's tokens
+    through its own cache."""
+    export_dir, expected = exported(quant_mode)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    scales = [block.attn.attn for block in model.transformer.h]
+    assert all(isinstance(module, modelopt_hf.KVCacheScales) for module in scales)
+    with torch.no_grad():
+        logits = model(EXPORT_TOKENS).logits
+    assert (logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+    generated = model.generate(EXPORT_TOKENS, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    twin = load_export_twin(export_dir)
+    assert torch.equal(generated, reference.generate(twin, EXPORT_TOKENS, 8, top_k=1))
