@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode, quant_mode_of
 from hub import load_hf_model
+from kv_cache import kv_cache_scales
 from reference import GPT
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
@@ -100,12 +101,7 @@ def load_quant_weights_from_hf(
                 raise ValueError(f"{name} is quantized by ModelOpt, but unquantized in the model's config")
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
-        for kv in ("k", "v"):  # ModelOpt's KV-cache quantizers, on GPT2Attention
-            quantizer = getattr(module, f"{kv}_bmm_quantizer", None)
-            if quantizer is not None and quantizer.is_enabled:
-                if quant_mode_of(quantizer.num_bits, False) != "float8":
-                    raise ValueError(f"{name}.{kv}_bmm_quantizer is not float8: {quantizer}")
-                tensors[f"{name}.{kv}_scale"] = convert_to_scale(quantizer.amax, MAXBOUND["float8"])
+    tensors.update(kv_cache_scales(quantized_model))  # a float8 KV cache's, if ModelOpt calibrated one
     _load_into(model, tensors, dtype)
 
 

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from helpers import make_gpt2
+from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -21,8 +21,20 @@ import modelopt_hf
 import reference
 import tripy_cpu
 from export import export_checkpoint
+from kv_cache import add_kv_cache_quantizers, kv_cache_of
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
-from quantization import calibration_batches, calibration_texts, create_forward_loop, mtq, quant_config
+from quantization import (
+    Recipe,
+    calibration_batches,
+    calibration_texts,
+    create_forward_loop,
+    load_quantized,
+    modelopt_quantize,
+    mtq,
+    quant_config,
+    quantize_with_recipe,
+    save_quantized,
+)
 from tokenizer import gpt2_tokenizer
 from weight_loader import config_from_hf, load_export_twin, load_quant_weights_from_hf, load_twin
 
@@ -219,3 +231,53 @@ def test_transformers_computes_the_twins_logits_with_the_kv_scales(exported, qua
     generated = model.generate(EXPORT_TOKENS, max_new_tokens=8, do_sample=False, pad_token_id=50256)
     twin = load_export_twin(export_dir)
     assert torch.equal(generated, reference.generate(twin, EXPORT_TOKENS, 8, top_k=1))
+
+
+def kv_amax(model) -> dict[str, float]:
+    return {
+        name: module.amax.item()
+        for name, module in model.named_modules()
+        if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")) and module.is_enabled
+    }
+
+
+def enabled_quantizers(model) -> set[str]:
+    return {name for name, module in model.named_modules() if name.endswith("quantizer") and module.is_enabled}
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_modelopt_quantize_adds_modelopts_kv_quantizers_to_the_mode(hf_model, modelopt, quant_mode):
+    """kv_cache="float8" is the mode's config plus ModelOpt's FP8_KV_CFG: the mode's quantizers, and K and V per
+    layer, calibrated with them (the same amax); the query and softmax quantizers stay off."""
+    quantized = modelopt_quantize(
+        copy.deepcopy(hf_model), quant_mode, CALIBRATION_TEXT, 4, NUM_SAMPLES, kv_cache="float8"
+    )
+    added = enabled_quantizers(quantized) - enabled_quantizers(modelopt(quant_mode, False))
+    layers = range(hf_model.config.n_layer)
+    assert added == {f"transformer.h.{i}.attn.{kv}_bmm_quantizer" for i in layers for kv in ("k", "v")}
+    assert kv_amax(quantized) == kv_amax(modelopt(quant_mode, True))
+    assert kv_cache_of(quantized) == "float8" and kv_cache_of(modelopt(quant_mode, False)) is None
+
+
+def test_kv_quantizers_added_after_autoquantize_calibrate_alone(hf_model, modelopt):
+    """AutoQuantize's formats hold linear layers only: the K and V quantizers are added to its model afterwards and
+    calibrated on their own, to the amax they get calibrated with the weights, leaving the mix as it was."""
+    recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
+    mixed = quantize_with_recipe(copy.deepcopy(hf_model), recipe, CALIBRATION_TEXT, num_samples=NUM_SAMPLES)
+    before = {name: tensor.clone() for name, tensor in mixed.state_dict().items()}
+    forward_loop = create_forward_loop(mixed, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", 4, NUM_SAMPLES)
+    add_kv_cache_quantizers(mixed, "float8", forward_loop)
+    expected = kv_amax(modelopt("float8", True))
+    assert kv_amax(mixed).keys() == expected.keys()
+    for name, amax in kv_amax(mixed).items():
+        assert amax == pytest.approx(expected[name], rel=1e-5), name
+    after = mixed.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())  # the mix untouched
+
+
+def test_save_and_restore_keep_the_kv_quantizers(hf_model, modelopt, tmp_path):
+    path = str(tmp_path / "float8-kv.pt")
+    save_quantized(modelopt("float8", True), path)
+    restored, quant_mode = load_quantized(copy.deepcopy(hf_model), path)
+    assert quant_mode == "float8" and kv_cache_of(restored) == "float8"
+    assert kv_amax(restored) == kv_amax(modelopt("float8", True))

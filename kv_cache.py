@@ -1,0 +1,67 @@
+"""A float8 KV cache: ModelOpt's quantizers on the keys and values attention reads, and the scales they give.
+
+ModelOpt's Hugging Face plugin gives every GPT2Attention four more quantizers (q/k/v/p_bmm_quantizer) and, when they
+are enabled, fake-quantizes the keys and values handed to the attention function, after the cache update, so that
+the past and the new tokens are rounded alike. ModelOpt's FP8_KV_CFG enables K and V in FP8 E4M3, one scale each
+per layer, max-calibrated like the weights. A serving engine stores the cache in that type: twice the tokens of a
+float16 cache in the same memory (docs/export.md measures it with vLLM). The Tripy model and its twin quantize and
+dequantize the same keys and values with `k_scale` and `v_scale` (model.py says why its cache is not yet stored in
+float8).
+
+    quant_cfg = quantization.quant_config("float8")["quant_cfg"] + kv_cache_quant_cfg("float8")
+"""
+
+from collections.abc import Callable
+
+import torch
+
+from config import KV_CACHE_MODES
+
+FLOAT8_MAXBOUND = 448.0  # the largest FP8 E4M3 value: scale = amax / 448
+KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
+
+
+def check_kv_cache(kv_cache: str) -> None:
+    """Raises ValueError unless `kv_cache` is one of KV_CACHE_MODES."""
+    if kv_cache not in KV_CACHE_MODES:
+        raise ValueError(f"Unknown kv_cache {kv_cache!r}; supported: {', '.join(KV_CACHE_MODES)}")
+
+
+def kv_cache_quant_cfg(kv_cache: str) -> list[dict]:
+    """ModelOpt's quant_cfg entries that enable the K and V quantizers: ModelOpt's own FP8_KV_CFG preset."""
+    import modelopt.torch.quantization as mtq
+
+    check_kv_cache(kv_cache)
+    return list(mtq.FP8_KV_CFG["quant_cfg"])
+
+
+def add_kv_cache_quantizers(
+    model_hf: torch.nn.Module, kv_cache: str, forward_loop: Callable[[torch.nn.Module], None]
+) -> None:
+    """Enables the K and V quantizers of a model ModelOpt already quantized and calibrates them alone (max), leaving
+    every other quantizer as it was: for AutoQuantize, whose search formats hold linear layers only."""
+    import modelopt.torch.quantization as mtq
+
+    entries = kv_cache_quant_cfg(kv_cache)
+    mtq.set_quantizer_by_cfg(model_hf, entries)
+    with mtq.set_quantizer_by_cfg_context(model_hf, [{"quantizer_name": "*", "enable": False}, *entries]):
+        mtq.calibrate(model_hf, "max", forward_loop)
+
+
+def kv_cache_of(model_hf: torch.nn.Module) -> str | None:
+    """The KV cache a ModelOpt-quantized model holds: "float8" when its K and V quantizers are enabled, else None."""
+    quantizers = [module for name, module in model_hf.named_modules() if name.endswith(KV_QUANTIZERS)]
+    return "float8" if quantizers and all(quantizer.is_enabled for quantizer in quantizers) else None
+
+
+def kv_cache_scales(model_hf: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every enabled K and V quantizer's scale, amax / 448 as a float32 scalar, by the model's parameter name
+    ("transformer.h.0.attn.k_scale")."""
+    scales = {}
+    for name, module in model_hf.named_modules():
+        if name.endswith(KV_QUANTIZERS) and module.is_enabled:
+            if module.num_bits not in ((4, 3), [4, 3]):
+                raise ValueError(f"{name} is not FP8 E4M3: {module}")
+            attention, quantizer = name.rsplit(".", 1)
+            scales[f"{attention}.{quantizer[0]}_scale"] = module.amax.detach().float().reshape(()) / FLOAT8_MAXBOUND
+    return scales
