@@ -9,7 +9,7 @@ evaluating:
     python evaluate.py --model-type gpt2 --chart quality.png
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
-auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quantization.py), one per budget of effective bits
+auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
 (--auto-bits), all from one search.
 """
 
@@ -314,7 +314,7 @@ def auto_rows(
 
     The search's time is printed, not counted in the rows: it is spent once, for all budgets.
     """
-    from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
+    from auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
 
     rows = []
     recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)

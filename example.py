@@ -336,10 +336,10 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe is not None and not os.path.isfile(args.recipe):
         raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
     if args.recipe is not None:
-        import quantization  # torch and ModelOpt take seconds to import, but the model is not loaded yet
+        import auto_quantize  # torch and ModelOpt take seconds to import, but the model is not loaded yet
 
         try:
-            quantization.load_recipe(args.recipe)
+            auto_quantize.load_recipe(args.recipe)
         except ValueError as error:
             raise UsageError(f"--recipe: {error}") from None
     if args.recipe_out is not None and args.effective_bits is None:
@@ -512,31 +512,31 @@ def auto_quantize(hf_model: GPT2LMHeadModel, args: argparse.Namespace, device: s
     --effective-bits, and saved, or read from --recipe. Prints the formats; returns them by layer name."""
     import datasets
 
-    import quantization
+    import auto_quantize as autoquant
 
     datasets.disable_progress_bars()
     hf_model.to(device)  # as in `quantize`: calibration and scoring on the GPU when there is one
     samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
     try:
         if args.recipe is not None:
-            saved_recipe = quantization.load_recipe(args.recipe)
+            saved_recipe = autoquant.load_recipe(args.recipe)
             try:
-                quantization.check_recipe(hf_model, saved_recipe)
+                autoquant.check_recipe(hf_model, saved_recipe)
             except ValueError as error:
                 raise UsageError(f"--recipe {args.recipe}: {error}") from None
-            quantization.quantize_with_recipe(hf_model, saved_recipe, **samples)
-            recipe = quantization.recipe_from_model(hf_model)  # what the model now is, whatever the file says
+            autoquant.quantize_with_recipe(hf_model, saved_recipe, **samples)
+            recipe = autoquant.recipe_from_model(hf_model)  # what the model now is, whatever the file says
         else:
-            recipe = quantization.auto_quantize(hf_model, args.effective_bits, **samples)
+            recipe = autoquant.auto_quantize(hf_model, args.effective_bits, **samples)
     except (OSError, ValueError) as error:  # unreadable calibration data, a recipe for another model
         raise UsageError(str(error)) from None
     hf_model.to("cpu")
-    print(quantization.format_recipe(recipe))
+    print(autoquant.format_recipe(recipe))
     if args.recipe is None:
         path = recipe_out_path(args)
         replaced = " (replacing the last search's)" if os.path.exists(path) else ""
         try:
-            quantization.save_recipe(recipe, path)
+            autoquant.save_recipe(recipe, path)
         except OSError as error:
             raise UsageError(f"cannot write --recipe-out {path}: {error.strerror}") from None
         print(f"Saved the per-layer formats to {path}{replaced}: --recipe {path} reuses them without searching")
@@ -548,23 +548,24 @@ def load_quantized(
 ) -> tuple[GPT2LMHeadModel, str, dict[str, str | None] | None]:
     """Restores a model saved with mto.save onto `hf_model` (no calibration); returns it, its quant mode, and for an
     AutoQuantize mix each layer's format (printed as the search prints it), otherwise None."""
-    import quantization
+    import auto_quantize as autoquant
+    import save_restore
 
     start = time.perf_counter()
     try:
-        hf_model, quant_mode = quantization.load_quantized(hf_model, path, quant_mode)
-    except quantization.QuantizedCheckpointError as error:
+        hf_model, quant_mode = save_restore.load_quantized(hf_model, path, quant_mode)
+    except save_restore.QuantizedCheckpointError as error:
         raise UsageError(f"--load-quantized: {error}") from None
     print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
     if quant_mode != AUTO_QUANT_MODE:
         return hf_model, quant_mode, None
-    recipe = quantization.recipe_from_model(hf_model)  # the formats as the restored quantizers are
-    print(quantization.format_recipe(recipe))
+    recipe = autoquant.recipe_from_model(hf_model)  # the formats as the restored quantizers are
+    print(autoquant.format_recipe(recipe))
     return hf_model, quant_mode, recipe.layers
 
 
 def save_quantized(hf_model: GPT2LMHeadModel, path: str) -> None:
-    from quantization import save_quantized as save
+    from save_restore import save_quantized as save
 
     try:
         save(hf_model, path)

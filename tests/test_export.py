@@ -23,10 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 import modelopt_hf
 import reference
 import serve_vllm
+from auto_quantize import Recipe, quantize_with_recipe
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from export import export_checkpoint
-from quantization import Recipe, modelopt_quantize, quantize_with_recipe
+from quantization import modelopt_quantize
 from reference import GPT, Int4Linear, QuantLinear
 from weight_loader import load_export_twin, load_twin
 

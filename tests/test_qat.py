@@ -10,7 +10,8 @@ import torch
 from helpers import make_gpt2
 
 import training
-from quantization import load_quantized, modelopt_quantize, save_quantized
+from quantization import modelopt_quantize
+from save_restore import load_quantized, save_quantized
 from weight_loader import load_twin
 
 
