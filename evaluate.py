@@ -34,7 +34,7 @@ from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
 from training import TrainingDivergedError, finetune, train_tokens
-from weight_loader import load_twin
+from twin import load_twin
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = BUNDLED_MODEL_DIR

@@ -631,7 +631,8 @@ def gpt_config(
     dtype: str,
 ) -> GPTConfig:
     """The Tripy model's (and the twin's) config: the checkpoint's shape, the mode, and the sequence to generate."""
-    from weight_loader import config_from_export, config_from_hf
+    from export_loader import config_from_export
+    from weight_loader import config_from_hf
 
     shape = {"seq_len": prompt_len + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
     if hf_model is None:
@@ -707,12 +708,8 @@ def load_weights(
     backend_model: object, config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel | None, dtype: object
 ) -> None:
     """Copies the (quantized) Hugging Face model's weights and scales, or an export's, into the backend's GPT."""
-    from weight_loader import (
-        ScaleUnderflowError,
-        load_quant_weights_from_hf,
-        load_weights_from_export,
-        load_weights_from_hf,
-    )
+    from export_loader import load_weights_from_export
+    from weight_loader import ScaleUnderflowError, load_quant_weights_from_hf, load_weights_from_hf
 
     try:
         if hf_model is None:

@@ -25,7 +25,8 @@ from auto_quantize import (
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
 from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import Int4Linear, QuantLinear
-from weight_loader import get_submodule, load_twin
+from twin import load_twin
+from weight_loader import get_submodule
 
 MIXED = MIXED_LAYER_QUANT_MODES
 SAMPLES = dict(batch_size=4, num_samples=8)

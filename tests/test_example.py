@@ -21,7 +21,7 @@ import reference
 from cli import UsageError
 from hub import load_hf_model
 from tokenizer import gpt2_encoding
-from weight_loader import load_twin
+from twin import load_twin
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens

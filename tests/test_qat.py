@@ -12,7 +12,7 @@ from helpers import make_gpt2
 import training
 from quantization import modelopt_quantize
 from save_restore import load_quantized, save_quantized
-from weight_loader import load_twin
+from twin import load_twin
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from auto_quantize import Recipe, format_recipe, load_recipe, quantize_with_reci
 from config import AUTO_QUANT_MODE, QUANT_MODES
 from quantization import modelopt_quantize
 from save_restore import QuantizedCheckpointError, load_quantized, save_quantized
-from weight_loader import load_twin
+from twin import load_twin
 
 
 @pytest.fixture(scope="module")
