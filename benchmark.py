@@ -203,6 +203,7 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     import tripy_cpu
 
     tripy_cpu.use()
+    tripy_cpu.fast_stack_info()  # as example.py does on both Tripy backends: the same stacks, faster tracing
     import nvtripy as tp
 
     import model
