@@ -5,15 +5,18 @@ recipe, a table and a file that `--recipe` reuses.
 example.py imports this module only for --quant-mode auto; evaluate.py for its AutoQuantize rows.
 """
 
+import argparse
 import copy
 import fnmatch
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass
 
 import torch
 
+from cli import UsageError
 from config import EFFECTIVE_BITS_RANGE, QUANT_MODES, quant_mode_of
 from quantization import BLOCK_LINEARS, calibration_batches, calibration_texts, default_dataset, layer_format
 from tokenizer import gpt2_tokenizer
@@ -280,3 +283,42 @@ def load_recipe(path: str) -> Recipe:
     return Recipe(
         {layer: None if mode == UNQUANTIZED else mode for layer, mode in layers.items()}, data["effective_bits"]
     )
+
+
+def auto_quantize_step(
+    hf_model: torch.nn.Module, args: argparse.Namespace, recipe_out: str, device: str
+) -> dict[str, str | None]:
+    """example.py's --quant-mode auto: quantizes `hf_model` in place in a per-layer mix of formats, searched by
+    AutoQuantize within --effective-bits and saved to `recipe_out`, or read from --recipe. Prints the formats; returns
+    them by layer name. What the library turns down is a UsageError."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    hf_model.to(device)  # as in example.quantize: calibration and scoring on the GPU when there is one
+    samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
+    try:
+        if args.recipe is not None:
+            saved_recipe = load_recipe(args.recipe)
+            try:
+                check_recipe(hf_model, saved_recipe)
+            except ValueError as error:
+                raise UsageError(f"--recipe {args.recipe}: {error}") from None
+            quantize_with_recipe(hf_model, saved_recipe, **samples)
+            recipe = recipe_from_model(hf_model)  # what the model now is, whatever the file says
+        else:
+            recipe = auto_quantize(hf_model, args.effective_bits, **samples)
+    except (OSError, ValueError) as error:  # unreadable calibration data, a recipe for another model
+        raise UsageError(str(error)) from None
+    hf_model.to("cpu")
+    print(format_recipe(recipe))
+    if args.recipe is None:
+        replaced = " (replacing the last search's)" if os.path.exists(recipe_out) else ""
+        try:
+            save_recipe(recipe, recipe_out)
+        except OSError as error:
+            raise UsageError(f"cannot write --recipe-out {recipe_out}: {error.strerror}") from None
+        print(
+            f"Saved the per-layer formats to {recipe_out}{replaced}: "
+            f"--recipe {recipe_out} reuses them without searching"
+        )
+    return recipe.layers

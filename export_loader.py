@@ -6,6 +6,7 @@ example.py imports this module only when --model-type names an export.
 
 from typing import Any
 
+from cli import UsageError
 from config import GPTConfig, config_from_hf_config
 from weight_loader import load_into
 
@@ -58,3 +59,21 @@ def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
 
     fmt, hf_config = read_export(export_dir)
     return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, **overrides)
+
+
+def read_checked_export(export_dir: str, quant_mode: str | None) -> tuple[Any, str]:
+    """example.py's --model-type EXPORT_DIR: (its GPT2Config, its quantization mode) of an export, checked down to
+    every tensor's shape; what is wrong with it, or a --quant-mode it was not calibrated in, is a UsageError."""
+    from modelopt_hf import ExportFormatError, check_tensors, read_export
+
+    try:
+        fmt, hf_config = read_export(export_dir)
+        check_tensors(export_dir, fmt, hf_config)
+    except (ExportFormatError, OSError) as error:
+        raise UsageError(str(error)) from None
+    if quant_mode is not None and quant_mode != fmt.quant_mode:
+        raise UsageError(
+            f"--quant-mode {quant_mode} conflicts with {export_dir}, exported in {fmt.quant_mode} ({fmt.quant_algo}); "
+            "leave --quant-mode out to run an export in the mode it was calibrated in"
+        )
+    return hf_config, fmt.quant_mode

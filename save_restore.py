@@ -4,11 +4,13 @@ calibrated scales and the weights, so that a later run (or qat.py's fine-tuned m
 example.py imports this module only for --save-quantized and --load-quantized.
 """
 
+import time
 import warnings
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from cli import UsageError
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
 
 with warnings.catch_warnings():
@@ -117,3 +119,33 @@ def _quantized_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
             prefix = f"{module_name}." if module_name else ""
             shapes[prefix + name] = list(tensor.shape)[::-1] if transposed else list(tensor.shape)
     return {name: shape for name, shape in shapes.items() if name in model.state_dict()}
+
+
+def restore_step(
+    hf_model: torch.nn.Module, path: str, quant_mode: str | None
+) -> tuple[torch.nn.Module, str, dict[str, str | None] | None]:
+    """example.py's --load-quantized: restores a model saved with mto.save onto `hf_model` (no calibration); returns
+    it, its quant mode, and for an AutoQuantize mix each layer's format (printed as the search prints it), otherwise
+    None. A file it cannot restore is a UsageError."""
+    import auto_quantize as autoquant
+
+    start = time.perf_counter()
+    try:
+        hf_model, quant_mode = load_quantized(hf_model, path, quant_mode)
+    except QuantizedCheckpointError as error:
+        raise UsageError(f"--load-quantized: {error}") from None
+    print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
+    if quant_mode != AUTO_QUANT_MODE:
+        return hf_model, quant_mode, None
+    recipe = autoquant.recipe_from_model(hf_model)  # the formats as the restored quantizers are
+    print(autoquant.format_recipe(recipe))
+    return hf_model, quant_mode, recipe.layers
+
+
+def save_step(hf_model: torch.nn.Module, path: str) -> None:
+    """example.py's --save-quantized: `save_quantized`, a file it cannot write a UsageError."""
+    try:
+        save_quantized(hf_model, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
+        raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
+    print(f"Saved the quantized model to {path} (mto.save)")

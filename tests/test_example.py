@@ -19,7 +19,7 @@ import config
 import example
 import reference
 from cli import UsageError
-from hub import load_hf_model
+from hub import BUNDLED_MODEL_DIR, load_hf_model
 from tokenizer import gpt2_encoding
 from twin import load_twin
 
@@ -255,7 +255,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
     assert len(fallback_lines) == 1 and "running the bundled model in bundled_model/" in fallback_lines[0], stdout
     assert "\nModel: bundled_model (" in stdout
 
-    hf_model = load_hf_model(example.BUNDLED_MODEL_DIR)
+    hf_model = load_hf_model(BUNDLED_MODEL_DIR)
     twin = load_twin(hf_model)
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode(PROMPT)])
@@ -345,6 +345,25 @@ def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(runs, export_dir, m
     argv = ["--model-type", export_dir, "--max-new-tokens", "2", "--input-text", "Hi"]
     line = usage_error(example.main, argv, "example.py", capsys)
     assert "float8 on --backend tripy needs a GPU of compute capability 8.9" in line
+
+
+def test_help_and_a_bad_flag_answer_before_torch_is_imported():
+    """--help and a mistake on the command line answer at once: example.py and example_args.py import only the
+    standard library before the arguments are good (torch, transformers and ModelOpt take seconds)."""
+    program = (
+        "import runpy, sys\n"
+        "sys.argv = ['example.py', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_path('example.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "heavy = sorted({'torch', 'transformers', 'modelopt', 'datasets'} & set(sys.modules))\n"
+        "assert not heavy, f'imported {heavy}'\n"
+        "sys.exit(status)\n"
+    )
+    for argv, status in ((["--help"], 0), (["--top-k", "0"], 2)):
+        result = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == status, (argv, result.stderr)
 
 
 def test_help_explains_the_dtype_default():
