@@ -6,6 +6,7 @@ take seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -51,6 +52,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers on its port; quick, so that being offline never hangs."""
     if hub_offline():
         return False
+    return _hub_answers(timeout)
+
+
+@functools.cache
+def _hub_answers(timeout: float) -> bool:
+    """The network probe, once per run: loading the model, choosing the calibration data and checking a flag all ask,
+    and offline each probe can take `timeout` seconds."""
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True

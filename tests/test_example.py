@@ -7,6 +7,7 @@ Every run sees an unreachable Hub and an empty Hugging Face cache, whatever the 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,6 +18,7 @@ from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, asser
 
 import config
 import example
+import hub
 import reference
 from cli import UsageError
 from hub import BUNDLED_MODEL_DIR, load_hf_model
@@ -345,6 +347,28 @@ def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(runs, export_dir, m
     argv = ["--model-type", export_dir, "--max-new-tokens", "2", "--input-text", "Hi"]
     line = usage_error(example.main, argv, "example.py", capsys)
     assert "float8 on --backend tripy needs a GPU of compute capability 8.9" in line
+
+
+def test_one_hub_probe_per_run(monkeypatch, capsys):
+    """Loading the model and choosing the calibration data both ask whether the Hub answers: the network is probed once
+    (offline, each probe can take seconds). The probe meets a machine without a network here, whatever this one has."""
+    probes = []
+
+    def create_connection(address, timeout=None):
+        probes.append(address)
+        raise OSError("no network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    hub._hub_answers.cache_clear()  # as at the start of a run
+    argv = ["--backend", "torch", "--quant-mode", "int8-weight-only", "--num-calibration-samples", "1"]
+    try:
+        example.main([*argv, "--max-new-tokens", "1"])
+    finally:
+        hub._hub_answers.cache_clear()  # what this test's fake network answered is no answer for the next test
+    assert probes == [("huggingface.co", 443)], probes
+    assert "calibrating on the shipped data/calibration.txt" in capsys.readouterr().out
 
 
 def test_help_and_a_bad_flag_answer_before_torch_is_imported():
