@@ -33,7 +33,7 @@ import checks
 from cli import ArgumentParser, UsageError, run
 from reference import GPT, generate
 from tokenizer import END_OF_TEXT
-from weight_loader import load_twin
+from twin import load_twin
 
 STEPS_PER_POSITION = 5  # the time per token at position p is the median of the steps at p .. p + 4
 BLOCK_SIZE = GPT2Config().n_positions  # 1024: the longest sequence GPT-2's position embedding covers
@@ -203,6 +203,7 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     import tripy_cpu
 
     tripy_cpu.use()
+    tripy_cpu.fast_stack_info()  # as example.py does on both Tripy backends: the same stacks, faster tracing
     import nvtripy as tp
 
     import model

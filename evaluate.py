@@ -9,7 +9,7 @@ evaluating:
     python evaluate.py --model-type gpt2 --chart quality.png
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
-auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quantization.py), one per budget of effective bits
+auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
 (--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache (kv_cache.py),
 and the report then gives their change against the same mode without it.
 """
@@ -35,7 +35,7 @@ from perplexity import perplexity
 from reference import GPT, Int4Linear, QuantLinear
 from tokenizer import gpt2_encoding
 from training import TrainingDivergedError, finetune, train_tokens
-from weight_loader import load_twin
+from twin import load_twin
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = BUNDLED_MODEL_DIR
@@ -332,7 +332,7 @@ def auto_rows(
 
     The search's time is printed, not counted in the rows: it is spent once, for all budgets.
     """
-    from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
+    from auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
 
     rows = []
     recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)

@@ -3,7 +3,7 @@
     python serve_vllm.py out/ --prompt "The best way to learn something new is" --max-tokens 24
 
 vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
-twin (reference.py) loads the same files through weight_loader.load_weights_from_export and tokenizes the prompt with
+twin (reference.py) loads the same files through export_loader.load_weights_from_export and tokenizes the prompt with
 tokenizer.py, independently of vLLM. Prints the KV cache vLLM holds (its type, and how many tokens fit in the
 KV_CACHE_MEMORY it is given), both continuations, and exits with status 1 when vLLM's greedy tokens differ from the
 twin's. An export with a float8 KV cache (example.py --kv-cache float8) gets vLLM's fp8_e4m3 cache by itself.
@@ -167,7 +167,7 @@ def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int
     import torch
 
     from tokenizer import gpt2_encoding
-    from weight_loader import load_export_twin
+    from twin import load_export_twin
 
     twin = load_export_twin(export_dir)
     idx = torch.tensor([gpt2_encoding().encode(prompt, allowed_special="all")])  # [1, prompt]

@@ -21,25 +21,24 @@ import evaluate
 import modelopt_hf
 import reference
 import tripy_cpu
+from auto_quantize import Recipe, quantize_with_recipe
 from export import export_checkpoint
 from hub import BUNDLED_MODEL_DIR, load_hf_model
 from kv_cache import add_kv_cache_quantizers, kv_cache_of
 from perplexity import perplexity
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import (
-    Recipe,
     calibration_batches,
     calibration_texts,
     create_forward_loop,
-    load_quantized,
     modelopt_quantize,
     mtq,
     quant_config,
-    quantize_with_recipe,
-    save_quantized,
 )
+from save_restore import load_quantized, save_quantized
 from tokenizer import gpt2_tokenizer
-from weight_loader import config_from_hf, load_export_twin, load_quant_weights_from_hf, load_twin
+from twin import load_export_twin, load_twin
+from weight_loader import config_from_hf, load_quant_weights_from_hf
 
 NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None
 if NVTRIPY_INSTALLED:
