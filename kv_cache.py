@@ -11,11 +11,16 @@ float8).
     quant_cfg = quantization.quant_config("float8")["quant_cfg"] + kv_cache_quant_cfg("float8")
 """
 
-from collections.abc import Callable
+from __future__ import annotations
 
-import torch
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from config import KV_CACHE_MODES
+
+if TYPE_CHECKING:  # torch and ModelOpt are imported where they are used: example.py imports this module at its top
+    import torch
 
 FLOAT8_MAXBOUND = 448.0  # the largest FP8 E4M3 value: scale = amax / 448
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
@@ -39,13 +44,27 @@ def add_kv_cache_quantizers(
     model_hf: torch.nn.Module, kv_cache: str, forward_loop: Callable[[torch.nn.Module], None]
 ) -> None:
     """Enables the K and V quantizers of a model ModelOpt already quantized and calibrates them alone (max), leaving
-    every other quantizer as it was: for AutoQuantize, whose search formats hold linear layers only."""
+    every other quantizer as it was: for AutoQuantize, whose search formats hold linear layers only. `forward_loop`
+    is `quantization.create_forward_loop`'s (it counts its samples)."""
     import modelopt.torch.quantization as mtq
 
     entries = kv_cache_quant_cfg(kv_cache)
+    start = time.perf_counter()
     mtq.set_quantizer_by_cfg(model_hf, entries)
     with mtq.set_quantizer_by_cfg_context(model_hf, [{"quantizer_name": "*", "enable": False}, *entries]):
         mtq.calibrate(model_hf, "max", forward_loop)
+    seconds = time.perf_counter() - start
+    print(f"Calibrated the {kv_cache} KV cache on {forward_loop.num_samples} samples in {seconds:.1f} s")
+
+
+def kv_cache_in(model_type: str, model_hf: torch.nn.Module | None) -> str | None:
+    """example.py's KV cache: the one a quantized model holds (calibrated with --kv-cache, or restored), or, for an
+    export (`model_hf` None), the one `model_type` was exported with."""
+    if model_hf is None:
+        from modelopt_hf import read_export
+
+        return read_export(model_type)[0].kv_cache
+    return kv_cache_of(model_hf)
 
 
 def kv_cache_of(model_hf: torch.nn.Module) -> str | None:

@@ -9,15 +9,18 @@ import copy
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import config
 import evaluate
+import example
 import modelopt_hf
 import reference
 import tripy_cpu
@@ -308,3 +311,61 @@ def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model():
     assert header.endswith("change vs no KV quant")
     change = 100 * (rows[2].perplexity / rows[1].perplexity - 1)
     assert lines[2].endswith(f"{change:+.2f}%") and not lines[1].endswith("%")
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """example.py --kv-cache float8 as a user runs it (calibrate, --verbose, export, save), then the export and the
+    saved model run without calibrating; greedy, so that the texts compare."""
+    tmp = tmp_path_factory.mktemp("example-kv")
+    checkpoint = tmp / "gpt2-128"
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128, outlier_gain=3.0).save_pretrained(checkpoint)
+    calibration = tmp / "calibration.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
+    generate = ["--backend", "torch", "--input-text", "The town council voted", "--max-new-tokens", "8", "--top-k", "1"]
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "example.py", *generate, *arguments]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        return result
+
+    export_dir, saved = str(tmp / "export"), str(tmp / "int8-kv.pt")
+    calibrate = ["--calibration-data", str(calibration), "--num-calibration-samples", "4"]
+    runs = {
+        "calibrate": run(
+            *("--model-type", str(checkpoint), "--quant-mode", "int8-weight-only", "--kv-cache", "float8", *calibrate),
+            *("--verbose", "--export-dir", export_dir, "--save-quantized", saved),
+        )
+    }
+    runs["export"] = run("--model-type", export_dir)
+    runs["restore"] = run("--model-type", str(checkpoint), "--load-quantized", saved)
+    runs["export_dir"] = export_dir
+    return runs
+
+
+def test_example_calibrates_the_kv_cache_and_verbose_lists_its_quantizers(example_runs):
+    stdout = example_runs["calibrate"].stdout
+    assert "Calibrated int8-weight-only with a float8 KV cache on 4 samples" in stdout
+    for i in range(2):
+        for kv in ("k", "v"):
+            line = next(line for line in stdout.splitlines() if line.startswith(f"transformer.h.{i}.attn.{kv}_bmm_"))
+            assert "(4, 3) bit fake per-tensor amax=" in line, line  # enabled, FP8, calibrated
+    assert "q_bmm_quantizer" in stdout and "TensorQuantizer(disabled)" in stdout
+
+
+def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(example_runs):
+    """The same greedy text three ways, and it is the twin's with the export's KV cache: the export's k_scale and
+    v_scale are in the model that ran."""
+    import reference
+    from tokenizer import gpt2_encoding
+
+    texts = [example_runs[name].stdout.split(example.SEPARATOR)[1] for name in ("calibrate", "export", "restore")]
+    assert texts[0] == texts[1] == texts[2]
+    assert "no calibration" in example_runs["export"].stdout and "Calibrat" not in example_runs["export"].stdout
+    twin = load_export_twin(example_runs["export_dir"])
+    assert twin.config.kv_cache == "float8"
+    encoding = gpt2_encoding()
+    idx = torch.tensor([encoding.encode("The town council voted")])
+    assert texts[1].strip("\n") == encoding.decode(reference.generate(twin, idx, 8, top_k=1)[0].tolist())
