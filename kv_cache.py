@@ -22,7 +22,6 @@ from config import KV_CACHE_MODES
 if TYPE_CHECKING:  # torch and ModelOpt are imported where they are used: example.py imports this module at its top
     import torch
 
-FLOAT8_MAXBOUND = 448.0  # the largest FP8 E4M3 value: scale = amax / 448
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
 
 
@@ -73,14 +72,13 @@ def kv_cache_of(model_hf: torch.nn.Module) -> str | None:
     return "float8" if quantizers and all(quantizer.is_enabled for quantizer in quantizers) else None
 
 
-def kv_cache_scales(model_hf: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every enabled K and V quantizer's scale, amax / 448 as a float32 scalar, by the model's parameter name
-    ("transformer.h.0.attn.k_scale")."""
-    scales = {}
+def kv_cache_quantizers(model_hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Every enabled K and V quantizer, by the name of the scale it gives the model ("transformer.h.0.attn.k_scale")."""
+    quantizers = {}
     for name, module in model_hf.named_modules():
         if name.endswith(KV_QUANTIZERS) and module.is_enabled:
             if module.num_bits not in ((4, 3), [4, 3]):
                 raise ValueError(f"{name} is not FP8 E4M3: {module}")
             attention, quantizer = name.rsplit(".", 1)
-            scales[f"{attention}.{quantizer[0]}_scale"] = module.amax.detach().float().reshape(()) / FLOAT8_MAXBOUND
-    return scales
+            quantizers[f"{attention}.{quantizer[0]}_scale"] = module
+    return quantizers

@@ -25,7 +25,7 @@ from config import (
     quant_mode_of,
 )
 from hub import load_hf_model
-from kv_cache import kv_cache_scales
+from kv_cache import kv_cache_quantizers
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
@@ -68,7 +68,8 @@ def load_quant_weights_from_hf(
             module = get_submodule(quantized_model, name)
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
-    tensors.update(kv_cache_scales(quantized_model))  # a float8 KV cache's, if ModelOpt calibrated one
+    for name, quantizer in kv_cache_quantizers(quantized_model).items():  # a float8 KV cache's K and V, if calibrated
+        tensors[name] = convert_to_scale(quantizer.amax, MAXBOUND["float8"])
     load_into(model, tensors, dtype)
 
 

@@ -364,6 +364,7 @@ def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(exampl
     texts = [example_runs[name].stdout.split(example.SEPARATOR)[1] for name in ("calibrate", "export", "restore")]
     assert texts[0] == texts[1] == texts[2]
     assert "no calibration" in example_runs["export"].stdout and "Calibrat" not in example_runs["export"].stdout
+    assert "Restored int8-weight-only with a float8 KV cache from" in example_runs["restore"].stdout
     twin = load_export_twin(example_runs["export_dir"])
     assert twin.config.kv_cache == "float8"
     encoding = gpt2_encoding()
