@@ -18,7 +18,14 @@ import torch
 
 from cli import UsageError
 from config import EFFECTIVE_BITS_RANGE, QUANT_MODES, quant_mode_of
-from quantization import BLOCK_LINEARS, calibration_batches, calibration_texts, default_dataset, layer_format
+from quantization import (
+    BLOCK_LINEARS,
+    calibration_batches,
+    calibration_texts,
+    create_forward_loop,
+    default_dataset,
+    layer_format,
+)
 from tokenizer import gpt2_tokenizer
 
 with warnings.catch_warnings():
@@ -290,12 +297,13 @@ def auto_quantize_step(
 ) -> dict[str, str | None]:
     """example.py's --quant-mode auto: quantizes `hf_model` in place in a per-layer mix of formats, searched by
     AutoQuantize within --effective-bits and saved to `recipe_out`, or read from --recipe. Prints the formats; returns
-    them by layer name. What the library turns down is a UsageError."""
+    them by layer name. With --kv-cache, the K and V quantizers are added to the mix and calibrated after it
+    (kv_cache.py). What the library turns down is a UsageError."""
     import datasets
 
     datasets.disable_progress_bars()
     hf_model.to(device)  # as in example.quantize: calibration and scoring on the GPU when there is one
-    samples = dict(dataset_name=args.calibration_data, num_samples=args.num_calibration_samples)
+    samples = dict(dataset_name=default_dataset(args.calibration_data), num_samples=args.num_calibration_samples)
     try:
         if args.recipe is not None:
             saved_recipe = load_recipe(args.recipe)
@@ -307,6 +315,11 @@ def auto_quantize_step(
             recipe = recipe_from_model(hf_model)  # what the model now is, whatever the file says
         else:
             recipe = auto_quantize(hf_model, args.effective_bits, **samples)
+        if args.kv_cache is not None:
+            from kv_cache import add_kv_cache_quantizers
+
+            forward_loop = create_forward_loop(hf_model, tokenizer=gpt2_tokenizer(), device=device, **samples)
+            add_kv_cache_quantizers(hf_model, args.kv_cache, forward_loop)
     except (OSError, ValueError) as error:  # unreadable calibration data, a recipe for another model
         raise UsageError(str(error)) from None
     hf_model.to("cpu")

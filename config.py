@@ -11,6 +11,8 @@ EFFECTIVE_BITS_RANGE = (4.0, 16.0)
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
 # What ModelOpt's weight quantizer is in each mode: (num_bits, block-wise).
 WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
+# How the keys and values attention reads may be quantized, besides any mode: ModelOpt's k/v_bmm_quantizers.
+KV_CACHE_MODES = ("float8",)
 
 
 def quant_mode_of(num_bits: int | tuple | list, block_wise: bool) -> str | None:
@@ -36,6 +38,8 @@ class GPTConfig:
     # With AUTO_QUANT_MODE: each block linear's format by its name ("transformer.h.0.attn.c_attn"), None or one of
     # QUANT_MODES. Layers it does not name, lm_head among them, stay unquantized.
     layer_quant_modes: dict[str, str | None] | None = None
+    # None, or one of KV_CACHE_MODES: the keys and values attention reads are quantized per tensor (k_scale, v_scale).
+    kv_cache: str | None = None
 
 
 def check_quant_mode(quant_mode: str) -> None:

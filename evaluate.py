@@ -10,7 +10,8 @@ evaluating:
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
 auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
-(--auto-bits), all from one search.
+(--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache (kv_cache.py),
+and the report then gives their change against the same mode without it.
 """
 
 import argparse
@@ -57,7 +58,10 @@ DEFAULT_AUTO_BITS = (4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 FINETUNED = "unquantized-finetuned"
 INT4_MAX = "int4-weight-only-max"
 QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-qat")
-ALL_MODES = (*REPORT_MODES, *QAT_MODES)
+# Rows on request, for a float8 KV cache (kv_cache.py): each mode calibrated with ModelOpt's K and V quantizers too.
+KV_SUFFIX = "-kv"
+KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
+ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -119,7 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(REPORT_MODES),
         metavar="MODE",
         help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
-        "the last four fine-tune for --qat-steps, minutes each)",
+        f"{FINETUNED} and the -qat rows fine-tune for --qat-steps, minutes each; the {KV_SUFFIX} rows add a float8 KV "
+        "cache to their mode)",
     )
     parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
     parser.add_argument(
@@ -251,8 +256,14 @@ def evaluate(
             if calibrated_mode not in calibrated:
                 algorithm = "max" if calibrated_mode == INT4_MAX else None
                 quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
+                kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
                 calibrated[calibrated_mode] = calibrate(
-                    hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm
+                    hf_model,
+                    quant_mode.removesuffix(KV_SUFFIX),
+                    calibration_data,
+                    num_calibration_samples,
+                    algorithm,
+                    kv_cache,
                 )
             quantized, twin, calibration_seconds = calibrated[calibrated_mode]
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
@@ -290,16 +301,23 @@ def calibrate(
     calibration_data: str | None,
     num_samples: int,
     algorithm: str | None = None,
+    kv_cache: str | None = None,
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
-    """Quantizes a copy of the model with ModelOpt; returns it, its twin and the seconds the calibration took."""
+    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
+    and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()
     quantized = modelopt_quantize(
-        copy.deepcopy(hf_model), quant_mode, calibration_data, num_samples=num_samples, algorithm=algorithm
+        copy.deepcopy(hf_model),
+        quant_mode,
+        calibration_data,
+        num_samples=num_samples,
+        algorithm=algorithm,
+        kv_cache=kv_cache,
     )
     seconds = time.perf_counter() - start
-    return quantized, load_twin(hf_model, quant_mode, quantized), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache), seconds
 
 
 def auto_rows(
@@ -394,12 +412,24 @@ def format_table(rows: list[Row]) -> str:
     if any(row.training_seconds for row in rows):  # QAT rows: how long the fine-tuning took
         header = (*header, "training s")
         lines = [(*cells, f"{row.training_seconds:.1f}") for cells, row in zip(lines, rows, strict=True)]
+    perplexities = {row.mode: row.perplexity for row in rows}
+    if any(row.mode.removesuffix(KV_SUFFIX) in perplexities for row in rows if row.mode.endswith(KV_SUFFIX)):
+        # What the float8 KV cache costs: each -kv row against its mode without it, when both are in the report.
+        header = (*header, "change vs no KV quant")
+        without_kv = [
+            perplexities.get(row.mode.removesuffix(KV_SUFFIX)) if row.mode.endswith(KV_SUFFIX) else None for row in rows
+        ]
+        lines = [
+            (*cells, "" if base is None else f"{100 * (row.perplexity / base - 1):+.2f}%")
+            for cells, row, base in zip(lines, rows, without_kv, strict=True)
+        ]
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
 
     def line(cells: tuple[str, ...]) -> str:
         # The mode is text, left-aligned; the numbers are right-aligned so their decimal points line up.
         mode, *numbers = cells
-        return "  ".join([mode.ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(numbers, widths[1:], strict=True)])
+        cells = [mode.ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(numbers, widths[1:], strict=True)]
+        return "  ".join(cells).rstrip()  # a row without the last column's number ends without blanks
 
     return "\n".join(line(cells) for cells in [header, *lines])
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 from cli import UsageError, run
 from config import AUTO_QUANT_MODE, GPTConfig, config_from_hf_config
 from example_args import check_float8_gpu, check_model_fits, choose_backend, is_export, parse_args, recipe_out_path
+from kv_cache import kv_cache_in
 
 if TYPE_CHECKING:
     import tiktoken
@@ -41,7 +42,7 @@ Generate = Callable[..., "torch.Tensor"]
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     backend, backend_reason = choose_backend(args.backend)
-    if backend == "tripy" and args.quant_mode == "float8":
+    if backend == "tripy" and "float8" in (args.quant_mode, args.kv_cache):
         check_float8_gpu()
     print(f"Backend: {backend} ({backend_reason})")
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
         layer_quant_modes = auto_quantize_step(hf_model, args, recipe_out_path(args), device)
     elif args.quant_mode is not None and hf_model is not None:
-        quantize(hf_model, quant_mode, args.calibration_data, args.num_calibration_samples, device)
+        quantize(hf_model, quant_mode, args, device)
     if args.save_quantized is not None:
         from save_restore import save_step
 
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     # The Tripy model's (and the twin's) config: the checkpoint's shape, the mode, and the sequence to generate.
     shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
     config = config_from_hf_config(hf_config, quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, **shape)
-    if backend == "tripy" and "float8" in {config.quant_mode, *(config.layer_quant_modes or {}).values()}:
+    config.kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
+    if backend == "tripy" and "float8" in {quant_mode, config.kv_cache, *(layer_quant_modes or {}).values()}:
         check_float8_gpu()  # again: an export, a saved model or AutoQuantize's search has said what runs
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
@@ -120,9 +122,7 @@ def load_model(args: argparse.Namespace, prompt_len: int) -> tuple[str, GPT2LMHe
     return model_type, hf_model, hf_config, quant_mode
 
 
-def quantize(
-    hf_model: GPT2LMHeadModel, quant_mode: str, calibration_data: str | None, num_samples: int, device: str
-) -> None:
+def quantize(hf_model: GPT2LMHeadModel, quant_mode: str, args: argparse.Namespace, device: str) -> None:
     """Quantizes and calibrates `hf_model` in place with ModelOpt (quantization.py prints the calibration time).
 
     Calibration runs the model on every sample (AWQ many times over), so it runs on `device`, the GPU when Tripy has
@@ -134,7 +134,8 @@ def quantize(
     datasets.disable_progress_bars()  # reading a few kilobytes of text; quantization.py shows calibration progress
     hf_model.to(device)
     try:
-        modelopt_quantize(hf_model, quant_mode, dataset_name=calibration_data, num_samples=num_samples)
+        samples = args.num_calibration_samples  # with --kv-cache, the keys and values are calibrated with the weights
+        modelopt_quantize(hf_model, quant_mode, args.calibration_data, num_samples=samples, kv_cache=args.kv_cache)
     except (OSError, ValueError) as error:  # calibration data that cannot be read
         raise UsageError(str(error)) from None
     hf_model.to("cpu")

@@ -11,7 +11,7 @@ import os
 
 import checks
 from cli import ArgumentParser, UsageError
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 DEFAULT_PROMPT = "The best way to learn something new is"
@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"quantize with ModelOpt before running; {AUTO_QUANT_MODE}: each block linear in the one of the three "
         "modes, or unquantized, that ModelOpt's AutoQuantize finds costs the least quality within --effective-bits "
         "(default: no quantization)",
+    )
+    parser.add_argument(
+        "--kv-cache",
+        choices=KV_CACHE_MODES,
+        help="with --quant-mode: also quantize the keys and values attention reads (ModelOpt's K and V quantizers, "
+        "FP8_KV_CFG), calibrated with the weights; an export then asks serving engines for a float8 KV cache, twice "
+        "the tokens in the same memory (default: keys and values in the model's dtype)",
     )
     parser.add_argument(
         "--effective-bits",
@@ -164,6 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.quant_mode is None:
             raise UsageError("--calibration-data needs --quant-mode: only quantization calibrates")
         checks.check_calibration_data(args.calibration_data)
+    if args.kv_cache is not None and args.load_quantized is not None:
+        raise UsageError(
+            "--load-quantized restores the quantizers it was saved with, K and V among them: drop --kv-cache"
+        )
+    if args.kv_cache is not None and args.quant_mode is None:
+        raise UsageError("--kv-cache needs --quant-mode: its K and V quantizers are calibrated with the weights")
     if args.quant_mode is not None and args.load_quantized is None and not export:
         checks.check_datasets_cache()
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
@@ -226,6 +239,7 @@ def check_export_args(args: argparse.Namespace) -> None:
             ("--export-dir", args.export_dir),
             ("--save-quantized", args.save_quantized),
             ("--load-quantized", args.load_quantized),
+            ("--kv-cache", args.kv_cache),
             ("--verbose", args.verbose or None),
         )
         if value is not None

@@ -5,9 +5,13 @@ two per byte) next to its scales, as safetensors, and names the algorithm in hf_
 config.json as `quantization_config`). The scales come from the same calibrated amaxes that weight_loader.py turns
 into the Tripy model's scales, so an engine and Tripy run the same quantized model.
 
-Three things are added so that the directory is all a consumer needs (modelopt_hf.py describes the format):
+Three things are added, and one name changed, so that the directory is all a consumer needs (modelopt_hf.py
+describes the format):
 - GPT-2's c_attn/c_proj/c_fc weights are rewritten [in, out], the layout of GPT-2's Conv1D that GPT-2 loaders expect
   (vLLM's transposes every one of them; ModelOpt writes [out, in]), recorded as "weight_layout": "conv1d";
+- a float8 KV cache's scales, which ModelOpt writes as transformer.h.N.attn.k_proj.k_scale (GPT-2 has no k_proj, and
+  vLLM's GPT-2 refuses the name), are renamed transformer.h.N.attn.attn.k_scale (and v_scale), where vLLM's GPT-2
+  attention keeps them (see `_kv_scale_name`);
 - GPT-2's tokenizer files, so that `vllm serve DIR` or `AutoTokenizer.from_pretrained(DIR)` work offline;
 - a pre_quant_scale of ones for int4 layers calibrated without AWQ, which W4A16_AWQ promises (see
   `_add_identity_pre_quant_scales`).
@@ -78,12 +82,24 @@ def _add_identity_pre_quant_scales(model: GPT2LMHeadModel) -> None:
                 input_quantizer.pre_quant_scale = torch.ones(weight.shape[1], dtype=weight.dtype, device=weight.device)
 
 
+def _kv_scale_name(name: str) -> str:
+    """ModelOpt's name for a KV-cache scale -> vLLM's GPT-2's; other names unchanged.
+
+    ModelOpt names them after a k_proj/v_proj layer, as in Llama. vLLM's GPT-2 turns "attn.k_proj.k_scale" into
+    "attn.k_proj.attn.k_scale", which it has no module for, and stops loading; it reads "attn.attn.k_scale" as it is.
+    """
+    for kv in ("k", "v"):
+        name = name.replace(f".attn.{kv}_proj.{kv}_scale", f".attn.attn.{kv}_scale")
+    return name
+
+
 def _write_conv1d_layout(export_dir: str) -> None:
-    """Transposes the quantized Conv1D weights to [in, out], records the layout in both quantization configs, and
-    unties lm_head from wte in config.json when the export holds a quantized lm_head of its own."""
+    """Transposes the quantized Conv1D weights to [in, out], renames the KV-cache scales (`_kv_scale_name`), records
+    the layout in both quantization configs, and unties lm_head from wte in config.json when the export holds a
+    quantized lm_head of its own."""
     lm_head_quantized = False
     for path in safetensors_files(export_dir):
-        tensors = load_file(path)
+        tensors = {_kv_scale_name(name): tensor for name, tensor in load_file(path).items()}
         lm_head_quantized |= "lm_head.weight_scale" in tensors
         for name in list(tensors):
             layer = name.removesuffix(".weight")
@@ -92,6 +108,13 @@ def _write_conv1d_layout(export_dir: str) -> None:
                 # int4's packed [out / 2, in] becomes [in, out / 2]: each byte still holds two output rows.
                 tensors[name] = tensors[name].t().contiguous()
         save_file(tensors, path, metadata={"format": "pt"})
+    index_path = os.path.join(export_dir, "model.safetensors.index.json")
+    if os.path.isfile(index_path):  # a sharded export: its index names each tensor's shard
+        with open(index_path) as file:
+            index = json.load(file)
+        index["weight_map"] = {_kv_scale_name(name): shard for name, shard in index["weight_map"].items()}
+        with open(index_path, "w") as file:
+            json.dump(index, file, indent=2)
 
     quant_config_path = os.path.join(export_dir, "hf_quant_config.json")
     with open(quant_config_path) as file:

@@ -29,6 +29,9 @@ def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
         layer, param_name = name.rsplit(".", 1)
         if fmt.is_quantized(layer):
             continue
+        if param_name in ("k_scale", "v_scale"):  # vLLM's name, attn.attn.k_scale, for the model's attn.k_scale
+            tensors[f"{layer.removesuffix('.attn')}.{param_name}"] = tensor
+            continue
         # An unquantized Conv1D weight, as GPT-2 stores it, is [in, out]; the Tripy model's is [out, in].
         tensors[name] = tensor.t() if param_name == "weight" and layer.endswith(CONV1D_LAYERS) else tensor
     layers = {name.rsplit(".", 1)[0] for name in stored if name.endswith(".weight_scale")}
@@ -54,11 +57,12 @@ def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
 
 
 def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
-    """The GPTConfig of an export.py checkpoint, in its quantization mode; `overrides` sets seq_len, dtype, ..."""
+    """The GPTConfig of an export.py checkpoint, in its quantization mode and KV cache; `overrides` sets seq_len,
+    dtype, ..."""
     from modelopt_hf import read_export
 
     fmt, hf_config = read_export(export_dir)
-    return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, **overrides)
+    return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, kv_cache=fmt.kv_cache, **overrides)
 
 
 def read_checked_export(export_dir: str, quant_mode: str | None) -> tuple[Any, str]:

@@ -85,6 +85,10 @@ class CausalSelfAttention(tp.Module):
         embd, bias = config.embedding_size, config.bias
         self.c_attn = linear_layer(config, layer_quant_mode(config, f"{name}.c_attn"), embd, 3 * embd, bias)
         self.c_proj = linear_layer(config, layer_quant_mode(config, f"{name}.c_proj"), embd, embd, bias)
+        # A float8 KV cache: one scale for all the keys this layer's attention reads, one for all its values.
+        self.dtype = getattr(tp, config.dtype)
+        self.k_scale = DefaultParameter((), self.dtype) if config.kv_cache else None
+        self.v_scale = DefaultParameter((), self.dtype) if config.kv_cache else None
 
     def forward(self, x, past_key=None, past_value=None):
         """x [batch, seq, embd]; past_key/past_value [batch, heads, past, head_dim] or None.
@@ -108,6 +112,16 @@ class CausalSelfAttention(tp.Module):
         if past_key is not None:
             k = tp.concatenate([past_key, k], dim=2)  # [batch, heads, past + seq, head_dim]
             v = tp.concatenate([past_value, v], dim=2)
+        if self.k_scale is not None:
+            # Where ModelOpt's k_bmm_quantizer and v_bmm_quantizer are: on all the keys and values attention reads,
+            # past and new. A float8 cache would store tp.quantize(k, ...) itself, take the past in float8, quantize
+            # only the new keys before the concatenate and dequantize after it: half of float16's memory, the same
+            # values. nvtripy 0.1.7 cannot: tp.compile refuses a float8 InputInfo (it makes its tracing inputs with
+            # tp.full, which has no float8), so the cache crosses between the two engines in config.dtype, holding
+            # the rounded values (rounding them again changes none). A later nvtripy that compiles float8 inputs
+            # needs only that change here and compile_model's cache InputInfo in tp.float8.
+            k = tp.dequantize(tp.quantize(k, self.k_scale, tp.float8), self.k_scale, self.dtype)
+            v = tp.dequantize(tp.quantize(v, self.v_scale, tp.float8), self.v_scale, self.dtype)
         past = k.shape[2] - seq
 
         att = (q @ tp.transpose(k, 2, 3)) * (1.0 / math.sqrt(head_dim))  # [batch, heads, seq, past + seq]

@@ -13,6 +13,8 @@ The format, per quantized layer (in = input features, out = output features, G =
     W8A16       int8-weight-only   int8 [out, in]                    [out]         -            -
     W4A16_AWQ   int4-weight-only   uint8 [out / 2, in], two rows/B   [out, in / G] -            [in]
     FP8         float8             float8_e4m3fn [out, in]           []            []           -
+With a float8 KV cache (kv_cache_quant_algo FP8) each attention layer also holds transformer.h.N.attn.attn.k_scale
+and .v_scale ([], amax / 448), the names vLLM's GPT-2 reads, and quantizes the keys and values it attends to with them.
 ModelOpt writes weights [out, in] (nn.Linear's layout). GPT-2's own checkpoints, and the loaders written for them
 (transformers' Conv1D, vLLM's gpt2.py), hold c_attn/c_proj/c_fc weights transposed, [in, out]; export.py writes that
 layout and records it as `"weight_layout": "conv1d"` in hf_quant_config.json and config.json (missing means
@@ -29,7 +31,9 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import GPT2Config
+from transformers import AttentionInterface, GPT2Config
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import eager_attention_forward
 from transformers.quantizers.auto import register_quantization_config, register_quantizer
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -38,6 +42,7 @@ from hub import check_config
 from reference import quantize_dequantize
 
 QUANT_ALGOS = {"W8A16": "int8-weight-only", "W4A16_AWQ": "int4-weight-only", "FP8": "float8"}
+KV_CACHE_QUANT_ALGOS = {"FP8": "float8"}  # kv_cache_quant_algo -> config.KV_CACHE_MODES
 WEIGHT_LAYOUTS = ("linear", "conv1d")  # [out, in] (ModelOpt's), [in, out] (GPT-2's Conv1D)
 STORED_DTYPE = {"int8-weight-only": torch.int8, "int4-weight-only": torch.uint8, "float8": torch.float8_e4m3fn}
 # GPT-2's Conv1D layers, the ones every mode quantizes; lm_head is quantized when the export does not exclude it.
@@ -57,10 +62,16 @@ class ExportFormat:
     weight_layout: str = "linear"
     group_size: int = DEFAULT_INT4_GROUP_SIZE
     exclude_modules: list[str] = field(default_factory=list)
+    kv_cache_quant_algo: str | None = None
 
     @property
     def quant_mode(self) -> str:
         return QUANT_ALGOS[self.quant_algo]
+
+    @property
+    def kv_cache(self) -> str | None:
+        """The KV cache's mode (GPTConfig.kv_cache): None or "float8"."""
+        return KV_CACHE_QUANT_ALGOS.get(self.kv_cache_quant_algo)
 
     def is_quantized(self, layer_name: str) -> bool:
         """Whether a linear layer ("transformer.h.0.attn.c_proj", "lm_head") is stored quantized."""
@@ -87,7 +98,17 @@ def export_format(quantization: dict[str, Any], source: str = "the quantization 
     group_size = quantization.get("group_size") or DEFAULT_INT4_GROUP_SIZE
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ExportFormatError(f"{source} has group_size {group_size!r}; expected a whole number of input features")
-    return ExportFormat(quant_algo, weight_layout, group_size, excluded)
+    # config.json describes the KV cache as a scheme, hf_quant_config.json names its algorithm.
+    kv_cache_quant_algo = quantization.get("kv_cache_quant_algo")
+    if quantization.get("kv_cache_scheme") == {"dynamic": False, "num_bits": 8, "type": "float"}:
+        kv_cache_quant_algo = "FP8"
+    elif quantization.get("kv_cache_scheme") is not None:
+        raise ExportFormatError(
+            f"{source} has kv_cache_scheme {quantization['kv_cache_scheme']!r}; this loader reads FP8"
+        )
+    if kv_cache_quant_algo is not None and kv_cache_quant_algo not in KV_CACHE_QUANT_ALGOS:
+        raise ExportFormatError(f"{source} has kv_cache_quant_algo {kv_cache_quant_algo!r}; this loader reads FP8")
+    return ExportFormat(quant_algo, weight_layout, group_size, excluded, kv_cache_quant_algo)
 
 
 def is_modelopt_export(path: str) -> bool:
@@ -158,6 +179,12 @@ def expected_tensors(fmt: ExportFormat, config: GPT2Config) -> dict[str, tuple[t
         else:  # an unquantized Conv1D, as GPT-2 stores it
             layer = {"weight": ((in_features, out_features), None), "bias": ((out_features,), None)}
         tensors.update({f"{name}.{param}": spec for param, spec in layer.items()})
+    if fmt.kv_cache:
+        for i in range(config.n_layer):
+            tensors[f"transformer.h.{i}.attn.attn.k_scale"] = tensors[f"transformer.h.{i}.attn.attn.v_scale"] = (
+                (),
+                None,
+            )
     return tensors
 
 
@@ -286,6 +313,30 @@ class ModelOptLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, quant_mode={self.quant_mode}"
 
 
+class KVCacheScales(nn.Module):
+    """An attention layer's float8 KV-cache scales; as GPT2Attention's child `attn`, named as in vLLM's GPT-2."""
+
+    def __init__(self, dtype: torch.dtype, attn_implementation: str):
+        super().__init__()
+        self.k_scale = nn.Parameter(torch.empty((), dtype=dtype), requires_grad=False)
+        self.v_scale = nn.Parameter(torch.empty((), dtype=dtype), requires_grad=False)
+        self.attn_implementation = attn_implementation  # what attends, once the keys and values are rounded
+
+
+def float8_kv_attention(module: nn.Module, query, key, value, *args: Any, **kwargs: Any):
+    """transformers' attention function for a float8 KV cache: the keys and values handed to attention (past and
+    new, after the cache update) quantized and dequantized per tensor, where ModelOpt's k/v_bmm_quantizers are."""
+    scales = module.attn
+    key = quantize_dequantize(key, scales.k_scale.to(key.dtype), torch.float8_e4m3fn)
+    value = quantize_dequantize(value, scales.v_scale.to(value.dtype), torch.float8_e4m3fn)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(scales.attn_implementation, eager_attention_forward)
+    return attention(module, query, key, value, *args, **kwargs)
+
+
+FLOAT8_KV_ATTENTION = "modelopt_float8_kv"
+AttentionInterface.register(FLOAT8_KV_ATTENTION, float8_kv_attention)
+
+
 @register_quantization_config("modelopt")
 class ModelOptConfig(QuantizationConfigMixin):
     """config.json's `quantization_config` of a ModelOpt export (quant_method "modelopt")."""
@@ -297,6 +348,7 @@ class ModelOptConfig(QuantizationConfigMixin):
         weight_layout: str = "linear",
         group_size: int | None = None,
         producer: dict | None = None,
+        kv_cache_scheme: dict | None = None,
         **kwargs: Any,
     ):
         self.quant_method = "modelopt"
@@ -305,6 +357,7 @@ class ModelOptConfig(QuantizationConfigMixin):
         self.weight_layout = weight_layout
         self.group_size = group_size
         self.producer = producer
+        self.kv_cache_scheme = kv_cache_scheme
         self.format = export_format(self.to_dict(), "config.json's quantization_config")
 
     def to_dict(self) -> dict[str, Any]:
@@ -341,6 +394,10 @@ class ModelOptHfQuantizer(HfQuantizer):
                 (in_features, out_features), conv1d = module.weight.shape, fmt.weight_layout == "conv1d"
             bias = module.bias is not None
             model.set_submodule(name, ModelOptLinear(in_features, out_features, bias, fmt, conv1d, dtype))
+        if fmt.kv_cache:
+            for block in model.transformer.h:
+                block.attn.attn = KVCacheScales(dtype, model.config._attn_implementation)
+            model.config._attn_implementation = FLOAT8_KV_ATTENTION
         if fmt.is_quantized("lm_head"):  # float8 stores lm_head quantized: it can no longer share wte's matrix
             model.config.tie_word_embeddings = False
             model.all_tied_weights_keys.pop("lm_head.weight", None)

@@ -40,14 +40,20 @@ def modelopt_quantize(
     batch_size: int = 4,
     num_samples: int = 64,
     algorithm: str | None = None,
+    kv_cache: str | None = None,
 ) -> torch.nn.Module:
     """Quantizes a Hugging Face GPT-2 in place with ModelOpt and returns it.
 
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
-    the mode's calibration algorithm (see `quant_config`).
+    the mode's calibration algorithm (see `quant_config`). `kv_cache` "float8" also quantizes the keys and values
+    attention reads, calibrated with the weights (kv_cache.py).
     """
     config = quant_config(quant_mode, algorithm)
+    if kv_cache is not None:
+        from kv_cache import kv_cache_quant_cfg
+
+        config["quant_cfg"] = config["quant_cfg"] + kv_cache_quant_cfg(kv_cache)
     dataset_name = default_dataset(dataset_name)
     device = next(model_hf.parameters()).device
     forward_loop = create_forward_loop(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
@@ -55,7 +61,8 @@ def modelopt_quantize(
     start = time.perf_counter()
     mtq.quantize(model_hf, config, forward_loop)
     seconds = time.perf_counter() - start
-    print(f"Calibrated {quant_mode} on {forward_loop.num_samples} samples in {seconds:.1f} s")
+    described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    print(f"Calibrated {described} on {forward_loop.num_samples} samples in {seconds:.1f} s")
     return model_hf
 
 

@@ -128,13 +128,16 @@ def restore_step(
     it, its quant mode, and for an AutoQuantize mix each layer's format (printed as the search prints it), otherwise
     None. A file it cannot restore is a UsageError."""
     import auto_quantize as autoquant
+    from kv_cache import kv_cache_of
 
     start = time.perf_counter()
     try:
         hf_model, quant_mode = load_quantized(hf_model, path, quant_mode)
     except QuantizedCheckpointError as error:
         raise UsageError(f"--load-quantized: {error}") from None
-    print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
+    kv_cache = kv_cache_of(hf_model)  # the K and V quantizers it was calibrated with, if any (kv_cache.py)
+    described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    print(f"Restored {described} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
     if quant_mode != AUTO_QUANT_MODE:
         return hf_model, quant_mode, None
     recipe = autoquant.recipe_from_model(hf_model)  # the formats as the restored quantizers are

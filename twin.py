@@ -15,11 +15,14 @@ def load_twin(
     quant_mode: str | None = None,
     quantized_model: GPT2LMHeadModel | None = None,
     layer_quant_modes: dict[str, str | None] | None = None,
+    kv_cache: str | None = None,
 ) -> GPT:
     """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
     scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
-    `quantization.auto_quantize`, which chose the `layer_quant_modes`)."""
-    config = config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes)
+    `quantization.auto_quantize`, which chose the `layer_quant_modes`), and with `kv_cache` its KV-cache scales."""
+    config = config_from_hf(
+        hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, kv_cache=kv_cache
+    )
     twin = GPT(config).eval()
     if quant_mode is None:
         load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)

@@ -4,6 +4,7 @@ Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plu
     int8-weight-only   weight [out, in]  weight_scale [out]                                  (per output channel)
     float8             weight [out, in]  weight_scale []     input_scale []                  (per tensor)
     int4-weight-only   weight [in, out]  weight_scale [in / 128, out]  pre_quant_scale [in]  (blocks of 128 inputs)
+and, on each attention layer with a float8 KV cache (config.kv_cache), k_scale [] and v_scale [] (per tensor).
 Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
 """
 
@@ -24,6 +25,7 @@ from config import (
     quant_mode_of,
 )
 from hub import load_hf_model
+from kv_cache import kv_cache_quantizers
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
@@ -66,6 +68,8 @@ def load_quant_weights_from_hf(
             module = get_submodule(quantized_model, name)
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
+    for name, quantizer in kv_cache_quantizers(quantized_model).items():  # a float8 KV cache's K and V, if calibrated
+        tensors[name] = convert_to_scale(quantizer.amax, MAXBOUND["float8"])
     load_into(model, tensors, dtype)
 
 

@@ -215,6 +215,14 @@ CASES = [
     ("example.py", ["--model-type", "{w}/export", "--load-quantized", "{w}/data/good.txt"], "already: --load-quan"),
     ("example.py", ["--model-type", "{w}/export", "--num-calibration-samples", "8"], "already: --num-calibration"),
     ("example.py", ["--num-calibration-samples", "8"], "--num-calibration-samples needs --quant-mode"),
+    ("example.py", ["--model-type", "{w}/export", "--kv-cache", "float8"], "calibrated already: --kv-cache is for"),
+    ("example.py", ["--kv-cache", "float8"], "--kv-cache needs --quant-mode: its K and V quantizers are calibrated"),
+    ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
+    (
+        "example.py",
+        ["--load-quantized", "{w}/data/good.txt", "--kv-cache", "float8"],
+        "--load-quantized restores the quantizers it was saved with, K and V among them: drop --kv-cache",
+    ),
     (
         "example.py",
         ["--quant-mode", "float8", "--load-quantized", "{w}/data/good.txt", "--num-calibration-samples", "8"],
@@ -322,6 +330,7 @@ CASES = [
     ("evaluate.py", ["--modes", "unquantized", "--calibration-data", "{w}/data/good.txt"], "needs a quantized mode"),
     ("evaluate.py", ["--num-calibration-samples", "0"], "--num-calibration-samples must be at least 1, got 0"),
     ("evaluate.py", ["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
+    ("evaluate.py", ["--modes", "float8-kv8"], "argument --modes: invalid choice: 'float8-kv8'"),
     ("evaluate.py", ["--max-tokens", "1"], "--max-tokens must be at least 2"),
     ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1"),
     ("evaluate.py", ["--eval-data", "missing.txt"], "--eval-data: missing.txt not found: expected a text file"),

@@ -1,0 +1,372 @@
+"""A float8 KV cache: the twin and the Tripy model against ModelOpt's own KV-cache quantizers.
+
+ModelOpt's truth here is its Hugging Face GPT-2 quantized with a mode's config plus the entry of `mtq.FP8_KV_CFG`,
+ModelOpt's own preset: `_QuantAttention` fake-quantizes the keys and values handed to the attention function, after
+the cache update. The twin (reference.py) and model.py, on the CPU executor, must give its logits.
+"""
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import config
+import evaluate
+import example
+import modelopt_hf
+import reference
+import tripy_cpu
+from auto_quantize import Recipe, quantize_with_recipe
+from export import export_checkpoint
+from hub import BUNDLED_MODEL_DIR, load_hf_model
+from kv_cache import add_kv_cache_quantizers, kv_cache_of
+from perplexity import perplexity
+from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
+from quantization import (
+    calibration_batches,
+    calibration_texts,
+    create_forward_loop,
+    modelopt_quantize,
+    mtq,
+    quant_config,
+)
+from save_restore import load_quantized, save_quantized
+from tokenizer import gpt2_tokenizer
+from twin import load_export_twin, load_twin
+from weight_loader import config_from_hf, load_quant_weights_from_hf
+
+NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None
+if NVTRIPY_INSTALLED:
+    BACKEND = tripy_cpu.use()
+    import nvtripy as tp
+
+    import model
+needs_tripy = pytest.mark.skipif(
+    not NVTRIPY_INSTALLED or (BACKEND == "tensorrt" and not torch.cuda.is_available()),
+    reason="needs nvtripy (pip install --no-deps nvtripy==0.1.7), and a GPU where TensorRT is installed",
+)
+NUM_SAMPLES = 4
+
+
+def modelopt_quantize_with_kv(hf_model, quant_mode: str, kv_cache: bool):
+    """ModelOpt's quantized copy of `hf_model` in `quant_mode`, with ModelOpt's own FP8_KV_CFG entry when kv_cache."""
+    quantized = copy.deepcopy(hf_model)
+    quant_cfg = quant_config(quant_mode)
+    if kv_cache:
+        quant_cfg = {**quant_cfg, "quant_cfg": quant_cfg["quant_cfg"] + mtq.FP8_KV_CFG["quant_cfg"]}
+    forward_loop = create_forward_loop(quantized, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", 4, NUM_SAMPLES)
+    return mtq.quantize(quantized, quant_cfg, forward_loop)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    # The float8 end-to-end parity's milder outliers (test_quantization.py): large gains amplify single FP8 steps.
+    return make_gpt2(outlier_gain=3.0)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def modelopt(hf_model):
+    """modelopt(mode, kv_cache): ModelOpt's quantized model, calibrated once per module."""
+    models = {}
+
+    def get(quant_mode, kv_cache):
+        if (quant_mode, kv_cache) not in models:
+            models[quant_mode, kv_cache] = modelopt_quantize_with_kv(hf_model, quant_mode, kv_cache)
+        return models[quant_mode, kv_cache]
+
+    return get
+
+
+def assert_matches_modelopt(actual, modelopt, quant_mode, tokens, positions=slice(None)) -> None:
+    """The float8 parity's bound (test_quantization.py): an order of magnitude closer to ModelOpt's logits than
+    ModelOpt's own KV quantizers move them, so that a dropped or swapped scale, which is off by about that effect,
+    fails. Only the float8 rounding of what ModelOpt multiplies by a reciprocal and TensorRT divides may differ."""
+    with torch.no_grad():
+        expected = modelopt(quant_mode, True)(tokens).logits[:, positions]
+        without_kv = modelopt(quant_mode, False)(tokens).logits[:, positions]
+    kv_effect = (expected - without_kv).abs().max()
+    assert kv_effect > 1e-2  # the KV quantizers are visible, so the comparison below means something
+    error = (actual - expected).abs().max()
+    assert error < 0.1 * kv_effect, f"error {error:.3g}, effect of the KV quantizers {kv_effect:.3g}"
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+@torch.no_grad()
+def test_twin_matches_modelopt_with_kv_quantizers(hf_model, modelopt, tokens, quant_mode):
+    twin = load_twin(hf_model, quant_mode, modelopt(quant_mode, True), kv_cache="float8")
+    assert_matches_modelopt(twin(tokens), modelopt, quant_mode, tokens)
+    # Through the cache, one token at a time after a prompt of 8: the past is rounded again, which changes nothing.
+    logits, keys, values = twin.forward_with_cache(tokens[:, :8])
+    step_logits = [logits]
+    for i in range(8, 12):
+        logits, keys, values = twin.forward_with_cache(tokens[:, i : i + 1], keys, values)
+        step_logits.append(logits)
+    assert_matches_modelopt(torch.cat(step_logits, dim=1), modelopt, quant_mode, tokens, slice(7, None))
+
+
+def test_kv_scales_are_amax_of_keys_and_values_over_448(hf_model, modelopt):
+    """k_scale and v_scale from the keys and values themselves: ModelOpt calibrates with its quantizers observing,
+    not quantizing, so the amax is that of the unquantized model's keys and values over the calibration batches."""
+    embd = hf_model.config.n_embd
+    seen = {}
+    hooks = [
+        block.attn.c_attn.register_forward_hook(lambda m, args, out, i=i: seen.setdefault(i, []).append(out))
+        for i, block in enumerate(hf_model.transformer.h)
+    ]
+    texts = calibration_texts(CALIBRATION_TEXT, NUM_SAMPLES)
+    with torch.no_grad():
+        for batch in calibration_batches(hf_model, texts, gpt2_tokenizer(), "cpu", 4, 512):
+            hf_model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    for hook in hooks:
+        hook.remove()
+    twin = load_twin(hf_model, "float8", modelopt("float8", True), kv_cache="float8")
+    for i, outputs in seen.items():
+        qkv = torch.cat([out.flatten(0, 1) for out in outputs])  # [tokens, 3 * embd]: queries, keys, values
+        attn = twin.transformer.h[i].attn
+        torch.testing.assert_close(attn.k_scale.detach(), qkv[:, embd : 2 * embd].abs().max() / 448)
+        torch.testing.assert_close(attn.v_scale.detach(), qkv[:, 2 * embd :].abs().max() / 448)
+
+
+def test_loading_kv_scales_into_a_model_without_a_kv_cache_fails(hf_model, modelopt):
+    twin = reference.GPT(config_from_hf(hf_model, dtype="float32", quant_mode="float8"))
+    with pytest.raises(ValueError, match=r"Unexpected: \['transformer.h.0.attn.k_scale'"):
+        load_quant_weights_from_hf(twin, None, torch.float32, "float8", modelopt("float8", True))
+
+
+@needs_tripy
+def test_tripy_state_dict_has_the_twins_kv_scales(hf_model):
+    kv_config = config_from_hf(hf_model, dtype="float32", quant_mode="int8-weight-only", kv_cache="float8")
+    twin, tripy = reference.GPT(kv_config).state_dict(), model.GPT(kv_config).state_dict()
+    scales = sorted(name for name in twin if name.endswith(("k_scale", "v_scale")))
+    assert scales == sorted(name for name in tripy if name.endswith(("k_scale", "v_scale")))
+    assert len(scales) == 2 * hf_model.config.n_layer
+    assert all(tuple(tripy[name].shape) == () for name in scales)
+
+
+@needs_tripy
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_tripy_matches_modelopt_with_kv_quantizers(hf_model, modelopt, tokens, quant_mode):
+    """model.py itself, compiled (on the CPU executor where TensorRT is missing), through its KV cache."""
+    gpt_config = config_from_hf(hf_model, seq_len=16, batch_size=1, dtype="float32", quant_mode=quant_mode)
+    gpt_config.kv_cache = "float8"
+    gpt = model.GPT(gpt_config)
+    load_quant_weights_from_hf(gpt, None, tp.float32, quant_mode, quantized_model=modelopt(quant_mode, True))
+    compiled = model.compile_model(gpt, gpt_config)
+    logits, keys, values = model.run(compiled.prefill, model.gpu_tokens(tokens[:, :8]))
+    step_logits = [logits]
+    for i in range(8, 12):
+        logits, keys, values = model.run(compiled.decode, model.gpu_tokens(tokens[:, i : i + 1]), keys, values)
+        step_logits.append(logits)
+    assert_matches_modelopt(torch.cat(step_logits, dim=1), modelopt, quant_mode, tokens, slice(7, None))
+
+
+@pytest.fixture(scope="module")
+def exported(hf_model, modelopt, tmp_path_factory):
+    """exported(mode): the export of ModelOpt's model with the KV quantizers, and its twin's logits."""
+    exports = {}
+
+    def get(quant_mode):
+        if quant_mode not in exports:
+            quantized = modelopt(quant_mode, True)
+            export_dir = str(tmp_path_factory.mktemp(f"export-kv-{quant_mode}"))
+            export_checkpoint(quantized, export_dir)
+            with torch.no_grad():
+                logits = load_twin(hf_model, quant_mode, quantized, kv_cache="float8")(EXPORT_TOKENS)
+            exports[quant_mode] = export_dir, logits
+        return exports[quant_mode]
+
+    return get
+
+
+EXPORT_TOKENS = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
+
+
+def test_export_records_the_kv_cache_and_names_its_scales_as_vllm_reads_them(modelopt, exported):
+    export_dir, _ = exported("float8")
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as file:
+        assert json.load(file)["quantization"]["kv_cache_quant_algo"] == "FP8"
+    with open(os.path.join(export_dir, "config.json")) as file:
+        scheme = json.load(file)["quantization_config"]["kv_cache_scheme"]
+    assert scheme == {"dynamic": False, "num_bits": 8, "type": "float"}
+    tensors = load_file(os.path.join(export_dir, "model.safetensors"))
+    assert not [
+        name for name in tensors if ".k_proj." in name or ".v_proj." in name
+    ]  # ModelOpt's names: vLLM refuses them
+    for i, block in enumerate(modelopt("float8", True).transformer.h):
+        for kv in ("k", "v"):
+            expected = getattr(block.attn, f"{kv}_bmm_quantizer").amax / 448
+            torch.testing.assert_close(tensors[f"transformer.h.{i}.attn.attn.{kv}_scale"], expected.reshape(()))
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_twin_loaded_from_the_export_computes_the_exporting_twins_logits(exported, quant_mode):
+    """What example.py --model-type EXPORT_DIR runs: the KV cache read from the export, the same logits."""
+    export_dir, expected = exported(quant_mode)
+    twin = load_export_twin(export_dir)
+    assert twin.config.kv_cache == "float8"
+    with torch.no_grad():
+        assert torch.equal(twin(EXPORT_TOKENS), expected)
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_transformers_computes_the_twins_logits_with_the_kv_scales(exported, quant_mode):
+    """transformers' GPT-2, loaded through modelopt_hf, quantizes the keys and values it attends to: within the bound
+    of test_export.py's transformers-vs-twin test (1e-5 of the largest logit), and generates the twin's tokens
+    through its own cache."""
+    export_dir, expected = exported(quant_mode)
+    model = AutoModelForCausalLM.from_pretrained(export_dir, dtype=torch.float32).eval()
+    scales = [block.attn.attn for block in model.transformer.h]
+    assert all(isinstance(module, modelopt_hf.KVCacheScales) for module in scales)
+    with torch.no_grad():
+        logits = model(EXPORT_TOKENS).logits
+    assert (logits - expected).abs().max() <= 1e-5 * expected.abs().max()
+    generated = model.generate(EXPORT_TOKENS, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    twin = load_export_twin(export_dir)
+    assert torch.equal(generated, reference.generate(twin, EXPORT_TOKENS, 8, top_k=1))
+
+
+def kv_amax(model) -> dict[str, float]:
+    return {
+        name: module.amax.item()
+        for name, module in model.named_modules()
+        if name.endswith(("k_bmm_quantizer", "v_bmm_quantizer")) and module.is_enabled
+    }
+
+
+def enabled_quantizers(model) -> set[str]:
+    return {name for name, module in model.named_modules() if name.endswith("quantizer") and module.is_enabled}
+
+
+@pytest.mark.parametrize("quant_mode", config.QUANT_MODES)
+def test_modelopt_quantize_adds_modelopts_kv_quantizers_to_the_mode(hf_model, modelopt, quant_mode):
+    """kv_cache="float8" is the mode's config plus ModelOpt's FP8_KV_CFG: the mode's quantizers, and K and V per
+    layer, calibrated with them (the same amax); the query and softmax quantizers stay off."""
+    quantized = modelopt_quantize(
+        copy.deepcopy(hf_model), quant_mode, CALIBRATION_TEXT, 4, NUM_SAMPLES, kv_cache="float8"
+    )
+    added = enabled_quantizers(quantized) - enabled_quantizers(modelopt(quant_mode, False))
+    layers = range(hf_model.config.n_layer)
+    assert added == {f"transformer.h.{i}.attn.{kv}_bmm_quantizer" for i in layers for kv in ("k", "v")}
+    assert kv_amax(quantized) == kv_amax(modelopt(quant_mode, True))
+    assert kv_cache_of(quantized) == "float8" and kv_cache_of(modelopt(quant_mode, False)) is None
+
+
+def test_kv_quantizers_added_after_autoquantize_calibrate_alone(hf_model, modelopt):
+    """AutoQuantize's formats hold linear layers only: the K and V quantizers are added to its model afterwards and
+    calibrated on their own, to the amax they get calibrated with the weights, leaving the mix as it was."""
+    recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
+    mixed = quantize_with_recipe(copy.deepcopy(hf_model), recipe, CALIBRATION_TEXT, num_samples=NUM_SAMPLES)
+    before = {name: tensor.clone() for name, tensor in mixed.state_dict().items()}
+    forward_loop = create_forward_loop(mixed, CALIBRATION_TEXT, gpt2_tokenizer(), "cpu", 4, NUM_SAMPLES)
+    add_kv_cache_quantizers(mixed, "float8", forward_loop)
+    expected = kv_amax(modelopt("float8", True))
+    assert kv_amax(mixed).keys() == expected.keys()
+    for name, amax in kv_amax(mixed).items():
+        assert amax == pytest.approx(expected[name], rel=1e-5), name
+    after = mixed.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())  # the mix untouched
+
+
+def test_save_and_restore_keep_the_kv_quantizers(hf_model, modelopt, tmp_path):
+    path = str(tmp_path / "float8-kv.pt")
+    save_quantized(modelopt("float8", True), path)
+    restored, quant_mode = load_quantized(copy.deepcopy(hf_model), path)
+    assert quant_mode == "float8" and kv_cache_of(restored) == "float8"
+    assert kv_amax(restored) == kv_amax(modelopt("float8", True))
+
+
+def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model():
+    """evaluate.py's float8-kv row against the perplexity of ModelOpt's own fake-quantized bundled model (with
+    FP8_KV_CFG's entry) on the same tokens; and the report gives its change against float8 alone."""
+    rows = evaluate.evaluate(
+        BUNDLED_MODEL_DIR,
+        ["float8", "float8-kv"],
+        max_tokens=2048,
+        num_calibration_samples=NUM_SAMPLES,
+        calibration_data=CALIBRATION_TEXT,
+    )
+    assert [row.mode for row in rows] == [evaluate.UNQUANTIZED, "float8", "float8-kv"]
+    modelopt_model = modelopt_quantize_with_kv(load_hf_model(BUNDLED_MODEL_DIR), "float8", kv_cache=True)
+    tokens = evaluate.heldout_tokens(evaluate.DEFAULT_EVAL_DATA, 2048)
+    context = modelopt_model.config.n_positions
+    expected = perplexity(lambda idx: modelopt_model(idx).logits, tokens, context)
+    # Measured: float8 122.712, float8-kv 122.779, ModelOpt's 122.784. The KV quantizers' effect is larger than the
+    # bound, so that a row calibrated or loaded without them fails.
+    assert abs(rows[1].perplexity / expected - 1) > 3e-4
+    assert rows[2].perplexity == pytest.approx(expected, rel=1e-4)
+    header, *lines = evaluate.format_table(rows).splitlines()
+    assert header.endswith("change vs no KV quant")
+    change = 100 * (rows[2].perplexity / rows[1].perplexity - 1)
+    assert lines[2].endswith(f"{change:+.2f}%") and not lines[1].endswith("%")
+
+
+@pytest.fixture(scope="module")
+def example_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """example.py --kv-cache float8 as a user runs it (calibrate, --verbose, export, save), then the export and the
+    saved model run without calibrating; greedy, so that the texts compare."""
+    tmp = tmp_path_factory.mktemp("example-kv")
+    checkpoint = tmp / "gpt2-128"
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128, outlier_gain=3.0).save_pretrained(checkpoint)
+    calibration = tmp / "calibration.txt"
+    calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
+    generate = ["--backend", "torch", "--input-text", "The town council voted", "--max-new-tokens", "8", "--top-k", "1"]
+
+    def run(*arguments: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "example.py", *generate, *arguments]
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+        return result
+
+    export_dir, saved = str(tmp / "export"), str(tmp / "int8-kv.pt")
+    calibrate = ["--calibration-data", str(calibration), "--num-calibration-samples", "4"]
+    runs = {
+        "calibrate": run(
+            *("--model-type", str(checkpoint), "--quant-mode", "int8-weight-only", "--kv-cache", "float8", *calibrate),
+            *("--verbose", "--export-dir", export_dir, "--save-quantized", saved),
+        )
+    }
+    runs["export"] = run("--model-type", export_dir)
+    runs["restore"] = run("--model-type", str(checkpoint), "--load-quantized", saved)
+    runs["export_dir"] = export_dir
+    return runs
+
+
+def test_example_calibrates_the_kv_cache_and_verbose_lists_its_quantizers(example_runs):
+    stdout = example_runs["calibrate"].stdout
+    assert "Calibrated int8-weight-only with a float8 KV cache on 4 samples" in stdout
+    for i in range(2):
+        for kv in ("k", "v"):
+            line = next(line for line in stdout.splitlines() if line.startswith(f"transformer.h.{i}.attn.{kv}_bmm_"))
+            assert "(4, 3) bit fake per-tensor amax=" in line, line  # enabled, FP8, calibrated
+    assert "q_bmm_quantizer" in stdout and "TensorQuantizer(disabled)" in stdout
+
+
+def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(example_runs):
+    """The same greedy text three ways, and it is the twin's with the export's KV cache: the export's k_scale and
+    v_scale are in the model that ran."""
+    import reference
+    from tokenizer import gpt2_encoding
+
+    texts = [example_runs[name].stdout.split(example.SEPARATOR)[1] for name in ("calibrate", "export", "restore")]
+    assert texts[0] == texts[1] == texts[2]
+    assert "no calibration" in example_runs["export"].stdout and "Calibrat" not in example_runs["export"].stdout
+    assert "Restored int8-weight-only with a float8 KV cache from" in example_runs["restore"].stdout
+    twin = load_export_twin(example_runs["export_dir"])
+    assert twin.config.kv_cache == "float8"
+    encoding = gpt2_encoding()
+    idx = torch.tensor([encoding.encode("The town council voted")])
+    assert texts[1].strip("\n") == encoding.decode(reference.generate(twin, idx, 8, top_k=1)[0].tolist())
