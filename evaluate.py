@@ -13,6 +13,8 @@ auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quantization.p
 (--auto-bits), all from one search.
 """
 
+from __future__ import annotations
+
 import argparse
 import copy
 import math
@@ -20,25 +22,26 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
-from transformers import GPT2LMHeadModel
-from transformers.utils import logging as transformers_logging
+from typing import TYPE_CHECKING
 
 import checks
-from cli import ArgumentParser, UsageError, run
+from cli import ArgumentParser, UsageError, make_out_dir, run
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, load_hf_model
-from perplexity import perplexity
-from reference import GPT, Int4Linear, QuantLinear
-from tokenizer import gpt2_encoding
-from training import TrainingDivergedError, finetune, train_tokens
-from weight_loader import load_twin
+from hub import BUNDLED_MODEL_DIR
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from reference import GPT
+
+# Only the standard library is imported up here, so that --help and a mistake on the command line answer at once;
+# each function imports the torch, transformers and ModelOpt code it uses.
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = BUNDLED_MODEL_DIR
 DEFAULT_EVAL_DATA = os.path.join(SCRIPT_DIR, "data", "heldout.txt")
+DEFAULT_CHART = os.path.join("out", "quality.png")
 UNQUANTIZED = "unquantized"
 # AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
 INT4_WITHOUT_PRE_QUANT_SCALE = "int4-weight-only-no-pre-quant-scale"
@@ -62,7 +65,6 @@ DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled m
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
-QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
 
 
 @dataclass
@@ -78,6 +80,10 @@ class Row:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging  # the arguments are good: the slow imports
+
+    from training import TrainingDivergedError
+
     transformers_logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     try:
         rows = evaluate(
@@ -105,12 +111,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
         default=DEFAULT_MODEL,
-        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub)",
+        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub) "
+        "(default: the bundled model in bundled_model/)",
     )
     parser.add_argument(
         "--modes",
@@ -119,22 +126,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(REPORT_MODES),
         metavar="MODE",
         help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
-        "the last four fine-tune for --qat-steps, minutes each)",
+        f"the last four fine-tune for --qat-steps, minutes each) (default: {' '.join(REPORT_MODES)})",
     )
-    parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
     parser.add_argument(
-        "--qat-lr", type=checks.learning_rate, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows"
+        "--qat-steps",
+        metavar="N",
+        type=int,
+        default=DEFAULT_QAT_STEPS,
+        help="fine-tuning steps of the QAT rows (default: %(default)s)",
     )
-    parser.add_argument("--qat-batch-size", type=int, default=8, help="windows of n_positions tokens per QAT step")
-    parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
-    parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
-    parser.add_argument("--num-calibration-samples", type=int, default=64, help="text samples to calibrate on")
+    parser.add_argument(
+        "--qat-lr",
+        metavar="LR",
+        type=checks.learning_rate,
+        default=DEFAULT_QAT_LR,
+        help="peak learning rate of the QAT rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--qat-batch-size",
+        metavar="N",
+        type=int,
+        default=8,
+        help="windows of n_positions tokens per QAT step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file (default: data/heldout.txt)"
+    )
+    parser.add_argument(
+        "--max-tokens", metavar="N", type=int, help="evaluate only the first N held-out tokens (default: all)"
+    )
+    parser.add_argument(
+        "--context", metavar="N", type=int, help="tokens per evaluation window (default: the model's n_positions)"
+    )
+    parser.add_argument(
+        "--num-calibration-samples",
+        metavar="N",
+        type=int,
+        default=64,
+        help="text samples to calibrate on (default: %(default)s)",
+    )
     parser.add_argument(
         "--calibration-data",
         metavar="NAME_OR_FILE",
-        help="cnn_dailymail, or a local .txt/.json/.jsonl file [default: cnn_dailymail, or data/calibration.txt "
-        "when the Hugging Face Hub is unreachable]",
+        help="cnn_dailymail, or a local .txt/.json/.jsonl file (default: cnn_dailymail, or data/calibration.txt "
+        "when the Hugging Face Hub is unreachable)",
     )
     parser.add_argument(
         "--auto-bits",
@@ -143,9 +178,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_AUTO_BITS),
         metavar="B",
         help=f"the budgets of effective bits of the {AUTO_QUANT_MODE} rows, from {EFFECTIVE_BITS_RANGE[0]:g} to "
-        f"{EFFECTIVE_BITS_RANGE[1]:g}",
+        f"{EFFECTIVE_BITS_RANGE[1]:g} (default: {' '.join(f'{bits:g}' for bits in DEFAULT_AUTO_BITS)})",
     )
-    parser.add_argument("--chart", metavar="PNG", help="also save a chart of perplexity against weight size")
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        nargs="?",
+        const=DEFAULT_CHART,
+        help=f"also save a chart of perplexity against weight size, to PNG (without one: {DEFAULT_CHART})",
+    )
     args = parser.parse_args(argv)
 
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -184,6 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if calibrated:
         checks.check_datasets_cache()
     if args.chart is not None:
+        make_out_dir(args.chart)
         checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
     low, high = EFFECTIVE_BITS_RANGE
     outside = [bits for bits in args.auto_bits if not low <= bits <= high]
@@ -209,6 +251,10 @@ def evaluate(
 ) -> list[Row]:
     """One row per mode, unquantized first (the baseline), the others in ALL_MODES order, AUTO_QUANT_MODE as a row
     per budget in `auto_bits`."""
+    from hub import load_hf_model
+    from perplexity import perplexity
+    from weight_loader import load_twin
+
     unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
         raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
@@ -271,6 +317,8 @@ def quantization_aware_training(
     model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
 ) -> tuple[GPT2LMHeadModel, float]:
     """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
+    from training import finetune, train_tokens
+
     start = time.perf_counter()
     trained = copy.deepcopy(model)
     finetune(trained, train_tokens(), steps, lr, batch_size, desc=f"Fine-tuning {desc}")
@@ -279,6 +327,10 @@ def quantization_aware_training(
 
 def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
     """The file's text as GPT-2 tokens [n]; "<|endoftext|>" in it is plain text, not the special token."""
+    import torch
+
+    from tokenizer import gpt2_encoding
+
     with open(path, encoding="utf-8") as file:
         tokens = gpt2_encoding().encode_ordinary(file.read())
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
@@ -293,6 +345,7 @@ def calibrate(
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
     """Quantizes a copy of the model with ModelOpt; returns it, its twin and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
+    from weight_loader import load_twin
 
     start = time.perf_counter()
     quantized = modelopt_quantize(
@@ -314,7 +367,9 @@ def auto_rows(
 
     The search's time is printed, not counted in the rows: it is spent once, for all budgets.
     """
+    from perplexity import perplexity
     from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
+    from weight_loader import load_twin
 
     rows = []
     recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)
@@ -337,6 +392,10 @@ def drop_pre_quant_scale(twin: GPT) -> GPT:
     AWQ multiplies each weight row of input feature i by 1 / s_i before quantizing, and the layer multiplies its
     input by s_i to undo that. Without s the layer computes x @ (W / s): every input feature scaled wrongly.
     """
+    import torch
+
+    from reference import Int4Linear
+
     for module in twin.modules():
         if isinstance(module, Int4Linear):
             with torch.no_grad():
@@ -352,15 +411,21 @@ def weight_bytes(twin: GPT) -> int:
     pre_quant_scale). lm_head shares wte's matrix (GPT-2 ties them), so an unquantized lm_head adds nothing;
     float8 quantizes lm_head, which then stores its own float8 copy.
     """
+    import torch
+    from torch import nn
+
+    from reference import Int4Linear, QuantLinear
+
+    quantized_weight_bytes = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0}
     total = 0.0
     for module in twin.modules():
         for param_name, param in module.named_parameters(recurse=False):
             if module is twin.lm_head and param_name == "weight" and type(module) is nn.Linear:
                 continue  # tied to transformer.wte.weight, counted there
             if param_name == "weight" and isinstance(module, QuantLinear):
-                total += param.numel() * QUANTIZED_WEIGHT_BYTES[module.quant_dtype]
+                total += param.numel() * quantized_weight_bytes[module.quant_dtype]
             elif param_name == "weight" and isinstance(module, Int4Linear):
-                total += param.numel() * QUANTIZED_WEIGHT_BYTES[torch.int4]
+                total += param.numel() * 0.5  # int4: two per byte
             else:
                 total += param.numel() * HIGH_PRECISION_BYTES
     return math.ceil(total)

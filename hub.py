@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +19,8 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DEFAULT_MODEL = "gpt2"
 # A small GPT-2 trained for this example by train.py, run when the default model cannot be downloaded.
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
+# Text the bundled model never saw in training: train.py writes it with the model, the quality report measures on it.
+HELDOUT_PATH = Path(BUNDLED_MODEL_DIR).parent / "data" / "heldout.txt"
 NEEDS = "config.json with model_type 'gpt2'"
 GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
 # What transformers' GPT2Config takes when config.json leaves them out.

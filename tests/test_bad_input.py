@@ -31,6 +31,7 @@ import example
 import qat
 import serve_vllm
 import train
+from hub import BUNDLED_MODEL_DIR
 
 NOBODY = 65534  # the user id of `nobody`, who owns none of the files
 SCRIPTS = {
@@ -372,7 +373,7 @@ CASES = [
         ["--out-dir", "{w}/new", "--n-positions", "9000", "--n-layer", "1", "--batch-size", "1"],
         "is longer than the held-out",
     ),
-    ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
+    ("train.py", ["--out-dir", BUNDLED_MODEL_DIR], "bundled_model is not empty: choose a new or empty folder, or pass"),
     ("train.py", ["--out-dir", "{w}/new", "--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-"),
     ("train.py", ["--out-dir", "{w}/new", "--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block)"),
     ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "of --n-head: got 128 and 3"),
@@ -545,7 +546,7 @@ SUBPROCESS_CASES = {
         ["example.py", "--quant-mode", "float8", "--export-dir", "{w}/users-folder"],
         "users-folder is not empty",
     ),
-    "train over the bundled model": (["train.py"], "bundled_model is not empty"),
+    "train over the bundled model": (["train.py", "--out-dir", "bundled_model"], "bundled_model is not empty"),
 }
 
 
