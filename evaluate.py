@@ -19,8 +19,9 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -258,6 +259,17 @@ def evaluate(
     unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
         raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
+    measured = [mode for mode in ALL_MODES if mode == UNQUANTIZED or mode in modes]
+    row_names = [
+        name for mode in measured for name in (auto_row_names(auto_bits) if mode == AUTO_QUANT_MODE else [mode])
+    ]
+
+    def row_started(name: str) -> None:
+        """A line on stderr as each row starts: the report takes minutes, and each step's bar says only how far
+        that step is."""
+        print(f"Row {row_names.index(name) + 1} of {len(row_names)}: {name}", file=sys.stderr, flush=True)
+
+    row_started(UNQUANTIZED)
     hf_model = load_hf_model(model_type)
     width = hf_model.config.n_embd
     int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
@@ -281,10 +293,14 @@ def evaluate(
 
     rows = []
     calibrated = {}  # mode calibrated -> (quantized model, twin, calibration seconds): one serves several rows
-    for mode in (m for m in ALL_MODES if m == UNQUANTIZED or m in modes):
+    for mode in measured:
         if mode == AUTO_QUANT_MODE:
-            rows += auto_rows(hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples)
+            rows += auto_rows(
+                hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples, row_started
+            )
             continue
+        if mode != UNQUANTIZED:
+            row_started(mode)
         training_seconds = 0.0
         if mode in (UNQUANTIZED, FINETUNED):
             model, calibration_seconds = hf_model, 0.0
@@ -362,28 +378,37 @@ def auto_rows(
     context: int,
     calibration_data: str | None,
     num_samples: int,
+    row_started: Callable[[str], None] = lambda name: None,
 ) -> list[Row]:
     """A row per budget: one AutoQuantize search, then each budget's mix calibrated and evaluated on its own.
 
-    The search's time is printed, not counted in the rows: it is spent once, for all budgets.
+    The search's time is printed, not counted in the rows: it is spent once, for all budgets. `row_started` is told
+    each row's name as it starts, the first before the search.
     """
     from perplexity import perplexity
     from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
     from weight_loader import load_twin
 
     rows = []
+    names = auto_row_names(budgets)
+    row_started(names[0])
     recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)
-    for bits, recipe in zip(budgets, recipes, strict=True):
+    for recipe, mode in zip(recipes, names, strict=True):
+        if mode != names[0]:
+            row_started(mode)
         start = time.perf_counter()
         quantized = quantize_with_recipe(copy.deepcopy(hf_model), recipe, calibration_data, num_samples=num_samples)
         calibration_seconds = time.perf_counter() - start
         twin = load_twin(hf_model, AUTO_QUANT_MODE, quantized, layer_quant_modes=recipe.layers)
         start = time.perf_counter()
-        mode = f"{AUTO_QUANT_MODE} {bits:g} bits"
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, recipe.effective_bits))
     return rows
+
+
+def auto_row_names(budgets: Sequence[float]) -> list[str]:
+    return [f"{AUTO_QUANT_MODE} {bits:g} bits" for bits in budgets]
 
 
 def drop_pre_quant_scale(twin: GPT) -> GPT:
@@ -470,28 +495,34 @@ def format_table(rows: list[Row]) -> str:
 
 
 def save_chart(rows: list[Row], path: str, title: str = "") -> None:
-    """A PNG of perplexity against weight size: a labelled point per mode, and the auto rows as one curve.
+    """A PNG of quality against weight size: a point per mode, and the auto rows as one curve.
 
-    With auto rows a second panel zooms in on them, between the sizes of the uniform modes they fall among: next to
-    a broken model or a float8 lm_head copy, the differences they make would not show.
+    The left panel shows every row as its perplexity change on a symmetric log scale, so that a broken model (+3%)
+    and modes within a fraction of a percent of the baseline are all readable on one axis. With auto rows a second
+    panel zooms in on them, between the sizes of the uniform modes they fall among, in perplexity, each mix
+    labelled with its effective bits (only there: at the left panel's scale the labels would overprint).
     """
     import matplotlib
 
     matplotlib.use("Agg")  # draws to files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     auto = sorted((row for row in rows if row.effective_bits is not None), key=lambda row: row.weight_bytes)
     figure, panels = plt.subplots(1, 2 if auto else 1, figsize=(14 if auto else 8, 5.5), squeeze=False)
-    for axes in panels[0]:
-        draw_rows(axes, rows, auto)
-        axes.set_xlabel("weight size (MB, float16 where not quantized)")
-        axes.set_ylabel("perplexity on held-out text (lower is better)")
-        axes.margins(x=0.2, y=0.2)
-    panels[0][0].set_title(f"Quality against size: {title}" if title else "Quality against size")
+    overview = panels[0][0]
+    baseline = rows[0].perplexity
+    draw_rows(overview, rows, auto, lambda row: 100 * (row.perplexity / baseline - 1))
+    overview.set_yscale("symlog", linthresh=0.1, linscale=0.5)  # linear within +-0.1%, logarithmic beyond
+    overview.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:+g}%"))
+    overview.set_ylabel("perplexity change vs unquantized (symmetric log scale)")
+    overview.set_title(f"Quality against size: {title}" if title else "Quality against size")
     # A legend rather than text beside each point: modes of nearly the same size and quality would overlap.
-    panels[0][0].legend(loc="best", fontsize=8)
+    overview.legend(loc="upper right", fontsize=8)
     if auto:
         zoom = panels[0][1]
+        draw_rows(zoom, rows, auto, lambda row: row.perplexity, label_auto=True)
+        zoom.set_ylabel("perplexity on held-out text (lower is better)")
         near = [row for row in rows if row.effective_bits is not None or row.mode in (UNQUANTIZED, *QUANT_MODES)]
         near = [row for row in near if row.weight_bytes <= rows[0].weight_bytes]  # what is no larger than float16
         low, high = min(r.perplexity for r in near), max(r.perplexity for r in near)
@@ -499,26 +530,32 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
         zoom.set_ylim(low - 0.15 * (high - low), high + 0.15 * (high - low))
         zoom.set_xlim(small - 0.05 * (large - small), large + 0.05 * (large - small))
         zoom.set_title("Zoomed in: the AutoQuantize mixes (labelled with their effective bits)")
+    for axes in panels[0]:
+        axes.set_xlabel("weight size (MB, float16 where not quantized)")
+        axes.margins(x=0.2, y=0.2)
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def draw_rows(axes, rows: list[Row], auto: list[Row]) -> None:
-    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+def draw_rows(axes, rows: list[Row], auto: list[Row], y: Callable[[Row], float], label_auto: bool = False) -> None:
+    """A marker per uniform mode and the auto rows as a curve, at (weight MB, y(row)); a dashed line at the baseline."""
+    axes.axhline(y(rows[0]), color="gray", linestyle="--", linewidth=0.8)
     uniform = [row for row in rows if row.effective_bits is None]
     for row, marker in zip(uniform, "os^Dv<>p", strict=False):
         label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
-        axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label, zorder=3)
+        axes.scatter(row.weight_bytes / 1e6, y(row), s=60, marker=marker, label=label, zorder=3)
     if auto:
-        sizes, perplexities = [row.weight_bytes / 1e6 for row in auto], [row.perplexity for row in auto]
-        axes.plot(sizes, perplexities, "-x", color="black", linewidth=1, label="AutoQuantize mixes")
-        for row, size in zip(auto, sizes, strict=True):
+        sizes = [row.weight_bytes / 1e6 for row in auto]
+        axes.plot(sizes, [y(row) for row in auto], "-x", color="black", linewidth=1, label="AutoQuantize mixes")
+    if label_auto:
+        for i, (row, size) in enumerate(zip(auto, sizes, strict=True)):
             axes.annotate(
                 f"{row.effective_bits:.2f}",
-                (size, row.perplexity),
+                (size, y(row)),
                 textcoords="offset points",
-                xytext=(0, 6),
+                xytext=(0, 7 if i % 2 == 0 else -14),  # above and below by turns: neighbours can be close
                 ha="center",
                 fontsize=8,
             )
