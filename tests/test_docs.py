@@ -3,7 +3,10 @@
 - Every relative link and image resolves to a file in the repository.
 - Every command shown runs as shown: each `python SCRIPT.py ...` line in a ```bash block or after `$ ` in a ```console
   block names a script that exists and passes that script's own `parse_args`; each file a command names exists.
+- Every file or folder a documented command writes is in out/, which git ignores: the pages never have a reader
+  overwrite a tracked file or leave untracked ones behind.
 - CI (.ci/run) runs the README's test line verbatim.
+- docs/development.md's break-it run of the Tripy API check shows what the check reports today, line number included.
 - No module imports another in a circle, and none imports a command-line script.
 """
 
@@ -23,6 +26,8 @@ PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(
 SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat")
 # Options whose value a command creates: a later command on the same page may read it.
 CREATING_OPTIONS = ("--export-dir", "--out-dir", "--chart", "--save-quantized", "--recipe-out", "--out")
+# The parsed arguments, by their argparse names, that name a file or folder the script writes.
+OUTPUT_ARGUMENTS = ("export_dir", "out_dir", "chart", "save_quantized", "recipe_out", "out")
 
 
 def read(page: str) -> str:
@@ -102,6 +107,25 @@ def test_python_commands_parse(page, monkeypatch):
 
 
 @pytest.mark.parametrize("page", PAGES)
+def test_commands_write_only_into_out(page, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for words, _ in python_commands(page):
+        module_name = words[0].removesuffix(".py")
+        if module_name not in SCRIPTS:
+            continue
+        try:
+            args = importlib.import_module(module_name).parse_args(words[1:])
+        except UsageError:
+            continue  # refused: it writes nothing (test_python_commands_parse says whether the page expects that)
+        for name in OUTPUT_ARGUMENTS:
+            path = getattr(args, name, None)
+            if path is not None:
+                assert os.path.normpath(path).split(os.sep)[0] == "out", (
+                    f"{page}: `python {' '.join(words)}` writes {path}, outside out/"
+                )
+
+
+@pytest.mark.parametrize("page", PAGES)
 def test_files_that_commands_name_exist(page):
     for command, _ in shell_commands(read(page)):
         words = shlex.split(command)
@@ -115,6 +139,24 @@ def test_ci_runs_the_readme_test_line_verbatim():
     assert len(readme_commands) == 1, readme_commands
     with open(os.path.join(REPO, ".ci", "run")) as file:
         assert readme_commands[0] in file.read().splitlines()
+
+
+def test_development_page_shows_what_the_tripy_api_check_reports():
+    """The page breaks model.py with a `sed` and shows the checker's message, which names a line of model.py: when
+    model.py changes, the page must change with it."""
+    from test_tripy_api import NvtripyApi, check_source, nvtripy_source_dir
+
+    package_dir = nvtripy_source_dir()
+    if package_dir is None:
+        pytest.skip("nvtripy's source is not installed (CI installs it: pip install --no-deps nvtripy==0.1.7)")
+    page = read(os.path.join("docs", "development.md"))
+    old, new = re.search(r"^\$ sed -i 's/(.+?)/(.+?)/' model\.py$", page, flags=re.M).groups()
+    shown = re.search(r"^E +AssertionError: (.+)$", page, flags=re.M).group(1)
+    source = read("model.py")
+    assert len(re.findall(re.escape(old), source)) == 1, f"the page's sed expects one {old!r} in model.py"
+    broken = source.replace(old, new)
+    errors, _ = check_source(broken, "model.py", NvtripyApi(package_dir))
+    assert errors == [shown]
 
 
 def local_imports() -> dict[str, set[str]]:
