@@ -197,6 +197,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     checks.check_model_type(args.model_type)
+    int4_rows = [mode for mode in args.modes if "int4" in mode or mode == AUTO_QUANT_MODE]
+    if int4_rows:  # before a Hub model is downloaded
+        checks.check_int4_width(args.model_type, f"leave {int4_rows[0]} out of --modes")
     if min(args.qat_steps, args.qat_batch_size) < 1:
         raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
     fine_tuned = set(args.modes) & (set(QAT_MODES) - {INT4_MAX})  # INT4_MAX is calibrated, not trained

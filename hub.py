@@ -33,6 +33,8 @@ GPT2_ARITHMETIC = {
     "scale_attn_by_inverse_layer_idx": (False, (False,)),
 }
 HUB_CONTEXT_LENGTH = 1024  # n_positions of every GPT-2 on the Hub, and GPT2Config's default
+# n_embd of each Hub model (its config.json): known before anything is downloaded.
+HUB_WIDTHS = {"gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names for the dtypes a GPT-2 checkpoint's weights have
 SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
 # What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
@@ -142,6 +144,14 @@ def context_length(model_type: str) -> int:
         return HUB_CONTEXT_LENGTH
     with open(os.path.join(model_type, "config.json"), encoding="utf-8") as file:
         return json.load(file).get("n_positions", HUB_CONTEXT_LENGTH)
+
+
+def model_width(model_type: str) -> int:
+    """The n_embd of a Hub model or of a checkpoint folder that `check_checkpoint_dir` accepted."""
+    if model_type in HUB_MODELS:
+        return HUB_WIDTHS[model_type]
+    with open(os.path.join(model_type, "config.json"), encoding="utf-8") as file:
+        return json.load(file).get("n_embd", GPT2_WIDTH)
 
 
 def check_safetensors(path: str) -> None:

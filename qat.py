@@ -20,7 +20,7 @@ import time
 
 import checks
 from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir, run
-from config import INT4_BLOCK_SIZE, QUANT_MODES
+from config import QUANT_MODES
 from hub import BUNDLED_MODEL_DIR
 
 BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
@@ -46,12 +46,6 @@ def main(argv: list[str] | None = None) -> None:
         unquantized = load_hf_model(args.model_type)
     except (ValueError, OSError) as error:  # not a GPT-2 checkpoint
         raise UsageError(str(error)) from None
-    width = unquantized.config.n_embd
-    if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE:
-        raise UsageError(
-            f"{args.model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: use "
-            "--quant-mode int8-weight-only or float8"
-        )
     context = unquantized.config.n_positions
     validation = validation_tokens()
     tokens = train_tokens()
@@ -143,6 +137,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
         raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
     checks.check_model_type(args.model_type)
+    if args.quant_mode == "int4-weight-only":  # before a Hub model is downloaded
+        checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
     if args.calibration_data is not None:
         checks.check_calibration_data(args.calibration_data)
     checks.check_datasets_cache()

@@ -391,6 +391,9 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/zero-heads"], "n_head must be a whole number"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/narrow"], "narrow is 64 wide, not a multiple of int4's"),
+    # The Hub models' widths are known: refused before anything is downloaded.
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "gpt2-xl"], "gpt2-xl is 1600 wide, not a multiple of int4's"),
+    ("evaluate.py", ["--model-type", "gpt2-xl", "--modes", "auto"], "gpt2-xl is 1600 wide, not a multiple of int4"),
     ("qat.py", ["--out", "{w}/dangling"], "--out {w}/dangling is a symbolic link to {w}/nowhere"),
     # serve_vllm.py
     ("serve_vllm.py", ["{w}/export", "--prompt", ""], "--prompt is empty: give a prompt"),
