@@ -5,6 +5,7 @@
   block names a script that exists and passes that script's own `parse_args`; each file a command names exists.
 - Every file or folder a documented command writes is in out/, which git ignores: the pages never have a reader
   overwrite a tracked file or leave untracked ones behind.
+- The README's example prints, as its first line, what the command prints on a fresh machine without nvtripy.
 - CI (.ci/run) runs the README's test line verbatim.
 - docs/development.md's break-it run of the Tripy API check shows what the check reports today, line number included.
 - No module imports another in a circle, and none imports a command-line script.
@@ -16,6 +17,8 @@ import importlib
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 from helpers import REPO
@@ -139,6 +142,34 @@ def test_ci_runs_the_readme_test_line_verbatim():
     assert len(readme_commands) == 1, readme_commands
     with open(os.path.join(REPO, ".ci", "run")) as file:
         assert readme_commands[0] in file.read().splitlines()
+
+
+# Runs a script with nvtripy absent, as on a fresh machine where only requirements.txt was installed: None in
+# sys.modules is how Python marks a module that cannot be imported (find_spec gives None, import raises).
+WITHOUT_NVTRIPY = """
+import runpy, sys
+sys.modules["nvtripy"] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_readme_example_prints_the_first_line_shown_without_nvtripy():
+    shown_runs = [
+        (words, output) for words, output in python_commands("README.md") if words[0] == "example.py" and output
+    ]
+    words, output = shown_runs[0]
+    shown = output.splitlines()[0]
+    command = [sys.executable, "-u", "-c", WITHOUT_NVTRIPY, *words]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as run:
+        try:
+            first_line = run.stdout.readline().rstrip("\n")
+        finally:
+            run.kill()  # the rest (calibration, generation) is another test's
+    assert first_line == shown
 
 
 def test_development_page_shows_what_the_tripy_api_check_reports():
