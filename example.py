@@ -48,6 +48,7 @@ DEFAULT_CALIBRATION_SAMPLES = 32
 # What only generation uses: with --export-only, given other than their defaults, they would be ignored.
 GENERATION_OPTIONS = ("input_text", "max_new_tokens", "seed", "temperature", "top_k", "dtype")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
+NO_GPU = "a CUDA GPU, and this machine has none"
 SEPARATOR = "-" * 80
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
 # generate(idx [1, prompt], max_new_tokens, temperature, top_k, generator, on_token) -> [1, prompt + new tokens]
@@ -191,8 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--export-dir",
         metavar="DIR",
-        help="after calibration, also write the quantized model to DIR as a Hugging Face checkpoint that TensorRT-LLM "
-        "and vLLM load",
+        help="after calibration, also write the quantized model to DIR as ModelOpt's unified Hugging Face checkpoint "
+        "(docs/export.md): --model-type DIR runs it and transformers loads it; vLLM serves only the float8 one (its "
+        "ModelOpt loader reads neither int8 nor int4); TensorRT-LLM reads the format, but was never run on it here",
     )
     parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir")
     parser.add_argument(
@@ -401,10 +403,15 @@ def choose_backend(requested: str) -> tuple[str, str]:
             )
         return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
-    if requested == "tripy" and missing is not None:
-        install = "" if missing == "a CUDA GPU" else f"; install it with: {NVTRIPY_INSTALL}"
+    if requested == "tripy" and missing == NO_GPU:  # installing nvtripy cannot help: say what runs here
         raise UsageError(
-            f"--backend tripy needs {missing}{install} (or use --backend torch, the PyTorch twin on the CPU)"
+            f"--backend tripy needs {NO_GPU}: use --backend torch (the PyTorch twin), or --backend tripy-cpu to run "
+            "model.py itself on the CPU executor"
+        )
+    if requested == "tripy" and missing is not None:
+        raise UsageError(
+            f"--backend tripy needs {missing}; install it with: {NVTRIPY_INSTALL} (or use --backend torch, the "
+            "PyTorch twin on the CPU)"
         )
     if requested == "torch":
         return "torch", "PyTorch twin on CPU, as asked"
@@ -429,16 +436,21 @@ def check_float8_gpu() -> None:
 
 
 def tripy_missing() -> str | None:
-    """What the Tripy backend lacks on this machine, or None when nvtripy imports and a CUDA GPU is visible."""
+    """What the Tripy backend lacks on this machine, or None when a CUDA GPU is visible and nvtripy imports.
+
+    The GPU comes first: without one, nvtripy (installed or not) cannot run, and advice to install it would not help.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return NO_GPU
     if importlib.util.find_spec("nvtripy") is None:
         return "nvtripy, which is not installed"
     try:
         importlib.import_module("nvtripy")
     except (ImportError, OSError) as error:  # e.g. installed without its TensorRT compiler and runtime
         return f"nvtripy, which fails to import ({error})"
-    import torch
-
-    return None if torch.cuda.is_available() else "a CUDA GPU"
+    return None
 
 
 def load_hf_model(model_type: str | None) -> tuple[str, GPT2LMHeadModel]:

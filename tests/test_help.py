@@ -65,6 +65,13 @@ def test_every_flag_has_help_and_says_its_default_once(help_texts, script):
         assert "(default: None)" not in entry, f"{script} {flag}: {entry}"
 
 
+def test_export_dir_help_claims_only_what_was_run(help_texts):
+    """vLLM serves the float8 export only, and TensorRT-LLM never ran here (docs/export.md): the help says so."""
+    entry = option_entries(help_texts["example.py"][0])["--export-dir"]
+    assert "vLLM serves only the float8" in entry
+    assert "TensorRT-LLM reads the format, but was never run" in entry
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_names_no_path_of_this_machine_and_no_python_literals(help_texts, script):
     help_text = help_texts[script][0]
