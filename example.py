@@ -222,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export = is_export(args.model_type)
     if args.model_type is not None and not export:  # an export is checked as it is read
         checks.check_model_type(args.model_type)
+        if args.quant_mode in ("int4-weight-only", AUTO_QUANT_MODE):  # before a Hub model is downloaded
+            checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
     if export:
         checks.check_path_name(args.model_type, "--model-type")  # safetensors cannot open a path that is not UTF-8
         check_export_args(args)

@@ -603,3 +603,46 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
         cli.run(interrupted, "example.py")
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "\nexample.py: interrupted\n"
+
+
+# Runs a script with every attempt to reach the network reported and stopped, then says which slow libraries it
+# had imported by the time it exited.
+NO_NETWORK = """
+import os, runpy, sys
+
+def stop_network(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+        print(f"network access attempted: {event} {args}", file=sys.stderr, flush=True)
+        os._exit(99)
+
+sys.addaudithook(stop_network)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("imported:", sorted(name for name in ("torch", "transformers", "huggingface_hub") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["example.py", "--model-type", "gpt2-xl", "--quant-mode", "int4-weight-only"],
+        ["example.py", "--model-type", "gpt2-xl", "--quant-mode", "auto", "--effective-bits", "6"],
+        ["evaluate.py", "--model-type", "gpt2-xl", "--modes", "int4-weight-only"],
+        ["qat.py", "--model-type", "gpt2-xl"],
+    ],
+)
+def test_int4_on_a_hub_model_it_cannot_run_on_is_refused_before_any_download(argv):
+    """gpt2-xl is 1600 wide, and int4 needs multiples of 128: known from its name, so refused while the command line
+    is read, with no network access and none of the libraries that take seconds to import."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}  # as a user's shell has it
+    result = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"{argv[0]}: error: gpt2-xl is 1600 wide, not a multiple of int4's blocks of 128: "
+        + result.stderr.split("blocks of 128: ", 1)[1].strip()
+    ]
+    assert result.stdout.strip().splitlines()[-1] == "imported: []"

@@ -270,7 +270,10 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
         ("hub model offline", "Cannot download gpt2-medium"),
         ("not a checkpoint", "is not a Hugging Face GPT-2 checkpoint"),
         ("prompt too long", "the prompt (4 tokens) plus --max-new-tokens (125) is longer than the 128 tokens"),
-        ("int4 on a width not a multiple of 128", "is 192 wide, not a multiple of 128: use int8-weight-only or float8"),
+        (
+            "int4 on a width not a multiple of 128",
+            "is 192 wide, not a multiple of int4's blocks of 128: use --quant-mode int8-weight-only or float8",
+        ),
         ("unknown model", "unknown --model-type 'gpt3': expected one of gpt2, gpt2-medium"),
         ("empty prompt", "--input-text is empty"),
         ("no new tokens", "--max-new-tokens must be at least 1, got 0"),
