@@ -193,7 +193,7 @@ def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from weight_loader import load_twin
+    from twin import load_twin
 
     torch.manual_seed(seed)
     hf_model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
@@ -265,6 +265,7 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     import tripy_cpu
 
     tripy_cpu.use()
+    tripy_cpu.fast_stack_info()  # as example.py does on both Tripy backends: the same stacks, faster tracing
     import nvtripy as tp
 
     import model

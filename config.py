@@ -1,9 +1,10 @@
 """What the Tripy GPT (model.py) and its PyTorch twin (reference.py) share: their config and the quantization modes."""
 
 from dataclasses import dataclass
+from typing import Any
 
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
-# A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quantization.py).
+# A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (auto_quantize.py).
 AUTO_QUANT_MODE = "auto"
 # The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
 EFFECTIVE_BITS_RANGE = (4.0, 16.0)
@@ -54,3 +55,15 @@ def layer_quant_mode(config: GPTConfig, layer: str) -> str | None:
     if layer == "lm_head" and config.quant_mode != "float8":
         return None
     return config.quant_mode
+
+
+def config_from_hf_config(hf_config: Any, **overrides: Any) -> GPTConfig:
+    """The GPTConfig of a Hugging Face GPT2Config; `overrides` sets the other fields (dtype, quant_mode, ...)."""
+    return GPTConfig(
+        block_size=hf_config.n_positions,
+        vocab_size=hf_config.vocab_size,
+        num_layers=hf_config.n_layer,
+        num_heads=hf_config.n_head,
+        embedding_size=hf_config.n_embd,
+        **overrides,
+    )

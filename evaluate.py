@@ -9,7 +9,7 @@ evaluating:
     python evaluate.py --model-type gpt2 --chart quality.png
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
-auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quantization.py), one per budget of effective bits
+auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
 (--auto-bits), all from one search.
 """
 
@@ -257,7 +257,7 @@ def evaluate(
     per budget in `auto_bits`."""
     from hub import load_hf_model
     from perplexity import perplexity
-    from weight_loader import load_twin
+    from twin import load_twin
 
     unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
@@ -364,7 +364,7 @@ def calibrate(
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
     """Quantizes a copy of the model with ModelOpt; returns it, its twin and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
-    from weight_loader import load_twin
+    from twin import load_twin
 
     start = time.perf_counter()
     quantized = modelopt_quantize(
@@ -388,9 +388,9 @@ def auto_rows(
     The search's time is printed, not counted in the rows: it is spent once, for all budgets. `row_started` is told
     each row's name as it starts, the first before the search.
     """
+    from auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
     from perplexity import perplexity
-    from quantization import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
-    from weight_loader import load_twin
+    from twin import load_twin
 
     rows = []
     names = auto_row_names(budgets)

@@ -16,12 +16,14 @@ Three things are added so that the directory is all a consumer needs (modelopt_h
 import copy
 import json
 import os
+import time
 
 import torch
 from modelopt.torch.export import export_hf_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
+from cli import UsageError
 from modelopt_hf import CONV1D_LAYERS, safetensors_files
 from tokenizer import gpt2_tokenizer
 
@@ -126,3 +128,14 @@ def _file_states(folder: str) -> dict[str, tuple[int, int, int]]:
 def _is_quantized(module: torch.nn.Module) -> bool:
     quantizer = getattr(module, "weight_quantizer", None)
     return quantizer is not None and quantizer.is_enabled
+
+
+def export_step(quantized_model: torch.nn.Module, export_dir: str) -> None:
+    """example.py's --export-dir: writes the quantized model as a unified Hugging Face checkpoint, which TensorRT-LLM
+    and vLLM load; what it cannot export is a UsageError."""
+    start = time.perf_counter()
+    try:
+        export_checkpoint(quantized_model, export_dir)
+    except (ValueError, RuntimeError, OSError) as error:  # export.py's documented limitations, a full disk
+        raise UsageError(f"cannot export to {export_dir}: {error}") from None
+    print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")

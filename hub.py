@@ -6,11 +6,14 @@ take seconds.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from cli import UsageError
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -54,6 +57,13 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face Hub answers on its port; quick, so that being offline never hangs."""
     if hub_offline():
         return False
+    return _hub_answers(timeout)
+
+
+@functools.cache
+def _hub_answers(timeout: float) -> bool:
+    """The network probe, once per run: loading the model, choosing the calibration data and checking a flag all ask,
+    and offline each probe can take `timeout` seconds."""
     try:
         socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
         return True
@@ -239,3 +249,29 @@ def _load_checkpoint_dir(folder: str) -> GPT2LMHeadModel:
             f"tokenizer, which needs at least {GPT2_VOCAB_SIZE}"
         )
     return model.eval()
+
+
+def load_hf_model_or_bundled(model_type: str | None) -> tuple[str, GPT2LMHeadModel]:
+    """example.py's --model-type: (the name or directory loaded, the Hugging Face GPT-2), the bundled model when the
+    default is unreachable; what cannot be loaded is a UsageError."""
+    try:
+        return model_type or DEFAULT_MODEL, load_hf_model(model_type or DEFAULT_MODEL)
+    except HubUnreachableError as error:
+        # Only the default falls back: a model the user named is what they want to run, not a stand-in for it.
+        if model_type is not None:
+            raise UsageError(str(error)) from None
+    except (ValueError, OSError) as error:  # not a GPT-2 name or checkpoint, or an unreadable one
+        raise UsageError(str(error)) from None
+
+    if not os.path.isfile(os.path.join(BUNDLED_MODEL_DIR, "config.json")):
+        raise UsageError(
+            f"cannot download {DEFAULT_MODEL} (the Hugging Face Hub is unreachable) and {BUNDLED_MODEL_DIR} is missing"
+        )
+    print(
+        f"Could not download {DEFAULT_MODEL} (the Hugging Face Hub is unreachable and it is not in the local cache): "
+        f"running the bundled model in {os.path.relpath(BUNDLED_MODEL_DIR)}/ instead"
+    )
+    try:
+        return os.path.relpath(BUNDLED_MODEL_DIR), load_hf_model(BUNDLED_MODEL_DIR)
+    except (ValueError, OSError) as error:  # a damaged copy of the repository
+        raise UsageError(f"the bundled model cannot be loaded: {error}") from None

@@ -18,7 +18,7 @@ ModelOpt writes weights [out, in] (nn.Linear's layout). GPT-2's own checkpoints,
 layout and records it as `"weight_layout": "conv1d"` in hf_quant_config.json and config.json (missing means
 "linear", ModelOpt's own). Scales and lm_head (an nn.Linear in GPT-2 too) are the same in both layouts.
 The real value of a weight is stored * scale (int4: per group of G inputs; AWQ's layer computes (x * pre_quant_scale)
-@ W^T). This module is where that format is read: weight_loader.load_weights_from_export uses it too.
+@ W^T). This module is where that format is read: export_loader.load_weights_from_export uses it too.
 """
 
 import json

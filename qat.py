@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from hub import load_hf_model
     from perplexity import perplexity
-    from quantization import modelopt_quantize, save_quantized
+    from quantization import modelopt_quantize
+    from save_restore import save_quantized
     from training import HELDOUT_PATH, TrainingDivergedError, finetune, train_tokens, validation_tokens
-    from weight_loader import load_twin
+    from twin import load_twin
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))

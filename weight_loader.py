@@ -14,61 +14,25 @@ from torch import nn
 from transformers import GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode, quant_mode_of
+from config import (
+    AUTO_QUANT_MODE,
+    INT4_BLOCK_SIZE,
+    GPTConfig,
+    check_quant_mode,
+    config_from_hf_config,
+    layer_quant_mode,
+    quant_mode_of,
+)
 from hub import load_hf_model
-from reference import GPT
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
 
 
-def get_submodule(module: Any, attr_name: str) -> Any:
-    """Follows a dotted path such as "transformer.h.0.attn" from `module`.
-
-    Integer parts index lists (ModuleList, Sequential, a Tripy module's list), other parts look up dictionaries
-    (ModuleDict, a Tripy module's dict) by key, or attributes.
-    """
-    current = module
-    for part in attr_name.split("."):
-        if isinstance(current, (nn.ModuleList, nn.Sequential, list, tuple)) and part.isdigit():
-            found = int(part) < len(current)
-            current = current[int(part)] if found else None
-        elif isinstance(current, (nn.ModuleDict, dict)):
-            found = part in current
-            current = current[part] if found else None
-        else:
-            found = hasattr(current, part)
-            current = getattr(current, part, None)
-        if not found:
-            raise AttributeError(f"No submodule {part!r} in path {attr_name!r}")
-    return current
-
-
-def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
-    """ModelOpt's amax -> quantization scale (amax / maxbound) as float32, with size-1 dimensions squeezed."""
-    return (amax.detach().float() / maxbound).squeeze()
-
-
-def config_from_hf(hf_model: GPT2LMHeadModel, **overrides: Any) -> GPTConfig:
-    """The GPTConfig matching a Hugging Face GPT-2; `overrides` sets the other fields (dtype, quant_mode, ...)."""
-    return _config(hf_model.config, **overrides)
-
-
-def _config(hf_config: Any, **overrides: Any) -> GPTConfig:
-    return GPTConfig(
-        block_size=hf_config.n_positions,
-        vocab_size=hf_config.vocab_size,
-        num_layers=hf_config.n_layer,
-        num_heads=hf_config.n_head,
-        embedding_size=hf_config.n_embd,
-        **overrides,
-    )
-
-
 def load_weights_from_hf(model: Any, model_type: str, dtype: Any, hf_model: GPT2LMHeadModel | None = None) -> None:
     """Loads unquantized GPT-2 weights into `model` (the Tripy GPT or the twin), cast to `dtype` (that backend's)."""
     hf_model = hf_model if hf_model is not None else load_hf_model(model_type)
-    _load_into(model, _hf_parameters(hf_model), dtype)
+    load_into(model, _hf_parameters(hf_model), dtype)
 
 
 def load_quant_weights_from_hf(
@@ -77,7 +41,7 @@ def load_quant_weights_from_hf(
     """Loads ModelOpt-quantized GPT-2 weights and scales into `model` (the Tripy GPT or the twin).
 
     `quantized_model` is a Hugging Face GPT-2 already quantized by `modelopt_quantize` in `quant_mode`, or, with
-    quant_mode AUTO_QUANT_MODE, by `quantization.auto_quantize`; without it, `model_type` is loaded and calibrated
+    quant_mode AUTO_QUANT_MODE, by `auto_quantize.auto_quantize`; without it, `model_type` is loaded and calibrated
     here in one of QUANT_MODES. Each layer is read in the format `model.config` gives it (`layer_quant_mode`), and
     must have been quantized by ModelOpt in that format.
     """
@@ -91,102 +55,18 @@ def load_quant_weights_from_hf(
 
         quantized_model = modelopt_quantize(load_hf_model(model_type), quant_mode)
     tensors = _hf_parameters(quantized_model)
-    for name, module in quantized_model.named_modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        if quantizer is not None and quantizer.is_enabled:
+    # ModelOpt gives each linear layer it quantizes a "weight_quantizer": the layer is reached by its name.
+    quantizers = [name for name, _ in quantized_model.named_modules() if name.endswith(".weight_quantizer")]
+    for quantizer_name in quantizers:
+        name = quantizer_name.removesuffix(".weight_quantizer")  # "transformer.h.0.mlp.c_fc"
+        if get_submodule(quantized_model, quantizer_name).is_enabled:
             layer_mode = layer_quant_mode(model.config, name)
             if layer_mode is None:
                 raise ValueError(f"{name} is quantized by ModelOpt, but unquantized in the model's config")
+            module = get_submodule(quantized_model, name)
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
-    _load_into(model, tensors, dtype)
-
-
-def load_twin(
-    hf_model: GPT2LMHeadModel,
-    quant_mode: str | None = None,
-    quantized_model: GPT2LMHeadModel | None = None,
-    layer_quant_modes: dict[str, str | None] | None = None,
-) -> GPT:
-    """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
-    scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
-    `quantization.auto_quantize`, which chose the `layer_quant_modes`)."""
-    config = config_from_hf(hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes)
-    twin = GPT(config).eval()
-    if quant_mode is None:
-        load_weights_from_hf(twin, None, torch.float32, hf_model=hf_model)
-    else:
-        load_quant_weights_from_hf(twin, None, torch.float32, quant_mode, quantized_model=quantized_model)
-    return twin
-
-
-def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
-    """Loads a checkpoint written by export.py into `model` (the Tripy GPT or the twin), with no calibration.
-
-    `model` is built for the export's mode (`config_from_export`). Each quantized weight is dequantized from its stored
-    type (stored * scale, exactly the value the calibrated model quantized it to), and the model quantizes it again
-    with the same scale, which gives back the stored values. Raises modelopt_hf.ExportFormatError for a directory that
-    is not such an export, an unknown quant_algo, a missing tensor or a tensor of the wrong shape.
-    """
-    from modelopt_hf import CONV1D_LAYERS, check_tensors, dequantize_weight, read_export, read_tensors
-
-    fmt, hf_config = read_export(export_dir)
-    check_tensors(export_dir, fmt, hf_config)
-    stored = read_tensors(export_dir)
-    tensors = {}
-    for name, tensor in stored.items():
-        layer, param_name = name.rsplit(".", 1)
-        if fmt.is_quantized(layer):
-            continue
-        # An unquantized Conv1D weight, as GPT-2 stores it, is [in, out]; the Tripy model's is [out, in].
-        tensors[name] = tensor.t() if param_name == "weight" and layer.endswith(CONV1D_LAYERS) else tensor
-    layers = {name.rsplit(".", 1)[0] for name in stored if name.endswith(".weight_scale")}
-    for layer in layers:
-        conv1d = fmt.weight_layout == "conv1d" and layer != "lm_head"
-        scale = stored[f"{layer}.weight_scale"].float()
-        weight = dequantize_weight(
-            stored[f"{layer}.weight"], scale, fmt.quant_mode, conv1d, fmt.group_size
-        )  # [out, in]
-        if fmt.quant_mode == "int4-weight-only":  # the Tripy layer blocks along dim 0: weight [in, out]
-            tensors[f"{layer}.weight"] = weight.t().contiguous()
-            tensors[f"{layer}.weight_scale"] = scale.t().contiguous()  # [in / block, out]
-            tensors[f"{layer}.pre_quant_scale"] = stored[f"{layer}.pre_quant_scale"]
-        else:
-            tensors[f"{layer}.weight"], tensors[f"{layer}.weight_scale"] = weight, scale
-        if fmt.quant_mode == "float8":
-            tensors[f"{layer}.input_scale"] = stored[f"{layer}.input_scale"]
-        if f"{layer}.bias" in stored:
-            tensors[f"{layer}.bias"] = stored[f"{layer}.bias"]
-    if "lm_head.weight" not in tensors:  # tied to wte, as in GPT-2
-        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]
-    _load_into(model, {name: tensor.float() for name, tensor in tensors.items()}, dtype)
-
-
-def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
-    """The GPTConfig of an export.py checkpoint, in its quantization mode; `overrides` sets seq_len, dtype, ..."""
-    from modelopt_hf import read_export
-
-    fmt, hf_config = read_export(export_dir)
-    return _config(hf_config, quant_mode=fmt.quant_mode, **overrides)
-
-
-def load_export_twin(export_dir: str) -> GPT:
-    """A float32 PyTorch twin, in eval mode, holding an export.py checkpoint's quantized weights and scales."""
-    twin = GPT(config_from_export(export_dir, dtype="float32")).eval()
-    load_weights_from_export(twin, export_dir, torch.float32)
-    return twin
-
-
-def _hf_parameters(hf_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter by name, linear weights as [out, in] (HF's GPT-2 Conv1D stores them [in, out])."""
-    tensors = {}
-    for module_name, module in hf_model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            tensor = param.detach()
-            if isinstance(module, Conv1D) and param_name == "weight":
-                tensor = tensor.t()
-            tensors[f"{module_name}.{param_name}"] = tensor
-    return tensors
+    load_into(model, tensors, dtype)
 
 
 def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str, torch.Tensor]:
@@ -218,6 +98,50 @@ def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str
     }
 
 
+def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:
+    """ModelOpt's amax -> quantization scale (amax / maxbound) as float32, with size-1 dimensions squeezed."""
+    return (amax.detach().float() / maxbound).squeeze()
+
+
+def get_submodule(module: Any, attr_name: str) -> Any:
+    """Follows a dotted path such as "transformer.h.0.attn" from `module`.
+
+    Integer parts index lists (ModuleList, Sequential, a Tripy module's list), other parts look up dictionaries
+    (ModuleDict, a Tripy module's dict) by key, or attributes.
+    """
+    current = module
+    for part in attr_name.split("."):
+        if isinstance(current, (nn.ModuleList, nn.Sequential, list, tuple)) and part.isdigit():
+            found = int(part) < len(current)
+            current = current[int(part)] if found else None
+        elif isinstance(current, (nn.ModuleDict, dict)):
+            found = part in current
+            current = current[part] if found else None
+        else:
+            found = hasattr(current, part)
+            current = getattr(current, part, None)
+        if not found:
+            raise AttributeError(f"No submodule {part!r} in path {attr_name!r}")
+    return current
+
+
+def config_from_hf(hf_model: GPT2LMHeadModel, **overrides: Any) -> GPTConfig:
+    """The GPTConfig matching a Hugging Face GPT-2; `overrides` sets the other fields (dtype, quant_mode, ...)."""
+    return config_from_hf_config(hf_model.config, **overrides)
+
+
+def _hf_parameters(hf_model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter by name, linear weights as [out, in] (HF's GPT-2 Conv1D stores them [in, out])."""
+    tensors = {}
+    for module_name, module in hf_model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            tensor = param.detach()
+            if isinstance(module, Conv1D) and param_name == "weight":
+                tensor = tensor.t()
+            tensors[f"{module_name}.{param_name}"] = tensor
+    return tensors
+
+
 class ScaleUnderflowError(ValueError):
     """A quantization scale the model's dtype cannot hold (see `_check_scales_fit`)."""
 
@@ -238,7 +162,7 @@ def _check_scales_fit(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> N
             )
 
 
-def _load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None:
+def load_into(model: Any, tensors: dict[str, torch.Tensor], dtype: Any) -> None:
     """Checks names and shapes against the model's parameters, casts to `dtype`, and loads."""
     expected = model.state_dict()
     # tp.Linear's input_scale is an OptionalParameter: weight-only modes leave it unset.

@@ -11,11 +11,7 @@ import pytest
 import torch
 from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, make_gpt2
 
-from config import AUTO_QUANT_MODE
-from quantization import (
-    EFFECTIVE_BITS_RANGE,
-    QUANT_MODES,
-    SHIPPED_CALIBRATION_TEXT,
+from auto_quantize import (
     Recipe,
     _run_auto_quantize,
     auto_quantize,
@@ -27,8 +23,11 @@ from quantization import (
     save_recipe,
     search_recipes,
 )
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
+from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import Int4Linear, QuantLinear
-from weight_loader import get_submodule, load_twin
+from twin import load_twin
+from weight_loader import get_submodule
 
 MIXED = MIXED_LAYER_QUANT_MODES
 SAMPLES = dict(batch_size=4, num_samples=8)

@@ -28,6 +28,7 @@ import benchmark
 import cli
 import evaluate
 import example
+import hub
 import qat
 import serve_vllm
 import train
@@ -512,7 +513,7 @@ def test_a_damaged_bundled_model_is_one_line(workspace, monkeypatch, capsys):
     if isinstance(try_to_load_from_cache("gpt2", "config.json"), str):
         pytest.skip("gpt2 is in this machine's Hugging Face cache: example.py runs it, not the bundled model")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(example, "BUNDLED_MODEL_DIR", str(workspace / "truncated"))
+    monkeypatch.setattr(hub, "BUNDLED_MODEL_DIR", str(workspace / "truncated"))  # hub.load_hf_model_or_bundled
     line = usage_error(example.main, ["--backend", "torch"], "example.py", capsys)
     assert "the bundled model cannot be loaded: " in line and "truncated/model.safetensors is truncated" in line
 

@@ -22,7 +22,7 @@ from hub import BUNDLED_MODEL_DIR, load_hf_model
 from perplexity import perplexity
 from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import GPT
-from weight_loader import load_twin
+from twin import load_twin
 
 BUNDLED_MODEL = BUNDLED_MODEL_DIR
 NUM_CALIBRATION_SAMPLES = 4

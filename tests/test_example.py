@@ -7,6 +7,7 @@ Every run sees an unreachable Hub and an empty Hugging Face cache, whatever the 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,11 +18,12 @@ from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, asser
 
 import config
 import example
+import hub
 import reference
 from cli import UsageError
-from hub import load_hf_model
+from hub import BUNDLED_MODEL_DIR, load_hf_model
 from tokenizer import gpt2_encoding
-from weight_loader import load_twin
+from twin import load_twin
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens
@@ -255,7 +257,7 @@ def test_offline_default_falls_back_to_the_bundled_model(runs):
     assert len(fallback_lines) == 1 and "running the bundled model in bundled_model/" in fallback_lines[0], stdout
     assert "\nModel: bundled_model (" in stdout
 
-    hf_model = load_hf_model(example.BUNDLED_MODEL_DIR)
+    hf_model = load_hf_model(BUNDLED_MODEL_DIR)
     twin = load_twin(hf_model)
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode(PROMPT)])
@@ -353,6 +355,47 @@ def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(runs, export_dir, m
     argv = ["--model-type", export_dir, "--max-new-tokens", "2", "--input-text", "Hi"]
     line = usage_error(example.main, argv, "example.py", capsys)
     assert "float8 on --backend tripy needs a GPU of compute capability 8.9" in line
+
+
+def test_one_hub_probe_per_run(monkeypatch, capsys):
+    """Loading the model and choosing the calibration data both ask whether the Hub answers: the network is probed once
+    (offline, each probe can take seconds). The probe meets a machine without a network here, whatever this one has."""
+    probes = []
+
+    def create_connection(address, timeout=None):
+        probes.append(address)
+        raise OSError("no network")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    hub._hub_answers.cache_clear()  # as at the start of a run
+    argv = ["--backend", "torch", "--quant-mode", "int8-weight-only", "--num-calibration-samples", "1"]
+    try:
+        example.main([*argv, "--max-new-tokens", "1"])
+    finally:
+        hub._hub_answers.cache_clear()  # what this test's fake network answered is no answer for the next test
+    assert probes == [("huggingface.co", 443)], probes
+    assert "calibrating on the shipped data/calibration.txt" in capsys.readouterr().out
+
+
+def test_help_and_a_bad_flag_answer_before_torch_is_imported():
+    """--help and a mistake on the command line answer at once: example.py and example_args.py import only the
+    standard library before the arguments are good (torch, transformers and ModelOpt take seconds)."""
+    program = (
+        "import runpy, sys\n"
+        "sys.argv = ['example.py', *sys.argv[1:]]\n"
+        "try:\n"
+        "    runpy.run_path('example.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    status = exit.code\n"
+        "heavy = sorted({'torch', 'transformers', 'modelopt', 'datasets'} & set(sys.modules))\n"
+        "assert not heavy, f'imported {heavy}'\n"
+        "sys.exit(status)\n"
+    )
+    for argv, status in ((["--help"], 0), (["--top-k", "0"], 2)):
+        result = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == status, (argv, result.stderr)
 
 
 def test_help_explains_the_dtype_default():

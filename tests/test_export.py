@@ -3,7 +3,7 @@
 Each mode is calibrated once (module-scoped fixture). The exported files are read back with safetensors and json and
 checked against the PyTorch twin loaded by weight_loader from the same quantized model: same scales, and the exported
 weights dequantize to the twin's weights. Then the export is loaded the ways a user loads it: with transformers'
-from_pretrained (through modelopt_hf's HfQuantizer) and into a twin (weight_loader.load_weights_from_export), and
+from_pretrained (through modelopt_hf's HfQuantizer) and into a twin (export_loader.load_weights_from_export), and
 both must compute what the twin of the calibrated model computes.
 """
 
@@ -23,12 +23,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Co
 import modelopt_hf
 import reference
 import serve_vllm
+from auto_quantize import Recipe, quantize_with_recipe
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from export import export_checkpoint
-from quantization import Recipe, modelopt_quantize, quantize_with_recipe
+from quantization import modelopt_quantize
 from reference import GPT, Int4Linear, QuantLinear
-from weight_loader import load_export_twin, load_twin
+from twin import load_export_twin, load_twin
 
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {

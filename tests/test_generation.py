@@ -14,7 +14,7 @@ import reference
 from config import QUANT_MODES
 from quantization import modelopt_quantize
 from reference import GPT, generate
-from weight_loader import load_twin
+from twin import load_twin
 
 MODES = (None, *QUANT_MODES)
 PROMPT_LEN = 5

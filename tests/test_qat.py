@@ -10,8 +10,9 @@ import torch
 from helpers import make_gpt2
 
 import training
-from quantization import load_quantized, modelopt_quantize, save_quantized
-from weight_loader import load_twin
+from quantization import modelopt_quantize
+from save_restore import load_quantized, save_quantized
+from twin import load_twin
 
 
 @pytest.fixture(scope="module")

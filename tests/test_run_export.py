@@ -22,9 +22,9 @@ import example
 import modelopt_hf
 from config import GPTConfig
 from export import export_checkpoint
+from export_loader import load_weights_from_export
 from quantization import modelopt_quantize
 from reference import GPT
-from weight_loader import load_weights_from_export
 
 PROMPT = "The town council voted"
 NEW_TOKENS = 8
@@ -128,7 +128,7 @@ def test_running_an_export_uses_its_weights(runs, exports):
     """The greedy text is the one the twin loaded from the export gives (and example.py printed no calibration)."""
     import reference
     from tokenizer import gpt2_encoding
-    from weight_loader import load_export_twin
+    from twin import load_export_twin
 
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode(PROMPT)])

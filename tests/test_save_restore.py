@@ -1,4 +1,4 @@
-"""Saving a calibrated model with mto.save and restoring it with mto.restore (quantization.save_quantized and
+"""Saving a calibrated model with mto.save and restoring it with mto.restore (save_restore.save_quantized and
 load_quantized): the restored model has exactly the saved scales and logits, and a wrong file is a clear error.
 
 The truth is the model that was saved: every quantizer buffer (amax, AWQ's pre_quant_scale) and the logits of the
@@ -16,19 +16,11 @@ import torch
 from helpers import MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
+from auto_quantize import Recipe, format_recipe, load_recipe, quantize_with_recipe, recipe_from_model
 from config import AUTO_QUANT_MODE, QUANT_MODES
-from quantization import (
-    QuantizedCheckpointError,
-    Recipe,
-    format_recipe,
-    load_quantized,
-    load_recipe,
-    modelopt_quantize,
-    quantize_with_recipe,
-    recipe_from_model,
-    save_quantized,
-)
-from weight_loader import load_twin
+from quantization import modelopt_quantize
+from save_restore import QuantizedCheckpointError, load_quantized, save_quantized
+from twin import load_twin
 
 
 @pytest.fixture(scope="module")

@@ -74,14 +74,17 @@ def test_fast_stack_info_equals_nvtripys():
 
 
 def test_stand_ins_never_shadow_real_modules():
-    """With (fake) real TensorRT modules importable, `use` picks them and installs nothing."""
+    """With (fake) real TensorRT modules importable, `use` picks them and installs nothing, not even the stack recording
+    (fast_stack_info is a call of its own)."""
     program = (
         "import sys, types\n"
         "for name in ('tensorrt', 'mlir_tensorrt', 'mlir_tensorrt.compiler', 'mlir_tensorrt.compiler.api',\n"
         "             'mlir_tensorrt.runtime', 'mlir_tensorrt.runtime.api'):\n"
         "    sys.modules[name] = types.ModuleType(name)\n"
         "real = sys.modules['tensorrt']\n"
-        "sys.modules['tripy_cpu.stack_info'] = types.SimpleNamespace(install=lambda: None)\n"  # it imports nvtripy
+        "def install():\n"
+        "    raise AssertionError('use() patched the stack recording on TensorRT')\n"
+        "sys.modules['tripy_cpu.stack_info'] = types.SimpleNamespace(install=install)\n"  # it imports nvtripy
         "import tripy_cpu\n"
         "tripy_cpu._imports = lambda module: module in sys.modules\n"  # no nvtripy import: it would need all of them
         "assert tripy_cpu.use() == 'tensorrt', tripy_cpu.BACKEND\n"

@@ -5,6 +5,10 @@ without TensorRT (no GPU, or CI).
     backend = tripy_cpu.use()  # before `import nvtripy`: "tensorrt" when it is installed, else "cpu"
     import nvtripy as tp
 
+On the CPU, `use` also makes nvtripy's stack recording (done for every tensor it creates) cheap, with the same
+result: see stack_info.py. Tracing the gpt2 shape is about 18 times faster (docs/tripy.md). With TensorRT, `use`
+changes nothing; `fast_stack_info()` is that speed-up alone, which example.py's --backend tripy asks for by name.
+
 nvtripy's frontend (tensors, ops, modules, shape inference, argument checks) and `tp.compile`'s tracing run
 unchanged. What is replaced, only when TensorRT and MLIR-TensorRT fail to import, so that it never shadows a real
 installation:
@@ -13,9 +17,6 @@ installation:
 - the `Compiler` class (as imported by backend/api/compile.py, backend/mlir/compiler.py and backend/mlir), whose
   "executable" runs the Trace op by op (interpreter.py) inside nvtripy's own `Executable`,
 - the memref read behind `Tensor.tolist` and `int(DimensionSize)` (backend/mlir/memref.py's `tolist`).
-
-On both backends, `use` also makes nvtripy's stack recording (done for every tensor it creates) cheap, with the
-same result: see stack_info.py. Tracing the gpt2 shape is about 18 times faster (docs/tripy.md).
 
 It shows what nvtripy's frontend accepts and what the graph computes, with TensorRT's layer semantics; it cannot show
 TensorRT's lowering and kernel selection, GPU numerics (float16 kernels, TF32) or speed.
@@ -36,6 +37,15 @@ def _imports(module: str) -> bool:
     return True
 
 
+def fast_stack_info() -> None:
+    """Replaces nvtripy's `get_stack_info`, which it calls for every tensor it creates, with stack_info.py's, which
+    returns the same stack and remembers each line's column range instead of scanning its code object again: tracing
+    is about 18 times faster (docs/tripy.md). Patches nothing else; works with TensorRT or with this executor."""
+    from tripy_cpu import stack_info
+
+    stack_info.install()
+
+
 def use() -> str:
     """Makes `import nvtripy` work: "tensorrt" when TensorRT and MLIR-TensorRT import, else "cpu" (this executor)."""
     global BACKEND
@@ -44,9 +54,6 @@ def use() -> str:
     found = {module: _imports(module) for module in REAL_MODULES}
     if all(found.values()):
         BACKEND = "tensorrt"
-        from tripy_cpu import stack_info
-
-        stack_info.install()
         return BACKEND
     if "nvtripy" in sys.modules:
         raise RuntimeError("tripy_cpu.use() must run before nvtripy is imported")
@@ -61,9 +68,7 @@ def use() -> str:
     from tripy_cpu import stubs
 
     stubs.install()
-    from tripy_cpu import stack_info
-
-    stack_info.install()
+    fast_stack_info()
 
     import nvtripy.backend.api.compile
     import nvtripy.backend.mlir

@@ -1,0 +1,151 @@
+"""Saving and restoring a quantized GPT-2 with ModelOpt's own `mto.save` and `mto.restore`: the quantizers, their
+calibrated scales and the weights, so that a later run (or qat.py's fine-tuned model) needs no calibration.
+
+example.py imports this module only for --save-quantized and --load-quantized.
+"""
+
+import time
+import warnings
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from cli import UsageError
+from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
+
+with warnings.catch_warnings():
+    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
+    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+    import modelopt.torch.opt as mto
+
+
+class QuantizedCheckpointError(ValueError):
+    """A file that `load_quantized` cannot restore: not a ModelOpt checkpoint, or one for another model or mode."""
+
+
+def save_quantized(model: torch.nn.Module, path: str) -> None:
+    """Writes a quantized (calibrated or QAT-trained) model with ModelOpt's own `mto.save`.
+
+    The file holds ModelOpt's state (which quantizers exist, their config: bits, axis, blocks, and how they were
+    calibrated) and the model's state dict: the weights and every quantizer's buffers (amax, AWQ's pre_quant_scale).
+    """
+    mto.save(model, path)
+
+
+def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = None) -> tuple[torch.nn.Module, str]:
+    """Restores a model written by `save_quantized` onto `model`, an unquantized GPT-2 of the same shape, with
+    `mto.restore`, and returns it with its quantization mode: no calibration, the saved weights and scales as they
+    were. The mode is one of QUANT_MODES, or AUTO_QUANT_MODE for a per-layer mix that AutoQuantize made (from a
+    search or a recipe): `recipe_from_model` of the returned model then gives each layer's format. With
+    `quant_mode`, the file must hold that mode. Raises QuantizedCheckpointError for a file that is not a ModelOpt
+    checkpoint, holds no quantized model, or was saved for a model of another shape or another mode.
+
+    The checks read the file before ModelOpt does, so that a wrong file is one clear message, not a traceback from
+    deep in `load_state_dict`. A GPT-2 with other weights but the same shape is accepted: the file's weights replace
+    them (that is how a QAT-trained model is restored onto the model it started from).
+    """
+    try:
+        # weights_only (torch's default) as mto.restore loads it: a ModelOpt state is tensors and plain values.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types (UnpicklingError, RuntimeError, ...) for a foreign file
+        # The first line of torch's message is enough to tell a truncated file from a foreign one; the rest is advice
+        # about weights_only, which does not apply to a file that mto.save did not write.
+        message = str(error) or type(error).__name__
+        reason = message.splitlines()[0].split(". ")[0]
+        raise QuantizedCheckpointError(
+            f"{path} is not a ModelOpt checkpoint written by mto.save (torch.load: {reason})"
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"modelopt_state", "model_state_dict"} <= set(checkpoint):
+        raise QuantizedCheckpointError(
+            f"{path} is not a ModelOpt checkpoint written by mto.save (no modelopt_state and model_state_dict in it)"
+        )
+    try:
+        saved_mode = _saved_quant_mode(checkpoint["modelopt_state"], path)
+    except (KeyError, TypeError, AttributeError, IndexError) as error:  # a state edited, or from another tool
+        raise QuantizedCheckpointError(
+            f"{path} holds a ModelOpt state of another layout than mto.save writes ({type(error).__name__}: {error})"
+        ) from None
+    saved = checkpoint["model_state_dict"]
+    if not isinstance(saved, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in saved.values()):
+        raise QuantizedCheckpointError(f"{path}: its model_state_dict is not a dictionary of tensors")
+    if quant_mode is not None and quant_mode != saved_mode:
+        raise QuantizedCheckpointError(f"{path} holds a model quantized in {saved_mode}, not {quant_mode}")
+    for name, shape in _quantized_shapes(model).items():
+        if name not in saved or list(saved[name].shape) != shape:
+            found = "missing" if name not in saved else f"shape {list(saved[name].shape)}"
+            raise QuantizedCheckpointError(
+                f"{path} was saved for another model: its {name} is {found}, the model's is {shape}"
+            )
+    return mto.restore(model, path), saved_mode
+
+
+def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
+    """The mode of a saved ModelOpt state: AUTO_QUANT_MODE for a model that mtq.auto_quantize quantized, otherwise the
+    one mode its weight quantizers' bits and blocks show (as weight_loader does)."""
+    entries = modelopt_state.get("modelopt_state_dict", [])
+    # ModelOpt records mtq.quantize as its "quantize" mode and mtq.auto_quantize (a search, or quantize_with_recipe)
+    # as "auto_quantize" (modelopt/torch/quantization/mode.py), whose calibration leaves no mode of its own.
+    applied = {mode_name for mode_name, _ in entries}
+    if not applied & {"quantize", "auto_quantize"}:
+        raise QuantizedCheckpointError(
+            f"{path} holds no quantized model (its ModelOpt state has no quantize or auto_quantize mode)"
+        )
+    # The last entry (calibration updates it) describes the quantizers as they were saved.
+    quantizers = entries[-1][1]["metadata"]["quantizer_state"]
+    found = {
+        quant_mode_of(state["_num_bits"], bool(state["_block_sizes"]))
+        for name, state in quantizers.items()
+        if name.endswith(".weight_quantizer") and not state["_disabled"]
+    }
+    if None not in found:
+        # A mix stays a mix even when it happens to hold one format: lm_head stays out of it, unlike float8's.
+        if "auto_quantize" in applied:
+            return AUTO_QUANT_MODE
+        if len(found) == 1:
+            return found.pop()
+    raise QuantizedCheckpointError(
+        f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)}, "
+        f"or a per-layer mix of them: {AUTO_QUANT_MODE})"
+    )
+
+
+def _quantized_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
+    """The shape of each tensor of the unquantized model once ModelOpt has quantized it: GPT-2's Conv1D weights
+    [in, out] become QuantLinear weights [out, in]."""
+    shapes = {}
+    for module_name, module in model.named_modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            transposed = isinstance(module, Conv1D) and name == "weight"
+            prefix = f"{module_name}." if module_name else ""
+            shapes[prefix + name] = list(tensor.shape)[::-1] if transposed else list(tensor.shape)
+    return {name: shape for name, shape in shapes.items() if name in model.state_dict()}
+
+
+def restore_step(
+    hf_model: torch.nn.Module, path: str, quant_mode: str | None
+) -> tuple[torch.nn.Module, str, dict[str, str | None] | None]:
+    """example.py's --load-quantized: restores a model saved with mto.save onto `hf_model` (no calibration); returns
+    it, its quant mode, and for an AutoQuantize mix each layer's format (printed as the search prints it), otherwise
+    None. A file it cannot restore is a UsageError."""
+    import auto_quantize as autoquant
+
+    start = time.perf_counter()
+    try:
+        hf_model, quant_mode = load_quantized(hf_model, path, quant_mode)
+    except QuantizedCheckpointError as error:
+        raise UsageError(f"--load-quantized: {error}") from None
+    print(f"Restored {quant_mode} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
+    if quant_mode != AUTO_QUANT_MODE:
+        return hf_model, quant_mode, None
+    recipe = autoquant.recipe_from_model(hf_model)  # the formats as the restored quantizers are
+    print(autoquant.format_recipe(recipe))
+    return hf_model, quant_mode, recipe.layers
+
+
+def save_step(hf_model: torch.nn.Module, path: str) -> None:
+    """example.py's --save-quantized: `save_quantized`, a file it cannot write a UsageError."""
+    try:
+        save_quantized(hf_model, path)
+    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
+        raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
+    print(f"Saved the quantized model to {path} (mto.save)")
