@@ -10,7 +10,7 @@ import json
 import os
 
 import checks
-from cli import ArgumentParser, UsageError
+from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
@@ -24,6 +24,7 @@ DEFAULT_CALIBRATION_SAMPLES = 32
 GENERATION_OPTIONS = ("input_text", "max_new_tokens", "seed", "temperature", "top_k", "dtype")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 NO_GPU = "a CUDA GPU, and this machine has none"
+SAVE_QUANTIZED_DEFAULT = "out/QUANT_MODE.pt"  # --save-quantized without a path: out/ and the mode's name
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
 
 
@@ -130,8 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--save-quantized",
         metavar="PATH",
-        help="after calibration, write the quantized model to PATH with ModelOpt's mto.save (weights and quantizer "
-        "states), for --load-quantized",
+        nargs="?",
+        const=SAVE_QUANTIZED_DEFAULT,
+        help="after calibration, write the quantized model to PATH, a new file, for --load-quantized: ModelOpt's "
+        "state and the weights, int8 and int4 ones as integers (without PATH: out/QUANT_MODE.pt, such as "
+        "out/int4-weight-only.pt)",
     )
     parser.add_argument(
         "--load-quantized",
@@ -193,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
+    if args.save_quantized == SAVE_QUANTIZED_DEFAULT:
+        args.save_quantized = os.path.join(OUT_DIR, f"{args.quant_mode}.pt")
+        make_out_dir(args.save_quantized)
     if args.save_quantized is not None:
         checks.check_output_file(args.save_quantized, "--save-quantized", new=True)
     if args.verbose and args.quant_mode is None and args.load_quantized is None:

@@ -2,8 +2,8 @@
 
 Post-training quantization (PTQ, quantization.py) calibrates scales and leaves the weights as they were trained.
 QAT then trains on: every forward pass quantizes the weights with those scales, so the loss is the quantized
-model's loss, and the weights move to where rounding costs least. The result is saved with ModelOpt's mto.save, and
-the rest of the pipeline takes it as it takes a calibrated model:
+model's loss, and the weights move to where rounding costs least. The result is saved as example.py's
+--save-quantized saves, and the rest of the pipeline takes it as it takes a calibrated model:
 
     python qat.py                  # int4, max calibration, 100 steps on the bundled model: out/qat-int4-max.pt
     python example.py --model-type bundled_model --load-quantized out/qat-int4-max.pt
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         save_quantized(model, args.out)
     except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
         raise UsageError(f"cannot write --out {args.out}: {error}") from None
-    print(f"saved {args.out} (mto.save); total time {(time.time() - started) / 60:.1f} min")
+    print(f"saved {args.out}; total time {(time.time() - started) / 60:.1f} min")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -90,8 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         metavar="PATH",
-        help=f"where to save the QAT model (mto.save), a new file (default: {OUT_DIR}/qat-MODE-CALIBRATION.pt, such as "
-        f"{default_out('int4-weight-only', 'max')})",
+        help="where to save the QAT model (for --load-quantized), a new file (default: "
+        f"{OUT_DIR}/qat-MODE-CALIBRATION.pt, such as {default_out('int4-weight-only', 'max')})",
     )
     parser.add_argument(
         "--model-type",
