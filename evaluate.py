@@ -272,7 +272,6 @@ def evaluate(
         that step is."""
         print(f"Row {row_names.index(name) + 1} of {len(row_names)}: {name}", file=sys.stderr, flush=True)
 
-    row_started(UNQUANTIZED)
     hf_model = load_hf_model(model_type)
     width = hf_model.config.n_embd
     int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
@@ -302,8 +301,7 @@ def evaluate(
                 hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples, row_started
             )
             continue
-        if mode != UNQUANTIZED:
-            row_started(mode)
+        row_started(mode)
         training_seconds = 0.0
         if mode in (UNQUANTIZED, FINETUNED):
             model, calibration_seconds = hf_model, 0.0

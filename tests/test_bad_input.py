@@ -209,7 +209,12 @@ CASES = [
         ["--backend", "torch", "--model-type", "{w}/nan-weights"],
         "hold inf or NaN (in transformer.h.0.mlp",
     ),
-    ("evaluate.py", ["--model-type", "{w}/nan-weights"], "hold inf or NaN (in transformer.h.0.mlp.c_fc.weight)"),
+    # 64 wide: int4's rows would be refused first, for the width.
+    (
+        "evaluate.py",
+        ["--model-type", "{w}/nan-weights", "--modes", "int8-weight-only"],
+        "hold inf or NaN (in transformer.h.0.mlp.c_fc.weight)",
+    ),
     # example.py: an export runs as it was calibrated
     ("example.py", ["--model-type", "{w}/export", "--verbose"], "calibrated already: --verbose is for a model that"),
     ("example.py", ["--model-type", "{w}/export", "--save-quantized", "{w}/q.pt"], "calibrated already: --save-qua"),
@@ -300,9 +305,9 @@ CASES = [
     # evaluate.py
     ("evaluate.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated"),
     ("evaluate.py", ["--model-type", "{w}/export"], "is a quantized checkpoint"),
-    ("evaluate.py", ["--model-type", "{w}/more-layers"], "do not match its config.json"),
+    ("evaluate.py", ["--model-type", "{w}/more-layers", "--modes", "unquantized"], "do not match its config.json"),
     ("evaluate.py", ["--model-type", "gpt5"], "unknown --model-type 'gpt5'"),
-    ("evaluate.py", ["--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
+    ("evaluate.py", ["--model-type", "{w}/gpt2", "--modes", "unquantized"], "has a vocabulary of 512 tokens"),
     ("evaluate.py", ["--eval-data", "{w}/data/empty.txt"], "--eval-data {w}/data/empty.txt is empty"),
     ("evaluate.py", ["--eval-data", "{w}/data/binary.txt"], "--eval-data {w}/data/binary.txt is a binary file"),
     ("evaluate.py", ["--calibration-data", "{w}/data/malformed.json"], "malformed.json is not valid JSON"),
@@ -311,7 +316,7 @@ CASES = [
     ("evaluate.py", ["--chart", "{w}/fifo.png"], "--chart {w}/fifo.png is not a regular file"),
     ("evaluate.py", ["--chart", "{w}/dangling.png"], "dangling.png is a symbolic link to {w}/nowhere.png, which does"),
     ("evaluate.py", ["--model-type", "{w}/zero-heads"], "n_head must be a whole number of at least 1, got 0"),
-    ("evaluate.py", ["--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("evaluate.py", ["--model-type", "{w}/garbage-bin", "--modes", "unquantized"], "cannot load the checkpoint in"),
     ("evaluate.py", ["--qat-lr", "inf"], "argument --qat-lr: expected a finite number, got 'inf'"),
     ("evaluate.py", ["--qat-lr", "1e10"], "argument --qat-lr: expected a learning rate above 0 and at most 1"),
     (
@@ -390,7 +395,11 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--batch-size", "1000000"], "windows of 256 tokens need about"),
     ("qat.py", ["--out", "{w}/qat.pt", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/zero-heads"], "n_head must be a whole number"),
-    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    (
+        "qat.py",
+        ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin", "--quant-mode", "int8-weight-only"],
+        "cannot load the checkpoint in",
+    ),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/narrow"], "narrow is 64 wide, not a multiple of int4's"),
     # The Hub models' widths are known: refused before anything is downloaded.
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "gpt2-xl"], "gpt2-xl is 1600 wide, not a multiple of int4's"),
@@ -447,7 +456,10 @@ UNREADABLE_CASES = [
         ["example.py", "--quant-mode", "float8", "--calibration-data", "{u}/calibration.txt"],
         "--calibration-data {u}/calibration.txt",
     ),
-    (["evaluate.py", "--model-type", "{u}/gpt2", "--eval-data", "{u}/heldout.txt"], "--eval-data {u}/heldout.txt"),
+    (
+        ["evaluate.py", "--model-type", "{u}/gpt2", "--eval-data", "{u}/heldout.txt", "--modes", "unquantized"],
+        "--eval-data {u}/heldout.txt",
+    ),
     (["example.py", "--model-type", "{u}/config"], "{u}/config/config.json"),
     (["example.py", "--model-type", "{u}/weights"], "{u}/weights/model.safetensors"),
     (["example.py", "--load-quantized", "{u}/quantized.pt"], "--load-quantized {u}/quantized.pt"),
