@@ -41,6 +41,10 @@ FORMAT_BITS = {"int4-weight-only": 4.0, "int8-weight-only": 8.0, "float8": 8.0, 
 # PuLP), which then returns any mix within the budget. Scaling the loss by 1000 scales every score by a million and
 # changes no ranking.
 SCORE_SCALE = 1000.0
+# The significant digits of AutoQuantize's layer scores that the choice of formats sees. Runs on other thread counts
+# give scores that differ in the 7th digit (2e-7 apart on the bundled model): without rounding, two mixes whose total
+# scores are that close would be chosen between by float noise, and a page's figures would change from run to run.
+SCORE_DIGITS = 4
 UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
 
 
@@ -125,6 +129,7 @@ def search_recipes(
         copy.deepcopy(model_hf), budgets[0], dataset_name, batch_size, num_samples
     )
     layers = _block_linears(searched)
+    round_scores(state)
     recipes = []
     for bits in budgets:
         with warnings.catch_warnings():
@@ -141,6 +146,13 @@ def search_recipes(
         f"AutoQuantize searched {len(layers)} layers on {samples_used} samples in {time.perf_counter() - start:.1f} s"
     )
     return recipes
+
+
+def round_scores(state: dict) -> None:
+    """Rounds every candidate format's score in an AutoQuantize search state to SCORE_DIGITS significant digits (in
+    place), so that scores equal within float noise are equal, and the formats chosen from them the same every run."""
+    for stats in state["candidate_stats"].values():
+        stats["scores"] = [float(f"{score:.{SCORE_DIGITS}g}") for score in stats["scores"]]
 
 
 def _format_of(weight_cfg: dict | None) -> str | None:

@@ -8,11 +8,13 @@ The weights are a random GPT-2 in the real shapes (`GPT2Config()`: gpt2, 124M pa
 weight_loader, so nothing is downloaded; random weights take exactly as long to multiply as trained ones.
 
     python benchmark.py                                   # the gpt2 (124M) shape: a few minutes on 2 cores
-    python benchmark.py --chart docs/time_per_token.png   # and a chart of time per token against position
+    python benchmark.py --chart                           # and a chart of time per token, in out/
     python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
     python benchmark.py --backend tripy                   # on a GPU: the Tripy engine against transformers on CUDA
     python benchmark.py --backend tripy --tiny            # without one: the CPU executor, a smoke test, not speed
 """
+
+from __future__ import annotations
 
 import argparse
 import os
@@ -22,25 +24,29 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
-
-import torch
-from torch.profiler import ProfilerActivity, profile
-from transformers import GPT2Config, GPT2LMHeadModel
-from transformers.generation.streamers import BaseStreamer
-from transformers.utils import logging as transformers_logging
+from typing import TYPE_CHECKING
 
 import checks
-from cli import ArgumentParser, UsageError, run
-from reference import GPT, generate
-from tokenizer import END_OF_TEXT
-from twin import load_twin
+from cli import ArgumentParser, UsageError, make_out_dir, run
+from hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+    from transformers import GPT2LMHeadModel
+
+    from reference import GPT
+
+# Only the standard library is imported up here, so that --help and a mistake on the command line answer at once;
+# each function imports the torch and transformers code it uses.
 
 STEPS_PER_POSITION = 5  # the time per token at position p is the median of the steps at p .. p + 4
-BLOCK_SIZE = GPT2Config().n_positions  # 1024: the longest sequence GPT-2's position embedding covers
+BLOCK_SIZE = HUB_CONTEXT_LENGTH  # 1024: the longest sequence GPT-2's position embedding covers
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "prompt_len": 8, "new_tokens": 8, "positions": "8,16,32", "repeats": 1}
+DEFAULT_CHART = os.path.join("out", "time_per_token.png")
 
 # (prompt [batch, seq], number of new tokens, callback for each new token [batch, 1]) -> tokens [batch, seq + new]
-Generate = Callable[[torch.Tensor, int, Callable[[torch.Tensor], None]], torch.Tensor]
+Generate = Callable[["torch.Tensor", int, Callable[["torch.Tensor"], None]], "torch.Tensor"]
 
 
 @dataclass
@@ -60,6 +66,9 @@ class Results:
 
 def main(argv: list[str] | None = None) -> Results:
     args = parse_args(argv)
+    import torch  # the arguments are good: now the imports that take seconds
+    from transformers.utils import logging as transformers_logging
+
     transformers_logging.set_verbosity_error()  # generate's notes about its settings are not results
     print(
         f"GPT-2, {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, random weights, float32; "
@@ -75,27 +84,64 @@ def main(argv: list[str] | None = None) -> Results:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens for tokens/s and memory")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated for tokens/s and memory")
-    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes for tokens/s and memory")
-    parser.add_argument("--positions", default="32,64,128,256,512", help="ascending positions to time a token at")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs for tokens/s; the fastest counts")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
-    parser.add_argument("--n-layer", type=int, default=GPT2Config().n_layer)
-    parser.add_argument("--n-head", type=int, default=GPT2Config().n_head)
-    parser.add_argument("--n-embd", type=int, default=GPT2Config().n_embd)
     parser.add_argument(
-        "--tiny", action="store_true", help=f"a tiny GPT-2 and short runs, for tests, unless given otherwise: {TINY}"
+        "--prompt-len", metavar="N", type=int, default=32, help="prompt tokens for tokens/s and memory (default: 32)"
     )
-    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
-    parser.add_argument("--chart", metavar="PNG", help="also save a chart of time per token against position")
+    parser.add_argument(
+        "--new-tokens", metavar="N", type=int, default=32, help="tokens generated for tokens/s and memory (default: 32)"
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        metavar="B,B",
+        default="1,8",
+        help="comma-separated batch sizes for tokens/s and memory (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--positions",
+        metavar="P,P",
+        default="32,64,128,256,512",
+        help="ascending positions to time a token at (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--repeats", metavar="N", type=int, default=3, help="timed runs for tokens/s; the fastest counts (default: 3)"
+    )
+    parser.add_argument(
+        "--threads", metavar="N", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
+    )
+    parser.add_argument(
+        "--n-layer",
+        metavar="N",
+        type=int,
+        default=GPT2_LAYERS,
+        help="transformer blocks (default: 12, gpt2's)",
+    )
+    parser.add_argument(
+        "--n-head", metavar="N", type=int, default=GPT2_HEADS, help="attention heads (default: 12, gpt2's)"
+    )
+    parser.add_argument(
+        "--n-embd", metavar="N", type=int, default=GPT2_WIDTH, help="model width (default: 768, gpt2's)"
+    )
+    tiny = ", ".join(f"--{name.replace('_', '-')} {value}" for name, value in TINY.items())
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"a tiny GPT-2 and short runs, for tests: {tiny}; an option given on the command line still counts",
+    )
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        nargs="?",
+        const=DEFAULT_CHART,
+        help=f"also save a chart of time per token against position, to PNG (without one: {DEFAULT_CHART})",
+    )
     parser.add_argument(
         "--backend",
         choices=("torch", "tripy"),
         default="torch",
-        help="torch (default): the twin with and without its cache against transformers, on the CPU; tripy: model.py "
+        help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
-        "only with --tiny, as a smoke test",
+        "only with --tiny, as a smoke test (default: torch)",
     )
     args = parser.parse_args(argv)
     if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
@@ -127,6 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
     checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
     if args.chart is not None:
+        make_out_dir(args.chart)
         checks.check_chart(args.chart)
     return args
 
@@ -134,7 +181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def benchmark_bytes(args: argparse.Namespace) -> int:
     """A floor on the float32 bytes a run holds: the weights (twice: Hugging Face's model and the twin), a key/value
     cache and the logits of the largest batch's prompt."""
-    vocab, width, batch = GPT2Config().vocab_size, args.n_embd, max(args.batch_sizes)
+    vocab, width, batch = GPT2_VOCAB_SIZE, args.n_embd, max(args.batch_sizes)
     weights = (vocab + BLOCK_SIZE) * width + args.n_layer * 12 * width * width
     sequence = max(args.prompt_len + args.new_tokens, args.positions[-1] + STEPS_PER_POSITION + 1)
     cache = 2 * args.n_layer * batch * sequence * width
@@ -143,20 +190,28 @@ def benchmark_bytes(args: argparse.Namespace) -> int:
 
 def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT2LMHeadModel, GPT]:
     """A random Hugging Face GPT-2 and the twin holding the same weights, both float32."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from twin import load_twin
+
     torch.manual_seed(seed)
     hf_model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
     return hf_model, load_twin(hf_model)
 
 
 def twin_generate(twin: GPT, use_cache: bool) -> Generate:
+    from reference import generate
+
     def run(prompt, new_tokens, on_token):
         return generate(twin, prompt, new_tokens, top_k=1, use_cache=use_cache, on_token=on_token)
 
     return run
 
 
-class CallbackStreamer(BaseStreamer):
-    """Hands each new token to a callback. `generate` puts the prompt first: that one is not a new token."""
+class CallbackStreamer:
+    """Hands each new token to a callback, as a transformers streamer (put, end). `generate` puts the prompt first:
+    that one is not a new token."""
 
     def __init__(self, on_token: Callable[[torch.Tensor], None]):
         self.on_token = on_token
@@ -172,27 +227,34 @@ class CallbackStreamer(BaseStreamer):
 
 
 def hf_generate(hf_model: GPT2LMHeadModel) -> Generate:
+    import torch
+
+    from tokenizer import END_OF_TEXT
+
     device = hf_model.device
 
-    @torch.no_grad()
     def run(prompt, new_tokens, on_token):
         prompt = prompt.to(device)
-        return hf_model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,  # never stop early at end-of-text: all three do the same work
-            pad_token_id=END_OF_TEXT,
-            use_cache=True,
-            streamer=CallbackStreamer(on_token),
-        ).cpu()
+        with torch.no_grad():
+            tokens = hf_model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,  # never stop early at end-of-text: all three do the same work
+                pad_token_id=END_OF_TEXT,
+                use_cache=True,
+                streamer=CallbackStreamer(on_token),
+            )
+        return tokens.cpu()
 
     return run
 
 
 def tripy_on_gpu() -> bool:
     """Whether --backend tripy runs TensorRT on a GPU; otherwise it runs the CPU executor, on the CPU."""
+    import torch
+
     import tripy_cpu
 
     return tripy_cpu.use() == "tensorrt" and torch.cuda.is_available()
@@ -236,7 +298,7 @@ def timed_run(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[tor
 
 @contextmanager
 def stderr_silenced() -> Iterator[None]:
-    """torch.profiler's C++ side writes two log lines to stderr on every run, and no setting turns them off."""
+    """torch.profiler's C++ side writes a log line to stderr as it starts and stops, and no setting turns them off."""
     saved_stderr = os.dup(2)
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 2)
@@ -253,8 +315,16 @@ def peak_memory_mb(run: Generate, prompt: torch.Tensor, new_tokens: int) -> floa
     torch.profiler records every tensor allocation and free, and their running sum peaks here. The weights, allocated
     before, are not counted. It is a separate, untimed run: profiling slows every op down.
     """
-    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    from torch.profiler import ProfilerActivity, profile
+
+    profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with stderr_silenced():  # only its start and stop: the progress bar shares stderr
+        profiler.start()
+    try:
         run(prompt, new_tokens, lambda token: None)
+    finally:
+        with stderr_silenced():
+            profiler.stop()
     in_use = peak = 0
     for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
         in_use += event.self_cpu_memory_usage
@@ -301,7 +371,12 @@ def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, po
 
 
 def run_benchmark(args: argparse.Namespace) -> Results:
+    import torch
+    from tqdm import tqdm
+
     torch.set_num_threads(args.threads)
+    # Minutes of work on the real shape: a bar on stderr, ticking with every token any contender generates.
+    progress = tqdm(total=steps_to_generate(args), desc="Generating", unit="token")
     hf_model, twin = build_models(args.n_layer, args.n_head, args.n_embd, args.seed)
     if args.backend == "tripy":
         # The longest run: the cached time-per-token run, from positions[0] to past positions[-1].
@@ -319,6 +394,8 @@ def run_benchmark(args: argparse.Namespace) -> Results:
             Contender("twin, no cache", twin_generate(twin, use_cache=False), uses_cache=False),
             Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
         ]
+    for contender in contenders:
+        contender.generate = with_progress(contender.generate, progress)
     random_tokens = torch.Generator().manual_seed(args.seed)
     vocab_size = hf_model.config.vocab_size
     prompts = torch.randint(0, vocab_size, (max(args.batch_sizes), args.prompt_len), generator=random_tokens)
@@ -335,15 +412,46 @@ def run_benchmark(args: argparse.Namespace) -> Results:
         )
         same_tokens &= all(torch.equal(generated, tokens["transformers generate"]) for generated in tokens.values())
     ms_per_token = measure_ms_per_token(contenders, sequence, args.positions)
+    progress.close()
     return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens)
+
+
+def steps_to_generate(args: argparse.Namespace) -> int:
+    """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
+
+    Per batch size: the warm-up's 2 tokens, the timed runs and the profiled one; then the time-per-token runs, one
+    long run with a cache, a short run per position without (the torch backend's "twin, no cache").
+    """
+    contenders = 2 if args.backend == "tripy" else 3
+    per_batch = contenders * (2 + (args.repeats + 1) * args.new_tokens)
+    cached = contenders - (args.backend == "torch")
+    ms_runs = cached * (args.positions[-1] - args.positions[0] + STEPS_PER_POSITION + 1)
+    if args.backend == "torch":
+        ms_runs += len(args.positions) * STEPS_PER_POSITION
+    return len(args.batch_sizes) * per_batch + ms_runs
+
+
+def with_progress(generate: Generate, progress: tqdm) -> Generate:
+    """The same generation, ticking `progress` after each new token, once the caller's callback has run: a timing
+    callback stamps the time first, so the tick is not counted in the token's step."""
+
+    def run(prompt, new_tokens, on_token):
+        def on_token_then_tick(token):
+            on_token(token)
+            progress.update()
+
+        return generate(prompt, new_tokens, on_token_then_tick)
+
+    return run
 
 
 def print_results(results: Results, args: argparse.Namespace) -> None:
     names = list(results.ms_per_token)
     width = max(len(name) for name in names) + 2
+    runs = f"fastest of {args.repeats} runs" if args.repeats > 1 else "one run"
     print(
-        f"\ntokens/s: prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, fastest of {args.repeats} "
-        "runs; peak MB: tensors allocated while generating (torch.profiler), weights not counted"
+        f"\ntokens/s: prompt of {args.prompt_len} tokens, {args.new_tokens} new tokens, {runs}; peak MB: tensors "
+        "allocated while generating (torch.profiler), weights not counted"
     )
     print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}{'peak MB':>10}" for b in results.tokens_per_second))
     for name in names:
@@ -370,16 +478,35 @@ def save_chart(results: Results, path: str) -> None:
 
     matplotlib.use("Agg")  # draws to files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for (name, times), marker in zip(results.ms_per_token.items(), "os^", strict=False):
-        axes.plot(list(times), list(times.values()), marker=marker, label=name)
+    # The twin with its cache and transformers take about the same time at every position: a solid line with filled
+    # markers and a dashed one with hollow markers, drawn over it, keep both in sight.
+    own_styles = iter([{"linestyle": "-", "marker": "o", "markersize": 8}, {"linestyle": ":", "marker": "s"}])
+    hollow_dashed = {
+        "linestyle": "--",
+        "marker": "^",
+        "markersize": 9,
+        "markerfacecolor": "none",
+        "markeredgewidth": 1.5,
+    }
+    for name, times in results.ms_per_token.items():
+        style = hollow_dashed if name == "transformers generate" else next(own_styles)
+        axes.plot(list(times), list(times.values()), label=name, linewidth=2, **style)
     axes.set_xlabel("position in the sequence (tokens)")
-    axes.set_ylabel("ms per generated token (batch 1)")
+    axes.set_ylabel("ms per generated token (batch 1, log scale)")
     axes.set_title("Time per token as the sequence grows")
-    axes.set_ylim(bottom=0)
+    # A log scale: without the cache a step grows ten-fold, and on a linear axis the cached lines would lie flat
+    # along the bottom.
+    axes.set_xscale("log", base=2)
+    axes.set_yscale("log")
+    axes.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    axes.yaxis.set_minor_formatter(FormatStrFormatter("%g"))  # a log axis spanning one decade labels its minor ticks
+    axes.set_xticks(list(next(iter(results.ms_per_token.values()))))
     axes.legend(loc="upper left")
-    axes.grid(alpha=0.3)
+    axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

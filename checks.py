@@ -11,7 +11,16 @@ import os
 import tempfile
 
 from cli import UsageError
-from hub import GPT2_VOCAB_SIZE, HUB_MODELS, check_checkpoint_dir, context_length, hub_reachable, machine_memory
+from config import INT4_BLOCK_SIZE
+from hub import (
+    GPT2_VOCAB_SIZE,
+    HUB_MODELS,
+    check_checkpoint_dir,
+    context_length,
+    hub_reachable,
+    machine_memory,
+    model_width,
+)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64 bits
 # AdamW moves each weight by about the learning rate per step: above 1 a step is larger than the weights themselves,
@@ -76,6 +85,16 @@ def check_model_type(model_type: str, flag: str = "--model-type") -> None:
         check_checkpoint_dir(model_type)
     except ValueError as error:
         raise UsageError(f"{flag}: {error}") from None
+
+
+def check_int4_width(model_type: str, advice: str) -> None:
+    """int4 quantizes blocks of INT4_BLOCK_SIZE input features: a model of another width is refused before it is
+    downloaded or calibrated (`model_type` passed check_model_type). `advice` says what to do instead."""
+    width = model_width(model_type)
+    if width % INT4_BLOCK_SIZE:
+        raise UsageError(
+            f"{model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: {advice}"
+        )
 
 
 def check_text_file(path: str, flag: str) -> str:

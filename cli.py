@@ -17,6 +17,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+OUT_DIR = "out"  # .gitignore lists it: what the scripts write unless told otherwise goes there
+
+
+def make_out_dir(path: str) -> None:
+    """Creates out/ when `path` is a file in it: the scripts' default outputs go there, and a fresh clone has none."""
+    if os.path.dirname(os.path.normpath(path)) == OUT_DIR:
+        os.makedirs(OUT_DIR, exist_ok=True)
+
 
 class UsageError(Exception):
     """A mistake in the user's input (an argument, a file, a folder), reported as one line."""

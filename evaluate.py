@@ -14,32 +14,36 @@ auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.
 and the report then gives their change against the same mode without it.
 """
 
+from __future__ import annotations
+
 import argparse
 import copy
 import math
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import torch
-from torch import nn
-from transformers import GPT2LMHeadModel
-from transformers.utils import logging as transformers_logging
+from typing import TYPE_CHECKING
 
 import checks
-from cli import ArgumentParser, UsageError, run
+from cli import ArgumentParser, UsageError, make_out_dir, run
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, load_hf_model
-from perplexity import perplexity
-from reference import GPT, Int4Linear, QuantLinear
-from tokenizer import gpt2_encoding
-from training import TrainingDivergedError, finetune, train_tokens
-from twin import load_twin
+from hub import BUNDLED_MODEL_DIR
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from reference import GPT
+
+# Only the standard library is imported up here, so that --help and a mistake on the command line answer at once;
+# each function imports the torch, transformers and ModelOpt code it uses.
 
 SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = BUNDLED_MODEL_DIR
 DEFAULT_EVAL_DATA = os.path.join(SCRIPT_DIR, "data", "heldout.txt")
+DEFAULT_CHART = os.path.join("out", "quality.png")
 UNQUANTIZED = "unquantized"
 # AWQ-calibrated int4 weights run without the per-input-feature scale that AWQ folded out of them.
 INT4_WITHOUT_PRE_QUANT_SCALE = "int4-weight-only-no-pre-quant-scale"
@@ -66,7 +70,6 @@ DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled m
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
 HIGH_PRECISION_BYTES = 2
-QUANTIZED_WEIGHT_BYTES = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0, torch.int4: 0.5}  # int4: two per byte
 
 
 @dataclass
@@ -82,6 +85,10 @@ class Row:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
+    from transformers.utils import logging as transformers_logging  # the arguments are good: the slow imports
+
+    from training import TrainingDivergedError
+
     transformers_logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     try:
         rows = evaluate(
@@ -109,12 +116,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
         default=DEFAULT_MODEL,
-        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub)",
+        help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub) "
+        "(default: the bundled model in bundled_model/)",
     )
     parser.add_argument(
         "--modes",
@@ -124,22 +132,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="MODE",
         help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
         f"{FINETUNED} and the -qat rows fine-tune for --qat-steps, minutes each; the {KV_SUFFIX} rows add a float8 KV "
-        "cache to their mode)",
+        f"cache to their mode) (default: {' '.join(REPORT_MODES)})",
     )
-    parser.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS, help="fine-tuning steps of the QAT rows")
     parser.add_argument(
-        "--qat-lr", type=checks.learning_rate, default=DEFAULT_QAT_LR, help="peak learning rate of the QAT rows"
+        "--qat-steps",
+        metavar="N",
+        type=int,
+        default=DEFAULT_QAT_STEPS,
+        help="fine-tuning steps of the QAT rows (default: %(default)s)",
     )
-    parser.add_argument("--qat-batch-size", type=int, default=8, help="windows of n_positions tokens per QAT step")
-    parser.add_argument("--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file")
-    parser.add_argument("--max-tokens", type=int, help="evaluate only the first N held-out tokens [default: all]")
-    parser.add_argument("--context", type=int, help="tokens per evaluation window [default: the model's n_positions]")
-    parser.add_argument("--num-calibration-samples", type=int, default=64, help="text samples to calibrate on")
+    parser.add_argument(
+        "--qat-lr",
+        metavar="LR",
+        type=checks.learning_rate,
+        default=DEFAULT_QAT_LR,
+        help="peak learning rate of the QAT rows (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--qat-batch-size",
+        metavar="N",
+        type=int,
+        default=8,
+        help="windows of n_positions tokens per QAT step (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file (default: data/heldout.txt)"
+    )
+    parser.add_argument(
+        "--max-tokens", metavar="N", type=int, help="evaluate only the first N held-out tokens (default: all)"
+    )
+    parser.add_argument(
+        "--context", metavar="N", type=int, help="tokens per evaluation window (default: the model's n_positions)"
+    )
+    parser.add_argument(
+        "--num-calibration-samples",
+        metavar="N",
+        type=int,
+        default=64,
+        help="text samples to calibrate on (default: %(default)s)",
+    )
     parser.add_argument(
         "--calibration-data",
         metavar="NAME_OR_FILE",
-        help="cnn_dailymail, or a local .txt/.json/.jsonl file [default: cnn_dailymail, or data/calibration.txt "
-        "when the Hugging Face Hub is unreachable]",
+        help="cnn_dailymail, or a local .txt/.json/.jsonl file (default: cnn_dailymail, or data/calibration.txt "
+        "when the Hugging Face Hub is unreachable)",
     )
     parser.add_argument(
         "--auto-bits",
@@ -148,9 +184,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(DEFAULT_AUTO_BITS),
         metavar="B",
         help=f"the budgets of effective bits of the {AUTO_QUANT_MODE} rows, from {EFFECTIVE_BITS_RANGE[0]:g} to "
-        f"{EFFECTIVE_BITS_RANGE[1]:g}",
+        f"{EFFECTIVE_BITS_RANGE[1]:g} (default: {' '.join(f'{bits:g}' for bits in DEFAULT_AUTO_BITS)})",
     )
-    parser.add_argument("--chart", metavar="PNG", help="also save a chart of perplexity against weight size")
+    parser.add_argument(
+        "--chart",
+        metavar="PNG",
+        nargs="?",
+        const=DEFAULT_CHART,
+        help=f"also save a chart of perplexity against weight size, to PNG (without one: {DEFAULT_CHART})",
+    )
     args = parser.parse_args(argv)
 
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -160,6 +202,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
     checks.check_model_type(args.model_type)
+    int4_rows = [mode for mode in args.modes if "int4" in mode or mode == AUTO_QUANT_MODE]
+    if int4_rows:  # before a Hub model is downloaded
+        checks.check_int4_width(args.model_type, f"leave {int4_rows[0]} out of --modes")
     if min(args.qat_steps, args.qat_batch_size) < 1:
         raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
     fine_tuned = set(args.modes) & (set(QAT_MODES) - {INT4_MAX})  # INT4_MAX is calibrated, not trained
@@ -189,6 +234,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if calibrated:
         checks.check_datasets_cache()
     if args.chart is not None:
+        make_out_dir(args.chart)
         checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
     low, high = EFFECTIVE_BITS_RANGE
     outside = [bits for bits in args.auto_bits if not low <= bits <= high]
@@ -214,9 +260,23 @@ def evaluate(
 ) -> list[Row]:
     """One row per mode, unquantized first (the baseline), the others in ALL_MODES order, AUTO_QUANT_MODE as a row
     per budget in `auto_bits`."""
+    from hub import load_hf_model
+    from perplexity import perplexity
+    from twin import load_twin
+
     unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
         raise ValueError(f"Unknown modes {unknown}; supported: {', '.join(ALL_MODES)}")
+    measured = [mode for mode in ALL_MODES if mode == UNQUANTIZED or mode in modes]
+    row_names = [
+        name for mode in measured for name in (auto_row_names(auto_bits) if mode == AUTO_QUANT_MODE else [mode])
+    ]
+
+    def row_started(name: str) -> None:
+        """A line on stderr as each row starts: the report takes minutes, and each step's bar says only how far
+        that step is."""
+        print(f"Row {row_names.index(name) + 1} of {len(row_names)}: {name}", file=sys.stderr, flush=True)
+
     hf_model = load_hf_model(model_type)
     width = hf_model.config.n_embd
     int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
@@ -240,10 +300,13 @@ def evaluate(
 
     rows = []
     calibrated = {}  # mode calibrated -> (quantized model, twin, calibration seconds): one serves several rows
-    for mode in (m for m in ALL_MODES if m == UNQUANTIZED or m in modes):
+    for mode in measured:
         if mode == AUTO_QUANT_MODE:
-            rows += auto_rows(hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples)
+            rows += auto_rows(
+                hf_model, auto_bits, tokens, context, calibration_data, num_calibration_samples, row_started
+            )
             continue
+        row_started(mode)
         training_seconds = 0.0
         if mode in (UNQUANTIZED, FINETUNED):
             model, calibration_seconds = hf_model, 0.0
@@ -282,6 +345,8 @@ def quantization_aware_training(
     model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
 ) -> tuple[GPT2LMHeadModel, float]:
     """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
+    from training import finetune, train_tokens
+
     start = time.perf_counter()
     trained = copy.deepcopy(model)
     finetune(trained, train_tokens(), steps, lr, batch_size, desc=f"Fine-tuning {desc}")
@@ -290,6 +355,10 @@ def quantization_aware_training(
 
 def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
     """The file's text as GPT-2 tokens [n]; "<|endoftext|>" in it is plain text, not the special token."""
+    import torch
+
+    from tokenizer import gpt2_encoding
+
     with open(path, encoding="utf-8") as file:
         tokens = gpt2_encoding().encode_ordinary(file.read())
     return torch.tensor(tokens[:max_tokens], dtype=torch.long)
@@ -306,6 +375,7 @@ def calibrate(
     """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
     and the seconds the calibration took."""
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
+    from twin import load_twin
 
     start = time.perf_counter()
     quantized = modelopt_quantize(
@@ -327,26 +397,37 @@ def auto_rows(
     context: int,
     calibration_data: str | None,
     num_samples: int,
+    row_started: Callable[[str], None] = lambda name: None,
 ) -> list[Row]:
     """A row per budget: one AutoQuantize search, then each budget's mix calibrated and evaluated on its own.
 
-    The search's time is printed, not counted in the rows: it is spent once, for all budgets.
+    The search's time is printed, not counted in the rows: it is spent once, for all budgets. `row_started` is told
+    each row's name as it starts, the first before the search.
     """
     from auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
+    from perplexity import perplexity
+    from twin import load_twin
 
     rows = []
+    names = auto_row_names(budgets)
+    row_started(names[0])
     recipes = search_recipes(hf_model, list(budgets), calibration_data, num_samples=num_samples)
-    for bits, recipe in zip(budgets, recipes, strict=True):
+    for recipe, mode in zip(recipes, names, strict=True):
+        if mode != names[0]:
+            row_started(mode)
         start = time.perf_counter()
         quantized = quantize_with_recipe(copy.deepcopy(hf_model), recipe, calibration_data, num_samples=num_samples)
         calibration_seconds = time.perf_counter() - start
         twin = load_twin(hf_model, AUTO_QUANT_MODE, quantized, layer_quant_modes=recipe.layers)
         start = time.perf_counter()
-        mode = f"{AUTO_QUANT_MODE} {bits:g} bits"
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, recipe.effective_bits))
     return rows
+
+
+def auto_row_names(budgets: Sequence[float]) -> list[str]:
+    return [f"{AUTO_QUANT_MODE} {bits:g} bits" for bits in budgets]
 
 
 def drop_pre_quant_scale(twin: GPT) -> GPT:
@@ -355,6 +436,10 @@ def drop_pre_quant_scale(twin: GPT) -> GPT:
     AWQ multiplies each weight row of input feature i by 1 / s_i before quantizing, and the layer multiplies its
     input by s_i to undo that. Without s the layer computes x @ (W / s): every input feature scaled wrongly.
     """
+    import torch
+
+    from reference import Int4Linear
+
     for module in twin.modules():
         if isinstance(module, Int4Linear):
             with torch.no_grad():
@@ -370,15 +455,21 @@ def weight_bytes(twin: GPT) -> int:
     pre_quant_scale). lm_head shares wte's matrix (GPT-2 ties them), so an unquantized lm_head adds nothing;
     float8 quantizes lm_head, which then stores its own float8 copy.
     """
+    import torch
+    from torch import nn
+
+    from reference import Int4Linear, QuantLinear
+
+    quantized_weight_bytes = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0}
     total = 0.0
     for module in twin.modules():
         for param_name, param in module.named_parameters(recurse=False):
             if module is twin.lm_head and param_name == "weight" and type(module) is nn.Linear:
                 continue  # tied to transformer.wte.weight, counted there
             if param_name == "weight" and isinstance(module, QuantLinear):
-                total += param.numel() * QUANTIZED_WEIGHT_BYTES[module.quant_dtype]
+                total += param.numel() * quantized_weight_bytes[module.quant_dtype]
             elif param_name == "weight" and isinstance(module, Int4Linear):
-                total += param.numel() * QUANTIZED_WEIGHT_BYTES[torch.int4]
+                total += param.numel() * 0.5  # int4: two per byte
             else:
                 total += param.numel() * HIGH_PRECISION_BYTES
     return math.ceil(total)
@@ -435,28 +526,34 @@ def format_table(rows: list[Row]) -> str:
 
 
 def save_chart(rows: list[Row], path: str, title: str = "") -> None:
-    """A PNG of perplexity against weight size: a labelled point per mode, and the auto rows as one curve.
+    """A PNG of quality against weight size: a point per mode, and the auto rows as one curve.
 
-    With auto rows a second panel zooms in on them, between the sizes of the uniform modes they fall among: next to
-    a broken model or a float8 lm_head copy, the differences they make would not show.
+    The left panel shows every row as its perplexity change on a symmetric log scale, so that a broken model (+3%)
+    and modes within a fraction of a percent of the baseline are all readable on one axis. With auto rows a second
+    panel zooms in on them, between the sizes of the uniform modes they fall among, in perplexity, each mix
+    labelled with its effective bits (only there: at the left panel's scale the labels would overprint).
     """
     import matplotlib
 
     matplotlib.use("Agg")  # draws to files only: no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     auto = sorted((row for row in rows if row.effective_bits is not None), key=lambda row: row.weight_bytes)
     figure, panels = plt.subplots(1, 2 if auto else 1, figsize=(14 if auto else 8, 5.5), squeeze=False)
-    for axes in panels[0]:
-        draw_rows(axes, rows, auto)
-        axes.set_xlabel("weight size (MB, float16 where not quantized)")
-        axes.set_ylabel("perplexity on held-out text (lower is better)")
-        axes.margins(x=0.2, y=0.2)
-    panels[0][0].set_title(f"Quality against size: {title}" if title else "Quality against size")
+    overview = panels[0][0]
+    baseline = rows[0].perplexity
+    draw_rows(overview, rows, auto, lambda row: 100 * (row.perplexity / baseline - 1))
+    overview.set_yscale("symlog", linthresh=0.1, linscale=0.5)  # linear within +-0.1%, logarithmic beyond
+    overview.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:+g}%"))
+    overview.set_ylabel("perplexity change vs unquantized (symmetric log scale)")
+    overview.set_title(f"Quality against size: {title}" if title else "Quality against size")
     # A legend rather than text beside each point: modes of nearly the same size and quality would overlap.
-    panels[0][0].legend(loc="best", fontsize=8)
+    overview.legend(loc="upper right", fontsize=8)
     if auto:
         zoom = panels[0][1]
+        draw_rows(zoom, rows, auto, lambda row: row.perplexity, label_auto=True)
+        zoom.set_ylabel("perplexity on held-out text (lower is better)")
         near = [row for row in rows if row.effective_bits is not None or row.mode in (UNQUANTIZED, *QUANT_MODES)]
         near = [row for row in near if row.weight_bytes <= rows[0].weight_bytes]  # what is no larger than float16
         low, high = min(r.perplexity for r in near), max(r.perplexity for r in near)
@@ -464,26 +561,32 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
         zoom.set_ylim(low - 0.15 * (high - low), high + 0.15 * (high - low))
         zoom.set_xlim(small - 0.05 * (large - small), large + 0.05 * (large - small))
         zoom.set_title("Zoomed in: the AutoQuantize mixes (labelled with their effective bits)")
+    for axes in panels[0]:
+        axes.set_xlabel("weight size (MB, float16 where not quantized)")
+        axes.margins(x=0.2, y=0.2)
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
-def draw_rows(axes, rows: list[Row], auto: list[Row]) -> None:
-    axes.axhline(rows[0].perplexity, color="gray", linestyle="--", linewidth=0.8)
+def draw_rows(axes, rows: list[Row], auto: list[Row], y: Callable[[Row], float], label_auto: bool = False) -> None:
+    """A marker per uniform mode and the auto rows as a curve, at (weight MB, y(row)); a dashed line at the baseline."""
+    axes.axhline(y(rows[0]), color="gray", linestyle="--", linewidth=0.8)
     uniform = [row for row in rows if row.effective_bits is None]
     for row, marker in zip(uniform, "os^Dv<>p", strict=False):
         label = f"{row.mode}: {row.perplexity:.2f}, {row.weight_bytes / 1e6:.2f} MB"
-        axes.scatter(row.weight_bytes / 1e6, row.perplexity, s=60, marker=marker, label=label, zorder=3)
+        axes.scatter(row.weight_bytes / 1e6, y(row), s=60, marker=marker, label=label, zorder=3)
     if auto:
-        sizes, perplexities = [row.weight_bytes / 1e6 for row in auto], [row.perplexity for row in auto]
-        axes.plot(sizes, perplexities, "-x", color="black", linewidth=1, label="AutoQuantize mixes")
-        for row, size in zip(auto, sizes, strict=True):
+        sizes = [row.weight_bytes / 1e6 for row in auto]
+        axes.plot(sizes, [y(row) for row in auto], "-x", color="black", linewidth=1, label="AutoQuantize mixes")
+    if label_auto:
+        for i, (row, size) in enumerate(zip(auto, sizes, strict=True)):
             axes.annotate(
                 f"{row.effective_bits:.2f}",
-                (size, row.perplexity),
+                (size, y(row)),
                 textcoords="offset points",
-                xytext=(0, 6),
+                xytext=(0, 7 if i % 2 == 0 else -14),  # above and below by turns: neighbours can be close
                 ha="center",
                 fontsize=8,
             )

@@ -10,7 +10,7 @@ import json
 import os
 
 import checks
-from cli import ArgumentParser, UsageError
+from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
@@ -23,6 +23,8 @@ DEFAULT_CALIBRATION_SAMPLES = 32
 # What only generation uses: with --export-only, given other than their defaults, they would be ignored.
 GENERATION_OPTIONS = ("input_text", "max_new_tokens", "seed", "temperature", "top_k", "dtype")
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
+NO_GPU = "a CUDA GPU, and this machine has none"
+SAVE_QUANTIZED_DEFAULT = "out/QUANT_MODE.pt"  # --save-quantized without a path: out/ and the mode's name
 FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0) and newer
 
 
@@ -123,8 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--export-dir",
         metavar="DIR",
-        help="after calibration, also write the quantized model to DIR as a Hugging Face checkpoint that TensorRT-LLM "
-        "and vLLM load",
+        help="after calibration, also write the quantized model to DIR as ModelOpt's unified Hugging Face checkpoint "
+        "(docs/export.md): --model-type DIR runs it and transformers loads it; vLLM serves only the float8 one (its "
+        "ModelOpt loader reads neither int8 nor int4); TensorRT-LLM reads the format, but was never run on it here",
     )
     parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir")
     parser.add_argument(
@@ -135,8 +138,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--save-quantized",
         metavar="PATH",
-        help="after calibration, write the quantized model to PATH with ModelOpt's mto.save (weights and quantizer "
-        "states), for --load-quantized",
+        nargs="?",
+        const=SAVE_QUANTIZED_DEFAULT,
+        help="after calibration, write the quantized model to PATH, a new file, for --load-quantized: ModelOpt's "
+        "state and the weights, int8 and int4 ones as integers (without PATH: out/QUANT_MODE.pt, such as "
+        "out/int4-weight-only.pt)",
     )
     parser.add_argument(
         "--load-quantized",
@@ -152,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     export = is_export(args.model_type)
     if args.model_type is not None and not export:  # an export is checked as it is read
         checks.check_model_type(args.model_type)
+        if args.quant_mode in ("int4-weight-only", AUTO_QUANT_MODE):  # before a Hub model is downloaded
+            checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
     if export:
         checks.check_path_name(args.model_type, "--model-type")  # safetensors cannot open a path that is not UTF-8
         check_export_args(args)
@@ -202,6 +210,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
+    if args.save_quantized == SAVE_QUANTIZED_DEFAULT:
+        args.save_quantized = os.path.join(OUT_DIR, f"{args.quant_mode}.pt")
+        make_out_dir(args.save_quantized)
     if args.save_quantized is not None:
         checks.check_output_file(args.save_quantized, "--save-quantized", new=True)
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
@@ -358,10 +369,15 @@ def choose_backend(requested: str) -> tuple[str, str]:
             )
         return "tripy-cpu", "nvtripy's frontend on CPU, its graph run by PyTorch (tripy_cpu/); no TensorRT involved"
     missing = tripy_missing()
-    if requested == "tripy" and missing is not None:
-        install = "" if missing == "a CUDA GPU" else f"; install it with: {NVTRIPY_INSTALL}"
+    if requested == "tripy" and missing == NO_GPU:  # installing nvtripy cannot help: say what runs here
         raise UsageError(
-            f"--backend tripy needs {missing}{install} (or use --backend torch, the PyTorch twin on the CPU)"
+            f"--backend tripy needs {NO_GPU}: use --backend torch (the PyTorch twin), or --backend tripy-cpu to run "
+            "model.py itself on the CPU executor"
+        )
+    if requested == "tripy" and missing is not None:
+        raise UsageError(
+            f"--backend tripy needs {missing}; install it with: {NVTRIPY_INSTALL} (or use --backend torch, the "
+            "PyTorch twin on the CPU)"
         )
     if requested == "torch":
         return "torch", "PyTorch twin on CPU, as asked"
@@ -386,13 +402,18 @@ def check_float8_gpu() -> None:
 
 
 def tripy_missing() -> str | None:
-    """What the Tripy backend lacks on this machine, or None when nvtripy imports and a CUDA GPU is visible."""
+    """What the Tripy backend lacks on this machine, or None when a CUDA GPU is visible and nvtripy imports.
+
+    The GPU comes first: without one, nvtripy (installed or not) cannot run, and advice to install it would not help.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return NO_GPU
     if importlib.util.find_spec("nvtripy") is None:
         return "nvtripy, which is not installed"
     try:
         importlib.import_module("nvtripy")
     except (ImportError, OSError) as error:  # e.g. installed without its TensorRT compiler and runtime
         return f"nvtripy, which fails to import ({error})"
-    import torch
-
-    return None if torch.cuda.is_available() else "a CUDA GPU"
+    return None

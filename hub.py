@@ -10,6 +10,7 @@ import functools
 import json
 import os
 import socket
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli import UsageError
@@ -21,6 +22,8 @@ HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DEFAULT_MODEL = "gpt2"
 # A small GPT-2 trained for this example by train.py, run when the default model cannot be downloaded.
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
+# Text the bundled model never saw in training: train.py writes it with the model, the quality report measures on it.
+HELDOUT_PATH = Path(BUNDLED_MODEL_DIR).parent / "data" / "heldout.txt"
 NEEDS = "config.json with model_type 'gpt2'"
 GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
 # What transformers' GPT2Config takes when config.json leaves them out.
@@ -33,6 +36,8 @@ GPT2_ARITHMETIC = {
     "scale_attn_by_inverse_layer_idx": (False, (False,)),
 }
 HUB_CONTEXT_LENGTH = 1024  # n_positions of every GPT-2 on the Hub, and GPT2Config's default
+# n_embd of each Hub model (its config.json): known before anything is downloaded.
+HUB_WIDTHS = {"gpt2": 768, "gpt2-medium": 1024, "gpt2-large": 1280, "gpt2-xl": 1600}
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}  # safetensors' names for the dtypes a GPT-2 checkpoint's weights have
 SIZES = ("n_embd", "n_head", "n_layer", "n_positions", "vocab_size")
 # What transformers loads a checkpoint's weights from: one file, or shards listed in an index.
@@ -149,6 +154,14 @@ def context_length(model_type: str) -> int:
         return HUB_CONTEXT_LENGTH
     with open(os.path.join(model_type, "config.json"), encoding="utf-8") as file:
         return json.load(file).get("n_positions", HUB_CONTEXT_LENGTH)
+
+
+def model_width(model_type: str) -> int:
+    """The n_embd of a Hub model or of a checkpoint folder that `check_checkpoint_dir` accepted."""
+    if model_type in HUB_MODELS:
+        return HUB_WIDTHS[model_type]
+    with open(os.path.join(model_type, "config.json"), encoding="utf-8") as file:
+        return json.load(file).get("n_embd", GPT2_WIDTH)
 
 
 def check_safetensors(path: str) -> None:

@@ -2,11 +2,11 @@
 
 Post-training quantization (PTQ, quantization.py) calibrates scales and leaves the weights as they were trained.
 QAT then trains on: every forward pass quantizes the weights with those scales, so the loss is the quantized
-model's loss, and the weights move to where rounding costs least. The result is saved with ModelOpt's mto.save, and
-the rest of the pipeline takes it as it takes a calibrated model:
+model's loss, and the weights move to where rounding costs least. The result is saved as example.py's
+--save-quantized saves, and the rest of the pipeline takes it as it takes a calibrated model:
 
-    python qat.py --out qat-int4-max.pt                        # int4, max calibration, 100 steps on the bundled model
-    python example.py --model-type bundled_model --load-quantized qat-int4-max.pt
+    python qat.py                  # int4, max calibration, 100 steps on the bundled model: out/qat-int4-max.pt
+    python example.py --model-type bundled_model --load-quantized out/qat-int4-max.pt
 
 It trains on the bundled model's own corpus (training.py) for 100 steps by default, a tenth of the 1,000 that
 trained the bundled model, and reports the held-out perplexity of the deployed arithmetic (the PyTorch twin) before
@@ -19,8 +19,8 @@ import os
 import time
 
 import checks
-from cli import ArgumentParser, UsageError, run
-from config import INT4_BLOCK_SIZE, QUANT_MODES
+from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir, run
+from config import QUANT_MODES
 from hub import BUNDLED_MODEL_DIR
 
 BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
@@ -47,12 +47,6 @@ def main(argv: list[str] | None = None) -> None:
         unquantized = load_hf_model(args.model_type)
     except (ValueError, OSError) as error:  # not a GPT-2 checkpoint
         raise UsageError(str(error)) from None
-    width = unquantized.config.n_embd
-    if args.quant_mode == "int4-weight-only" and width % INT4_BLOCK_SIZE:
-        raise UsageError(
-            f"{args.model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: use "
-            "--quant-mode int8-weight-only or float8"
-        )
     context = unquantized.config.n_positions
     validation = validation_tokens()
     tokens = train_tokens()
@@ -88,12 +82,17 @@ def main(argv: list[str] | None = None) -> None:
         save_quantized(model, args.out)
     except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
         raise UsageError(f"cannot write --out {args.out}: {error}") from None
-    print(f"saved {args.out} (mto.save); total time {(time.time() - started) / 60:.1f} min")
+    print(f"saved {args.out}; total time {(time.time() - started) / 60:.1f} min")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(prog="qat.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", metavar="PATH", required=True, help="where to save the QAT model (mto.save)")
+    parser.add_argument(
+        "--out",
+        metavar="PATH",
+        help="where to save the QAT model (for --load-quantized), a new file (default: "
+        f"{OUT_DIR}/qat-MODE-CALIBRATION.pt, such as {default_out('int4-weight-only', 'max')})",
+    )
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
@@ -101,7 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a local GPT-2 checkpoint directory, or gpt2, gpt2-medium, gpt2-large, gpt2-xl (Hugging Face Hub) "
         "(default: the bundled model)",
     )
-    parser.add_argument("--quant-mode", choices=QUANT_MODES, default="int4-weight-only")
+    parser.add_argument(
+        "--quant-mode",
+        choices=QUANT_MODES,
+        default="int4-weight-only",
+        help="the mode to quantize in and train with (default: %(default)s)",
+    )
     parser.add_argument(
         "--calibration",
         choices=("default", "max"),
@@ -109,9 +113,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="default: the mode's own calibration (AWQ for int4); max: each block's largest weight (default: max)",
     )
     parser.add_argument("--calibration-data", metavar="NAME_OR_FILE", help="as example.py's --calibration-data")
-    parser.add_argument("--num-calibration-samples", metavar="N", type=int, default=32)
+    parser.add_argument(
+        "--num-calibration-samples",
+        metavar="N",
+        type=int,
+        default=32,
+        help="text samples to calibrate on (default: 32)",
+    )
     parser.add_argument(
         "--steps",
+        metavar="N",
         type=int,
         default=BUNDLED_TRAINING_STEPS // 10,
         help=f"optimizer steps (default: a tenth of the {BUNDLED_TRAINING_STEPS} that trained the bundled model)",
@@ -119,18 +130,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--lr", type=checks.learning_rate, default=DEFAULT_LR, help="peak learning rate (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="windows of n_positions tokens per step")
-    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
+    parser.add_argument(
+        "--batch-size", metavar="N", type=int, default=8, help="windows of n_positions tokens per step (default: 8)"
+    )
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
         raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
     checks.check_model_type(args.model_type)
+    if args.quant_mode == "int4-weight-only":  # before a Hub model is downloaded
+        checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
     if args.calibration_data is not None:
         checks.check_calibration_data(args.calibration_data)
     checks.check_datasets_cache()
     checks.check_finetuning_fits(args.model_type, args.batch_size, "--batch-size")
+    if args.out is None:
+        args.out = default_out(args.quant_mode, args.calibration)
+        make_out_dir(args.out)
     checks.check_output_file(args.out, "--out", new=True)
     return args
+
+
+def default_out(quant_mode: str, calibration: str) -> str:
+    """out/qat-int4-max.pt for int4-weight-only calibrated with max: where the trained model goes unless --out says."""
+    return os.path.join(OUT_DIR, f"qat-{quant_mode.removesuffix('-weight-only')}-{calibration}.pt")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""Saving and restoring a quantized GPT-2 with ModelOpt's own `mto.save` and `mto.restore`: the quantizers, their
+"""Saving and restoring a quantized GPT-2 in ModelOpt's checkpoint layout (`mto.save`'s): the quantizers, their
 calibrated scales and the weights, so that a later run (or qat.py's fine-tuned model) needs no calibration.
 
 example.py imports this module only for --save-quantized and --load-quantized.
 """
 
+import os
 import time
 import warnings
+from collections import Counter
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from cli import UsageError
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
+from weight_loader import MAXBOUND
 
 with warnings.catch_warnings():
     # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
@@ -24,12 +27,59 @@ class QuantizedCheckpointError(ValueError):
 
 
 def save_quantized(model: torch.nn.Module, path: str) -> None:
-    """Writes a quantized (calibrated or QAT-trained) model with ModelOpt's own `mto.save`.
+    """Writes a quantized (calibrated or QAT-trained) model: what `mto.save` writes, in no more bytes than the model.
 
     The file holds ModelOpt's state (which quantizers exist, their config: bits, axis, blocks, and how they were
     calibrated) and the model's state dict: the weights and every quantizer's buffers (amax, AWQ's pre_quant_scale).
+    mto.save would store every weight in float32, twice the bundled model's float16 checkpoint. Here
+    - each int8 or int4 layer's weights are stored as their integers, one int8 each (under "quantized_weights"): what
+      its quantizer rounds them to, which restored as integer * amax / maxbound round to the same integers again;
+    - every other weight in float16 where that is exact (all of the bundled model's), in float32 where it is not;
+    - the quantizers' buffers as they are: the scales must not move.
     """
-    mto.save(model, path)
+    state = model.state_dict()
+    shared = Counter(tensor.data_ptr() for tensor in state.values())  # lm_head.weight is wte's
+    quantized_weights = {}
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if quantizer is None or not quantizer.is_enabled or shared[module.weight.data_ptr()] > 1:
+            continue  # a weight tied to another stays whole: the embedding is not quantized
+        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes))
+        if mode in ("int8-weight-only", "int4-weight-only"):
+            quantized_weights[f"{name}.weight"] = integer_weights(module, mode)
+    halves = {}  # one float16 copy per tensor: tied weights stay one tensor in the file
+    weights = {}
+    for key, tensor in state.items():
+        if key in quantized_weights:
+            continue
+        exact_in_float16 = tensor.dtype == torch.float32 and torch.equal(tensor.half().float(), tensor)
+        if exact_in_float16 and "_quantizer." not in key:
+            tensor = halves.setdefault(tensor.data_ptr(), tensor.half())
+        weights[key] = tensor
+    checkpoint = {"modelopt_state": mto.modelopt_state(model), "model_state_dict": weights}
+    torch.save({**checkpoint, "quantized_weights": quantized_weights}, path)
+
+
+def integer_weights(module: torch.nn.Module, quant_mode: str) -> torch.Tensor:
+    """The integers an int8 or int4 layer's weight quantizer rounds its weight to, as int8 [amax rows, in or 128]."""
+    quantizer = module.weight_quantizer
+    scale = quantizer.amax.float().reshape(-1, 1) / MAXBOUND[quant_mode]  # [out, 1] (int8) or [out * in / 128, 1]
+    with torch.no_grad():
+        fake_quantized = quantizer(module.weight.float())  # ModelOpt's own rounding: integer * scale
+    return torch.round(fake_quantized.reshape(len(scale), -1) / scale).to(torch.int8)
+
+
+def dequantized_weights(model: torch.nn.Module, quantized_weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights `integer_weights` stored, as integer * scale in each layer's shape, read with the scales of
+    `model`'s quantizers (already restored)."""
+    weights = {}
+    for key, integers in quantized_weights.items():
+        module = model.get_submodule(key.removesuffix(".weight"))
+        quantizer = module.weight_quantizer
+        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes))
+        scale = quantizer.amax.float().reshape(-1, 1) / MAXBOUND[mode]
+        weights[key] = (integers.float() * scale).reshape(module.weight.shape)
+    return weights
 
 
 def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = None) -> tuple[torch.nn.Module, str]:
@@ -66,17 +116,25 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
             f"{path} holds a ModelOpt state of another layout than mto.save writes ({type(error).__name__}: {error})"
         ) from None
     saved = checkpoint["model_state_dict"]
-    if not isinstance(saved, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in saved.values()):
+    quantized_weights = checkpoint.get("quantized_weights", {})  # none in a file mto.save wrote itself
+    tensors = [*saved.values(), *quantized_weights.values()] if isinstance(saved, dict) else []
+    if not isinstance(saved, dict) or not all(isinstance(tensor, torch.Tensor) for tensor in tensors):
         raise QuantizedCheckpointError(f"{path}: its model_state_dict is not a dictionary of tensors")
     if quant_mode is not None and quant_mode != saved_mode:
         raise QuantizedCheckpointError(f"{path} holds a model quantized in {saved_mode}, not {quant_mode}")
     for name, shape in _quantized_shapes(model).items():
+        if name in quantized_weights and quantized_weights[name].numel() == torch.Size(shape).numel():
+            continue
         if name not in saved or list(saved[name].shape) != shape:
             found = "missing" if name not in saved else f"shape {list(saved[name].shape)}"
             raise QuantizedCheckpointError(
                 f"{path} was saved for another model: its {name} is {found}, the model's is {shape}"
             )
-    return mto.restore(model, path), saved_mode
+    # As mto.restore does: the quantizers first, then the weights, the integer ones once their scales are in place.
+    model = mto.restore_from_modelopt_state(model, checkpoint["modelopt_state"])
+    model.load_state_dict(saved, strict=False)
+    model.load_state_dict({**saved, **dequantized_weights(model, quantized_weights)})  # strict: every tensor is there
+    return model, saved_mode
 
 
 def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
@@ -151,4 +209,4 @@ def save_step(hf_model: torch.nn.Module, path: str) -> None:
         save_quantized(hf_model, path)
     except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
         raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
-    print(f"Saved the quantized model to {path} (mto.save)")
+    print(f"Saved the quantized model to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")

@@ -1,43 +1,46 @@
 """Train the small GPT-2 that ships with the example, on CPU, from text already on the machine.
 
 The corpus is the prose in the docstrings of the Python standard library (PSF license), read offline from the
-stdlib source directory. About 5% of the modules are held out for validation; their text is written to
-data/heldout.txt so later reports can measure perplexity on exactly the same text. The model is a Hugging Face
-GPT2LMHeadModel with GPT-2's own vocabulary, saved in float16 so the checkpoint stays small enough to commit:
+stdlib source directory. About 5% of the modules are held out for validation; their text is written beside the
+model (for bundled_model/, to data/heldout.txt), so later reports can measure perplexity on exactly the same text.
+The model is a Hugging Face GPT2LMHeadModel with GPT-2's own vocabulary, saved in float16 so the checkpoint stays
+small enough to commit:
 
-    python train.py --overwrite          # replaces bundled_model/ and data/heldout.txt
-    python train.py --steps 300 --out-dir /tmp/quick   # writes /tmp/quick/ and /tmp/quick/heldout.txt
+    python train.py                                      # writes out/model/ and out/model/heldout.txt
+    python train.py --steps 300 --out-dir out/quick      # writes out/quick/ and out/quick/heldout.txt
+    python train.py --out-dir bundled_model --overwrite  # replaces bundled_model/ and data/heldout.txt
 
 The corpus, loss and learning-rate schedule are in training.py, which quantization-aware training (qat.py) shares.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
 import time
 from pathlib import Path
-
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from typing import TYPE_CHECKING
 
 import checks
-from cli import ArgumentParser, UsageError, run
-from hub import BUNDLED_MODEL_DIR
-from perplexity import perplexity
-from tokenizer import gpt2_encoding
-from training import (
-    HELDOUT_PATH,
-    TrainingDivergedError,
-    check_finite,
-    learning_rate,
-    lm_loss,
-    param_groups,
-    split_corpus,
-    stdlib_docstrings,
-)
+from cli import OUT_DIR, ArgumentParser, UsageError, run
+from hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+# Only the standard library is imported up here, so that --help and a mistake on the command line answer at once;
+# each function imports the torch and transformers code it uses.
+
+DEFAULT_OUT_DIR = os.path.join(OUT_DIR, "model")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    import torch  # the arguments are good: now the imports that take seconds
+
+    from training import TrainingDivergedError
+
     started = time.time()
     heldout = heldout_path(args.out_dir)
     train_tokens, validation_tokens, heldout_text = load_corpus(heldout)
@@ -65,31 +68,64 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--out-dir",
-        default=str(BUNDLED_MODEL_DIR),
-        help="where to save the checkpoint; a new or empty folder, unless --overwrite (default: bundled_model/)",
+        metavar="DIR",
+        default=DEFAULT_OUT_DIR,
+        help="where to save the checkpoint; a new or empty folder, unless --overwrite (default: %(default)s)",
     )
     parser.add_argument(
         "--overwrite",
         action="store_true",
         help="let --out-dir be a folder that is not empty, and replace its files of the same names",
     )
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps (the LR schedule spans them all)")
-    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1")
-    parser.add_argument("--batch-size", type=int, default=8)
+    number = {"metavar": "N", "type": int}
     parser.add_argument(
-        "--lr", type=checks.learning_rate, default=2e-3, help="peak learning rate, above 0 and at most 1"
+        "--steps", **number, default=1000, help="optimizer steps; the LR schedule spans them all (default: %(default)s)"
     )
-    parser.add_argument("--warmup", type=int, default=50, help="warmup steps")
-    parser.add_argument("--weight-decay", type=checks.finite_float, default=0.1)
+    parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: %(default)s)")
     parser.add_argument(
-        "--dropout", type=checks.finite_float, default=0.1, help="the corpus is seen ~7 times: some regularization"
+        "--batch-size", **number, default=8, help="windows of --n-positions tokens per step (default: %(default)s)"
     )
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128, help="a multiple of 128: int4 quantizes blocks of 128")
-    parser.add_argument("--n-positions", type=int, default=256, help="also the training context")
-    parser.add_argument("--log-interval", type=int, default=50)
-    parser.add_argument("--eval-interval", type=int, default=500, help="validation perplexity every N steps")
+    parser.add_argument(
+        "--lr",
+        type=checks.learning_rate,
+        default=2e-3,
+        help="peak learning rate, above 0 and at most 1 (default: %(default)s)",
+    )
+    parser.add_argument("--warmup", **number, default=50, help="warmup steps (default: %(default)s)")
+    parser.add_argument(
+        "--weight-decay",
+        metavar="WD",
+        type=checks.finite_float,
+        default=0.1,
+        help="AdamW's weight decay on matrices, from 0 to 1 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dropout",
+        metavar="P",
+        type=checks.finite_float,
+        default=0.1,
+        help="the corpus is seen ~7 times: some regularization (default: %(default)s)",
+    )
+    parser.add_argument("--n-layer", **number, default=6, help="transformer blocks (default: %(default)s)")
+    parser.add_argument("--n-head", **number, default=4, help="attention heads (default: %(default)s)")
+    parser.add_argument(
+        "--n-embd", **number, default=128, help="a multiple of 128: int4 quantizes blocks of 128 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--n-positions",
+        **number,
+        default=256,
+        help="the longest sequence, also the training context (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-interval", **number, default=50, help="print the loss every N steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--eval-interval",
+        **number,
+        default=500,
+        help="validation perplexity every N steps, 0 never (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
         raise UsageError("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
@@ -107,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"{args.dropout}"
         )
     checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))
+    if os.path.normpath(args.out_dir) == DEFAULT_OUT_DIR:
+        os.makedirs(OUT_DIR, exist_ok=True)  # a fresh clone has no out/; the model's own folder is made as it saves
     checks.check_output_dir(args.out_dir, "--out-dir", args.overwrite)
     if not args.overwrite and heldout_path(args.out_dir) == HELDOUT_PATH:
         raise UsageError(f"--out-dir {args.out_dir} would replace {os.path.relpath(HELDOUT_PATH)}: pass --overwrite")
@@ -131,6 +169,8 @@ def heldout_path(out_dir: str) -> Path:
 
 
 def build_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, dropout: float) -> GPT2LMHeadModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=50257,
         n_positions=n_positions,
@@ -147,6 +187,8 @@ def build_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, dropou
 
 def validation_perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
     """The quality report's perplexity (evaluate.py), of the Hugging Face model in eval mode."""
+    from perplexity import perplexity
+
     model.eval()
     value = perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
     model.train()
@@ -155,6 +197,11 @@ def validation_perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context:
 
 def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Train and validation tokens, and the validation text that main writes to `heldout` for the quality report."""
+    import torch
+
+    from tokenizer import gpt2_encoding
+    from training import split_corpus, stdlib_docstrings
+
     train_texts, validation_texts = split_corpus(stdlib_docstrings())
     heldout_text = "\n\n".join(validation_texts) + "\n"
     encoding = gpt2_encoding()
@@ -176,6 +223,10 @@ def train(
     started: float,
 ) -> None:
     """AdamW on random windows of the token stream, logging the loss and, now and then, validation perplexity."""
+    import torch
+
+    from training import check_finite, learning_rate, lm_loss, param_groups
+
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=True)
 
     context = args.n_positions
@@ -218,6 +269,9 @@ def train(
 
 def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> None:
     """Saves the checkpoint in float16 and measures it the way consumers load it, in float32."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
     # float16 halves the file; the 50257 x n_embd embedding table is most of it.
     model.half().save_pretrained(out_dir, safe_serialization=True)
     size = sum(path.stat().st_size for path in Path(out_dir).iterdir())

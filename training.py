@@ -18,10 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
+from hub import HELDOUT_PATH
 from tokenizer import gpt2_encoding
 
-REPO = Path(__file__).resolve().parent
-HELDOUT_PATH = REPO / "data" / "heldout.txt"
 # Test suites, IDLE, bundled wheels, code-page tables and demo scripts: code and boilerplate rather than prose.
 SKIP_DIRS = {
     "__phello__",

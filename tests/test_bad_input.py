@@ -32,6 +32,7 @@ import hub
 import qat
 import serve_vllm
 import train
+from hub import BUNDLED_MODEL_DIR
 
 NOBODY = 65534  # the user id of `nobody`, who owns none of the files
 SCRIPTS = {
@@ -208,7 +209,12 @@ CASES = [
         ["--backend", "torch", "--model-type", "{w}/nan-weights"],
         "hold inf or NaN (in transformer.h.0.mlp",
     ),
-    ("evaluate.py", ["--model-type", "{w}/nan-weights"], "hold inf or NaN (in transformer.h.0.mlp.c_fc.weight)"),
+    # 64 wide: int4's rows would be refused first, for the width.
+    (
+        "evaluate.py",
+        ["--model-type", "{w}/nan-weights", "--modes", "int8-weight-only"],
+        "hold inf or NaN (in transformer.h.0.mlp.c_fc.weight)",
+    ),
     # example.py: an export runs as it was calibrated
     ("example.py", ["--model-type", "{w}/export", "--verbose"], "calibrated already: --verbose is for a model that"),
     ("example.py", ["--model-type", "{w}/export", "--save-quantized", "{w}/q.pt"], "calibrated already: --save-qua"),
@@ -307,9 +313,9 @@ CASES = [
     # evaluate.py
     ("evaluate.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated"),
     ("evaluate.py", ["--model-type", "{w}/export"], "is a quantized checkpoint"),
-    ("evaluate.py", ["--model-type", "{w}/more-layers"], "do not match its config.json"),
+    ("evaluate.py", ["--model-type", "{w}/more-layers", "--modes", "unquantized"], "do not match its config.json"),
     ("evaluate.py", ["--model-type", "gpt5"], "unknown --model-type 'gpt5'"),
-    ("evaluate.py", ["--model-type", "{w}/gpt2"], "has a vocabulary of 512 tokens"),
+    ("evaluate.py", ["--model-type", "{w}/gpt2", "--modes", "unquantized"], "has a vocabulary of 512 tokens"),
     ("evaluate.py", ["--eval-data", "{w}/data/empty.txt"], "--eval-data {w}/data/empty.txt is empty"),
     ("evaluate.py", ["--eval-data", "{w}/data/binary.txt"], "--eval-data {w}/data/binary.txt is a binary file"),
     ("evaluate.py", ["--calibration-data", "{w}/data/malformed.json"], "malformed.json is not valid JSON"),
@@ -318,7 +324,7 @@ CASES = [
     ("evaluate.py", ["--chart", "{w}/fifo.png"], "--chart {w}/fifo.png is not a regular file"),
     ("evaluate.py", ["--chart", "{w}/dangling.png"], "dangling.png is a symbolic link to {w}/nowhere.png, which does"),
     ("evaluate.py", ["--model-type", "{w}/zero-heads"], "n_head must be a whole number of at least 1, got 0"),
-    ("evaluate.py", ["--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    ("evaluate.py", ["--model-type", "{w}/garbage-bin", "--modes", "unquantized"], "cannot load the checkpoint in"),
     ("evaluate.py", ["--qat-lr", "inf"], "argument --qat-lr: expected a finite number, got 'inf'"),
     ("evaluate.py", ["--qat-lr", "1e10"], "argument --qat-lr: expected a learning rate above 0 and at most 1"),
     (
@@ -382,7 +388,7 @@ CASES = [
         ["--out-dir", "{w}/new", "--n-positions", "9000", "--n-layer", "1", "--batch-size", "1"],
         "is longer than the held-out",
     ),
-    ("train.py", [], "bundled_model is not empty: choose a new or empty folder, or pass --overwrite"),
+    ("train.py", ["--out-dir", BUNDLED_MODEL_DIR], "bundled_model is not empty: choose a new or empty folder, or pass"),
     ("train.py", ["--out-dir", "{w}/new", "--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-"),
     ("train.py", ["--out-dir", "{w}/new", "--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block)"),
     ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "of --n-head: got 128 and 3"),
@@ -398,8 +404,15 @@ CASES = [
     ("qat.py", ["--out", "{w}/qat.pt", "--batch-size", "1000000"], "windows of 256 tokens need about"),
     ("qat.py", ["--out", "{w}/qat.pt", "--calibration-data", "{w}/data/empty.txt"], "empty.txt is empty"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/zero-heads"], "n_head must be a whole number"),
-    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin"], "cannot load the checkpoint in"),
+    (
+        "qat.py",
+        ["--out", "{w}/qat.pt", "--model-type", "{w}/garbage-bin", "--quant-mode", "int8-weight-only"],
+        "cannot load the checkpoint in",
+    ),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "{w}/narrow"], "narrow is 64 wide, not a multiple of int4's"),
+    # The Hub models' widths are known: refused before anything is downloaded.
+    ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "gpt2-xl"], "gpt2-xl is 1600 wide, not a multiple of int4's"),
+    ("evaluate.py", ["--model-type", "gpt2-xl", "--modes", "auto"], "gpt2-xl is 1600 wide, not a multiple of int4"),
     ("qat.py", ["--out", "{w}/dangling"], "--out {w}/dangling is a symbolic link to {w}/nowhere"),
     # serve_vllm.py
     ("serve_vllm.py", ["{w}/export", "--prompt", ""], "--prompt is empty: give a prompt"),
@@ -452,7 +465,10 @@ UNREADABLE_CASES = [
         ["example.py", "--quant-mode", "float8", "--calibration-data", "{u}/calibration.txt"],
         "--calibration-data {u}/calibration.txt",
     ),
-    (["evaluate.py", "--model-type", "{u}/gpt2", "--eval-data", "{u}/heldout.txt"], "--eval-data {u}/heldout.txt"),
+    (
+        ["evaluate.py", "--model-type", "{u}/gpt2", "--eval-data", "{u}/heldout.txt", "--modes", "unquantized"],
+        "--eval-data {u}/heldout.txt",
+    ),
     (["example.py", "--model-type", "{u}/config"], "{u}/config/config.json"),
     (["example.py", "--model-type", "{u}/weights"], "{u}/weights/model.safetensors"),
     (["example.py", "--load-quantized", "{u}/quantized.pt"], "--load-quantized {u}/quantized.pt"),
@@ -555,7 +571,7 @@ SUBPROCESS_CASES = {
         ["example.py", "--quant-mode", "float8", "--export-dir", "{w}/users-folder"],
         "users-folder is not empty",
     ),
-    "train over the bundled model": (["train.py"], "bundled_model is not empty"),
+    "train over the bundled model": (["train.py", "--out-dir", "bundled_model"], "bundled_model is not empty"),
 }
 
 
@@ -609,3 +625,46 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
         cli.run(interrupted, "example.py")
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "\nexample.py: interrupted\n"
+
+
+# Runs a script with every attempt to reach the network reported and stopped, then says which slow libraries it
+# had imported by the time it exited.
+NO_NETWORK = """
+import os, runpy, sys
+
+def stop_network(event, args):
+    if event in ("socket.connect", "socket.getaddrinfo", "socket.gethostbyname"):
+        print(f"network access attempted: {event} {args}", file=sys.stderr, flush=True)
+        os._exit(99)
+
+sys.addaudithook(stop_network)
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("imported:", sorted(name for name in ("torch", "transformers", "huggingface_hub") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["example.py", "--model-type", "gpt2-xl", "--quant-mode", "int4-weight-only"],
+        ["example.py", "--model-type", "gpt2-xl", "--quant-mode", "auto", "--effective-bits", "6"],
+        ["evaluate.py", "--model-type", "gpt2-xl", "--modes", "int4-weight-only"],
+        ["qat.py", "--model-type", "gpt2-xl"],
+    ],
+)
+def test_int4_on_a_hub_model_it_cannot_run_on_is_refused_before_any_download(argv):
+    """gpt2-xl is 1600 wide, and int4 needs multiples of 128: known from its name, so refused while the command line
+    is read, with no network access and none of the libraries that take seconds to import."""
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}  # as a user's shell has it
+    result = subprocess.run(
+        [sys.executable, "-c", NO_NETWORK, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"{argv[0]}: error: gpt2-xl is 1600 wide, not a multiple of int4's blocks of 128: "
+        + result.stderr.split("blocks of 128: ", 1)[1].strip()
+    ]
+    assert result.stdout.strip().splitlines()[-1] == "imported: []"

@@ -3,10 +3,15 @@
 Timings are not asserted: they depend on the machine and on whatever else runs on it.
 """
 
+import re
+import subprocess
+import sys
+
 import matplotlib.image
 import pytest
 import torch
-from helpers import usage_error
+from helpers import REPO, usage_error
+from transformers import GPT2Config
 
 import benchmark
 
@@ -40,6 +45,27 @@ def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads, tmp_path)
         assert list(results.ms_per_token[name]) == [8, 16, 32]
         assert all(ms > 0 for ms in results.ms_per_token[name].values())
         assert sum(line.startswith(name) for line in printed.splitlines()) == 2  # a row in each table
+
+
+def test_progress_bar_counts_every_token_to_its_end_on_stderr():
+    """A real run takes minutes: a bar on stderr ticks with every token generated, profiled runs included, and ends
+    at the total it announced (a wrong count would end short of it or past it). The profiler's own log lines stay
+    hidden."""
+    command = [sys.executable, "benchmark.py", "--tiny", "--threads", "1"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    updates = [line for line in re.split(r"[\r\n]+", result.stderr) if line.startswith("Generating:")]
+    done, total = map(int, re.search(r"(\d+)/(\d+) \[", updates[-1]).groups())
+    assert done == total == benchmark.steps_to_generate(benchmark.parse_args(["--tiny", "--threads", "1"]))
+    assert "profiler" not in result.stderr
+    assert "one run;" in result.stdout  # --tiny times one run: not "fastest of 1 runs"
+
+
+def test_defaults_are_gpt2s_shape():
+    args = benchmark.parse_args([])
+    config = GPT2Config()  # gpt2, 124M parameters
+    assert (args.n_layer, args.n_head, args.n_embd) == (config.n_layer, config.n_head, config.n_embd)
+    assert benchmark.BLOCK_SIZE == config.n_positions
 
 
 def test_tiny_sets_defaults_and_given_options_still_count():

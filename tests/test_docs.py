@@ -3,7 +3,11 @@
 - Every relative link and image resolves to a file in the repository.
 - Every command shown runs as shown: each `python SCRIPT.py ...` line in a ```bash block or after `$ ` in a ```console
   block names a script that exists and passes that script's own `parse_args`; each file a command names exists.
+- Every file or folder a documented command writes is in out/, which git ignores: the pages never have a reader
+  overwrite a tracked file or leave untracked ones behind.
+- The README's example prints, as its first line, what the command prints on a fresh machine without nvtripy.
 - CI (.ci/run) runs the README's test line verbatim.
+- docs/development.md's break-it run of the Tripy API check shows what the check reports today, line number included.
 - No module imports another in a circle, and none imports a command-line script.
 """
 
@@ -13,6 +17,8 @@ import importlib
 import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 from helpers import REPO
@@ -23,6 +29,8 @@ PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(
 SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat")
 # Options whose value a command creates: a later command on the same page may read it.
 CREATING_OPTIONS = ("--export-dir", "--out-dir", "--chart", "--save-quantized", "--recipe-out", "--out")
+# The parsed arguments, by their argparse names, that name a file or folder the script writes.
+OUTPUT_ARGUMENTS = ("export_dir", "out_dir", "chart", "save_quantized", "recipe_out", "out")
 
 
 def read(page: str) -> str:
@@ -89,16 +97,40 @@ def test_python_commands_parse(page, monkeypatch):
         documented_error = next((line for line in output.splitlines() if line.startswith(f"{script}: error: ")), None)
         if module_name in SCRIPTS:
             try:
-                importlib.import_module(module_name).parse_args(argv)
+                args = importlib.import_module(module_name).parse_args(argv)
             except UsageError as error:
                 if documented_error is not None:  # shown failing: with the message the page shows
                     assert documented_error == f"{script}: error: {' '.join(str(error).split())}", page
-                # A folder or file that an earlier command on the page writes is there when the reader gets here.
-                elif not any(path in str(error) for path in created):
+                # A folder or file that an earlier command on the page writes is there when the reader gets here;
+                # one in out/ may be there from this checkout's earlier runs (outputs are never overwritten).
+                elif not any(path in str(error) for path in created) and not re.search(
+                    r"\bout/\S+ (already|is not)", str(error)
+                ):
                     raise AssertionError(f"{page}: `python {' '.join(words)}` fails: {error}") from None
+            else:  # what it writes by default, in out/, counts too
+                created.update(str(getattr(args, name)) for name in OUTPUT_ARGUMENTS if getattr(args, name, None))
         for option, value in zip(argv, argv[1:], strict=False):
             if option in CREATING_OPTIONS:
                 created.add(value.rstrip("/"))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_commands_write_only_into_out(page, monkeypatch):
+    monkeypatch.chdir(REPO)
+    for words, _ in python_commands(page):
+        module_name = words[0].removesuffix(".py")
+        if module_name not in SCRIPTS:
+            continue
+        try:
+            args = importlib.import_module(module_name).parse_args(words[1:])
+        except UsageError:
+            continue  # refused: it writes nothing (test_python_commands_parse says whether the page expects that)
+        for name in OUTPUT_ARGUMENTS:
+            path = getattr(args, name, None)
+            if path is not None:
+                assert os.path.normpath(path).split(os.sep)[0] == "out", (
+                    f"{page}: `python {' '.join(words)}` writes {path}, outside out/"
+                )
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -115,6 +147,52 @@ def test_ci_runs_the_readme_test_line_verbatim():
     assert len(readme_commands) == 1, readme_commands
     with open(os.path.join(REPO, ".ci", "run")) as file:
         assert readme_commands[0] in file.read().splitlines()
+
+
+# Runs a script with nvtripy absent, as on a fresh machine where only requirements.txt was installed: None in
+# sys.modules is how Python marks a module that cannot be imported (find_spec gives None, import raises).
+WITHOUT_NVTRIPY = """
+import runpy, sys
+sys.modules["nvtripy"] = None
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_readme_example_prints_the_first_line_shown_without_nvtripy():
+    shown_runs = [
+        (words, output) for words, output in python_commands("README.md") if words[0] == "example.py" and output
+    ]
+    words, output = shown_runs[0]
+    shown = output.splitlines()[0]
+    command = [sys.executable, "-u", "-c", WITHOUT_NVTRIPY, *words]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as run:
+        try:
+            first_line = run.stdout.readline().rstrip("\n")
+        finally:
+            run.kill()  # the rest (calibration, generation) is another test's
+    assert first_line == shown
+
+
+def test_development_page_shows_what_the_tripy_api_check_reports():
+    """The page breaks model.py with a `sed` and shows the checker's message, which names a line of model.py: when
+    model.py changes, the page must change with it."""
+    from test_tripy_api import NvtripyApi, check_source, nvtripy_source_dir
+
+    package_dir = nvtripy_source_dir()
+    if package_dir is None:
+        pytest.skip("nvtripy's source is not installed (CI installs it: pip install --no-deps nvtripy==0.1.7)")
+    page = read(os.path.join("docs", "development.md"))
+    old, new = re.search(r"^\$ sed -i 's/(.+?)/(.+?)/' model\.py$", page, flags=re.M).groups()
+    shown = re.search(r"^E +AssertionError: (.+)$", page, flags=re.M).group(1)
+    source = read("model.py")
+    assert len(re.findall(re.escape(old), source)) == 1, f"the page's sed expects one {old!r} in model.py"
+    broken = source.replace(old, new)
+    errors, _ = check_source(broken, "model.py", NvtripyApi(package_dir))
+    assert errors == [shown]
 
 
 def local_imports() -> dict[str, set[str]]:

@@ -19,6 +19,7 @@ from helpers import REPO
 import evaluate
 from config import GPTConfig
 from hub import BUNDLED_MODEL_DIR, load_hf_model
+from perplexity import perplexity
 from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import GPT
 from twin import load_twin
@@ -170,7 +171,7 @@ def test_perplexity_matches_hugging_face_loss():
     ]
     expected = math.exp(torch.stack(losses).mean().item())
     twin = load_twin(hf_model)
-    assert evaluate.perplexity(twin, tokens, context) == pytest.approx(expected, rel=1e-4)
+    assert perplexity(twin, tokens, context) == pytest.approx(expected, rel=1e-4)
 
 
 def test_table_lists_the_modes_asked_for(capsys):

@@ -1,4 +1,4 @@
-"""Saving a calibrated model with mto.save and restoring it with mto.restore (save_restore.save_quantized and
+"""Saving a calibrated model in mto.save's layout and restoring it as mto.restore does (save_restore.save_quantized and
 load_quantized): the restored model has exactly the saved scales and logits, and a wrong file is a clear error.
 
 The truth is the model that was saved: every quantizer buffer (amax, AWQ's pre_quant_scale) and the logits of the
@@ -285,3 +285,14 @@ def test_bad_load_quantized_is_one_line_and_exit_status_2(
     }[name]
     argv = ["--backend", "torch", "--max-new-tokens", "8", *arguments]
     assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
+
+
+def test_bundled_model_saved_in_int4_is_no_larger_than_its_float16_checkpoint_and_restores_its_text(tmp_path):
+    """mto.save stored the float32 weights: twice the bundled model's 15.3 MB. The saved file holds no more bytes
+    than the float16 checkpoint it came from, and the restored model prints the calibrated model's text."""
+    path = str(tmp_path / "int4.pt")
+    bundled = ["--model-type", "bundled_model"]
+    calibrated = run_example([*bundled, "--quant-mode", "int4-weight-only", "--save-quantized", path], tmp_path)
+    restored = run_example([*bundled, "--load-quantized", path], tmp_path)
+    assert generated_text(restored) == generated_text(calibrated)
+    assert os.path.getsize(path) <= os.path.getsize(os.path.join(REPO, "bundled_model", "model.safetensors"))
