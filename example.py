@@ -19,7 +19,6 @@ feature is imported where its flag asks for it (auto_quantize.py, save_restore.p
 from __future__ import annotations
 
 import argparse
-import codecs
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -85,11 +84,12 @@ def main(argv: list[str] | None = None) -> None:
             return
 
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
-    # The Tripy model's (and the twin's) config: the checkpoint's shape, the mode, and the sequence to generate.
+    # The Tripy model's (and the twin's) config: the checkpoint's shape, its modes, and the sequence to generate.
+    kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
     shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
-    config = config_from_hf_config(hf_config, quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, **shape)
-    config.kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
-    if backend == "tripy" and "float8" in {quant_mode, config.kv_cache, *(layer_quant_modes or {}).values()}:
+    modes = {"quant_mode": quant_mode, "layer_quant_modes": layer_quant_modes, "kv_cache": kv_cache}
+    config = config_from_hf_config(hf_config, **modes, **shape)
+    if backend == "tripy" and "float8" in {quant_mode, kv_cache, *(layer_quant_modes or {}).values()}:
         check_float8_gpu()  # again: an export, a saved model or AutoQuantize's search has said what runs
     if backend in ("tripy", "tripy-cpu"):
         generate = build_tripy_generator(config, model_type, hf_model, backend)
@@ -213,6 +213,8 @@ def generate_and_print(
     """Samples --max-new-tokens tokens after the prompt, printing each as it comes, then the speed."""
     import torch
 
+    from tokenizer import TokenPrinter
+
     idx = torch.tensor([prompt_tokens], dtype=torch.long)  # [batch = 1, prompt]
     generator = torch.Generator().manual_seed(args.seed)
     printer = TokenPrinter(encoding)
@@ -224,27 +226,6 @@ def generate_and_print(
     printer.finish()
     print(f"\n{SEPARATOR}")
     print(f"Generated {args.max_new_tokens} tokens in {elapsed:.2f} s ({args.max_new_tokens / elapsed:.1f} tokens/s)")
-
-
-class TokenPrinter:
-    """Prints each token as it is generated.
-
-    GPT-2's tokens are byte strings, and a character beyond ASCII (two to four bytes in UTF-8) may be split across
-    tokens, so the bytes go through an incremental UTF-8 decoder that prints a character once all of it has arrived.
-    """
-
-    def __init__(self, encoding: tiktoken.Encoding):
-        self.encoding = encoding
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def __call__(self, token: torch.Tensor) -> None:
-        """token: [batch = 1, 1], the id just sampled."""
-        token_bytes = self.encoding.decode_single_token_bytes(int(token[0, 0]))
-        print(self.decoder.decode(token_bytes), end="", flush=True)
-
-    def finish(self) -> None:
-        """Prints what is left of a character cut off by the end of generation (as a replacement character)."""
-        print(self.decoder.decode(b"", final=True), end="", flush=True)
 
 
 if __name__ == "__main__":

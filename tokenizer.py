@@ -5,15 +5,20 @@ GPT-2's tokenizer files (`vocab.bpe`, `encoder.json`) are normally downloaded on
 the same sha256 hashes it checks for its own download.
 """
 
+import codecs
 import shutil
 import tempfile
 from functools import cache
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tiktoken_ext.openai_public import r50k_pat_str
 from transformers import GPT2TokenizerFast
+
+if TYPE_CHECKING:
+    import torch
 
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -52,3 +57,24 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
         shutil.copy(_data_file("encoder.json"), f"{folder}/vocab.json")
         shutil.copy(_data_file("vocab.bpe"), f"{folder}/merges.txt")
         return GPT2TokenizerFast.from_pretrained(folder)
+
+
+class TokenPrinter:
+    """Prints each token as it is generated.
+
+    GPT-2's tokens are byte strings, and a character beyond ASCII (two to four bytes in UTF-8) may be split across
+    tokens, so the bytes go through an incremental UTF-8 decoder that prints a character once all of it has arrived.
+    """
+
+    def __init__(self, encoding: tiktoken.Encoding):
+        self.encoding = encoding
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, token: "torch.Tensor") -> None:
+        """token: [batch = 1, 1], the id just sampled."""
+        token_bytes = self.encoding.decode_single_token_bytes(int(token[0, 0]))
+        print(self.decoder.decode(token_bytes), end="", flush=True)
+
+    def finish(self) -> None:
+        """Prints what is left of a character cut off by the end of generation (as a replacement character)."""
+        print(self.decoder.decode(b"", final=True), end="", flush=True)
