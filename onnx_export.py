@@ -17,9 +17,11 @@ outputs logits, present.N.key/.value. lm_head, when unquantized, is GPT-2's tied
 """
 
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 from collections import Counter
 
 import ml_dtypes
@@ -261,7 +263,10 @@ def onnx_model(twin: GPT) -> onnx.ModelProto:
         [{0: dynamic, 2: dynamic}] * len(past_kv),
     )
     input_names, output_names = io_names(config.num_layers)
-    with torch.no_grad():
+    # The exporter's notes on torchvision's ops (not installed, not used) and torch.export's own deprecations.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
         program = torch.onnx.export(
             ExportGPT(twin).eval(),
             example,

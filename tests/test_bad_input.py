@@ -353,6 +353,7 @@ CASES = [
     ("benchmark.py", ["--positions", ""], "comma-separated integers"),
     ("benchmark.py", ["--batch-sizes", "1,1"], "--batch-sizes lists a size twice: [1, 1]"),
     ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
+    ("benchmark.py", ["--backend", "onnx", "--n-embd", "96"], "--backend onnx races int4 in blocks of 128: --n-embd"),
     # train.py
     ("train.py", ["--out-dir", "{w}/new", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1"),
