@@ -54,6 +54,10 @@ class OnnxGPT:
         self.num_layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
         self.num_heads, self.head_dim = key.shape[1], key.shape[3]
 
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [batch, seq] -> logits [batch, seq, vocab] with no past: the twin's forward, for perplexity."""
+        return self.forward(idx, None, 0)[0]
+
     def forward(self, idx: torch.Tensor, past: list[np.ndarray] | None, past_len: int) -> tuple[torch.Tensor, list]:
         """idx [batch, seq] after past_len tokens whose keys and values are `past` (None at the prompt).
         Returns the logits [batch, seq, vocab] and the keys and values of past + seq."""
