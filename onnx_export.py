@@ -16,6 +16,8 @@ names optimum and onnxruntime-genai use: inputs input_ids, attention_mask, posit
 outputs logits, present.N.key/.value. lm_head, when unquantized, is GPT-2's tied wte: one copy in the file.
 """
 
+from __future__ import annotations
+
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import ml_dtypes
 import onnx
@@ -33,6 +36,9 @@ from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE
 from reference import GPT, Int4Linear, QuantLinear, gelu_tanh
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
 
 OPSET = 21  # the first with INT4 and blocked DequantizeLinear
 MODEL_FILE = "model.onnx"
@@ -241,6 +247,24 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     steps.update()
     steps.close()
     return summary(model, path)
+
+
+def export_example_model(
+    model_type: str,
+    hf_model: GPT2LMHeadModel | None,
+    quant_mode: str | None,
+    layer_quant_modes: dict[str, str | None] | None,
+    out_dir: str,
+) -> None:
+    """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
+    or with hf_model None the export.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
+    from weight_loader import load_export_twin, load_twin
+
+    if hf_model is None:
+        twin = load_export_twin(model_type)
+    else:
+        twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
+    print(export_onnx(twin, out_dir))
 
 
 def onnx_model(twin: GPT) -> onnx.ModelProto:

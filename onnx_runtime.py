@@ -96,3 +96,14 @@ def generate(
         if on_token is not None:
             on_token(next_token)
     return idx
+
+
+def example_generator(onnx_dir: str) -> Callable[..., torch.Tensor]:
+    """example.py --model-type ONNX_DIR: generate(idx, max_new_tokens, temperature, top_k, generator, on_token) with
+    ONNX Runtime at its default accuracy level (docs/quality.md measures what its int8 activations cost)."""
+    model = OnnxGPT(session(onnx_dir))
+
+    def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
+        return generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
+
+    return run
