@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 OPSET = 21  # the first with INT4 and blocked DequantizeLinear
 MODEL_FILE = "model.onnx"
+MAX_FILE_BYTES = 2**31 - 2**26  # protobuf's 2 GB limit on one message, less room for the graph itself
 FLOAT8_MAX = 448.0
 
 
@@ -236,6 +237,13 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     steps = tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr)
     steps.set_postfix_str("tracing")
     model = onnx_model(twin)
+    stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
+    if stored_bytes >= MAX_FILE_BYTES:
+        steps.close()
+        raise ValueError(
+            f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
+            "quantize the model (int4 or int8) or export a smaller one"
+        )
     steps.update()
     steps.set_postfix_str("checking")
     onnx.checker.check_model(model, full_check=True)
