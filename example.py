@@ -26,7 +26,15 @@ from typing import TYPE_CHECKING
 
 from cli import UsageError, run
 from config import AUTO_QUANT_MODE, GPTConfig, config_from_hf_config
-from example_args import check_float8_gpu, check_model_fits, choose_backend, is_export, parse_args, recipe_out_path
+from example_args import (
+    check_float8_gpu,
+    check_model_fits,
+    choose_backend,
+    is_export,
+    is_onnx_folder,
+    parse_args,
+    recipe_out_path,
+)
 
 if TYPE_CHECKING:
     import tiktoken
@@ -40,7 +48,14 @@ Generate = Callable[..., "torch.Tensor"]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    backend, backend_reason = choose_backend(args.backend)
+    onnx_folder = is_onnx_folder(args.model_type)  # written by --export-onnx: ONNX Runtime runs it (docs/onnx.md)
+    if onnx_folder:
+        backend, backend_reason = (
+            "onnxruntime",
+            f"ONNX Runtime on CPU, the ONNX folder {args.model_type}: no calibration",
+        )
+    else:
+        backend, backend_reason = choose_backend(args.backend)
     if backend == "tripy" and args.quant_mode == "float8":
         check_float8_gpu()
     print(f"Backend: {backend} ({backend_reason})")
@@ -54,6 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     encoding = gpt2_encoding()
     # "<|endoftext|>" in a prompt is GPT-2's document separator, not literal text.
     prompt_tokens = encoding.encode(args.input_text, allowed_special="all")
+    if onnx_folder:
+        from onnx_runtime import example_generator
+
+        generate_and_print(example_generator(args.model_type, len(prompt_tokens), args), encoding, prompt_tokens, args)
+        return
 
     model_type, hf_model, hf_config, quant_mode = load_model(args, len(prompt_tokens))
     device = "cuda" if backend == "tripy" else "cpu"  # calibrate on the GPU when Tripy has one
@@ -80,8 +100,12 @@ def main(argv: list[str] | None = None) -> None:
         from export import export_step
 
         export_step(hf_model, args.export_dir)
-        if args.export_only:
-            return
+    if args.export_onnx is not None:
+        from onnx_export import export_step as export_onnx_step
+
+        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx)
+    if args.export_only:
+        return
 
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     # The Tripy model's (and the twin's) config: the checkpoint's shape, the mode, and the sequence to generate.

@@ -257,7 +257,7 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     return summary(model, path)
 
 
-def export_example_model(
+def export_step(
     model_type: str,
     hf_model: GPT2LMHeadModel | None,
     quant_mode: str | None,
@@ -266,13 +266,17 @@ def export_example_model(
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the export.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
-    from weight_loader import load_export_twin, load_twin
+    from cli import UsageError
+    from twin import load_export_twin, load_twin
 
     if hf_model is None:
         twin = load_export_twin(model_type)
     else:
         twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
-    print(export_onnx(twin, out_dir))
+    try:
+        print(export_onnx(twin, out_dir))
+    except ValueError as error:  # a model too large for one file
+        raise UsageError(f"--export-onnx: {error}") from None
 
 
 def onnx_model(twin: GPT) -> onnx.ModelProto:

@@ -7,8 +7,10 @@ adds an error the twin does not have; level 1 keeps float32 math and matches the
 kernel: its weights are dequantized at every step.
 """
 
+import argparse
 import json
 import os
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +18,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from cli import UsageError
 from onnx_export import MODEL_FILE
 from sampling import sample_next_token
 
@@ -98,10 +101,21 @@ def generate(
     return idx
 
 
-def example_generator(onnx_dir: str) -> Callable[..., torch.Tensor]:
+def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
     """example.py --model-type ONNX_DIR: generate(idx, max_new_tokens, temperature, top_k, generator, on_token) with
-    ONNX Runtime at its default accuracy level (docs/quality.md measures what its int8 activations cost)."""
+    ONNX Runtime at its default accuracy level (docs/quality.md measures what its int8 activations cost), after
+    checking that the prompt and the new tokens fit the model."""
+    with open(os.path.join(onnx_dir, "config.json"), encoding="utf-8") as file:
+        context = json.load(file)["n_positions"]
+    if prompt_len + args.max_new_tokens > context:
+        raise UsageError(
+            f"the prompt ({prompt_len} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
+            f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
+        )
+    start = time.perf_counter()
     model = OnnxGPT(session(onnx_dir))
+    mode = quantization(onnx_dir)["quant_mode"] or "unquantized"
+    print(f"Model: {onnx_dir} (ONNX, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
         return generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token)

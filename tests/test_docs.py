@@ -22,7 +22,15 @@ from cli import UsageError
 PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "docs", "*.md")))]
 SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat", "optimum_generate")
 # Options whose value a command creates: a later command on the same page may read it.
-CREATING_OPTIONS = ("--export-dir", "--out-dir", "--chart", "--save-quantized", "--recipe-out", "--out")
+CREATING_OPTIONS = (
+    "--export-dir",
+    "--export-onnx",
+    "--out-dir",
+    "--chart",
+    "--save-quantized",
+    "--recipe-out",
+    "--out",
+)
 
 
 def read(page: str) -> str:

@@ -19,10 +19,11 @@ from onnx import TensorProto, numpy_helper
 import onnx_export
 import onnx_runtime
 import reference
+from auto_quantize import Recipe, quantize_with_recipe
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES, layer_quant_mode
-from quantization import Recipe, modelopt_quantize, quantize_with_recipe
+from quantization import modelopt_quantize
 from reference import GPT
-from weight_loader import load_twin
+from twin import load_twin
 
 STORED_TYPE = {
     "int8-weight-only": TensorProto.INT8,

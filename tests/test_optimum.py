@@ -21,7 +21,7 @@ import reference
 from hub import BUNDLED_MODEL_DIR, load_hf_model
 from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize
 from tokenizer import gpt2_encoding
-from weight_loader import load_twin
+from twin import load_twin
 
 
 def optimum_imports_here() -> bool:
