@@ -228,7 +228,7 @@ def test_onnx_rows_measure_onnx_runtime_on_each_modes_file():
     report = evaluate.evaluate(
         BUNDLED_MODEL,
         ["int4-weight-only"],
-        max_tokens=1200,
+        max_tokens=600,
         num_calibration_samples=NUM_CALIBRATION_SAMPLES,
         calibration_data=SHIPPED_CALIBRATION_TEXT,
         onnx=True,
