@@ -84,7 +84,7 @@ def _onnx_dequantize_per_channel(weight, scale):
 
 
 def _onnx_dequantize_blocks(weight, scale):
-    return op.DequantizeLinear(weight, scale, axis=0, block_size=128)
+    return op.DequantizeLinear(weight, scale, axis=0, block_size=INT4_BLOCK_SIZE)
 
 
 def _onnx_dequantize_per_tensor(weight, scale):
