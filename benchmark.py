@@ -12,6 +12,7 @@ weight_loader, so nothing is downloaded; random weights take exactly as long to 
     python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
     python benchmark.py --backend tripy                   # on a GPU: the Tripy engine against transformers on CUDA
     python benchmark.py --backend tripy --tiny            # without one: the CPU executor, a smoke test, not speed
+    python benchmark.py --backend onnx                    # ONNX Runtime on onnx_export.py's files, per mode
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import checks
 from cli import ArgumentParser, UsageError, make_out_dir, run
+from config import INT4_BLOCK_SIZE
 from hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ STEPS_PER_POSITION = 5  # the time per token at position p is the median of the 
 BLOCK_SIZE = HUB_CONTEXT_LENGTH  # 1024: the longest sequence GPT-2's position embedding covers
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 64, "prompt_len": 8, "new_tokens": 8, "positions": "8,16,32", "repeats": 1}
 DEFAULT_CHART = os.path.join("out", "time_per_token.png")
+TINY_ONNX = {**TINY, "n_embd": INT4_BLOCK_SIZE}  # int4 needs whole blocks of 128 input features
 
 # (prompt [batch, seq], number of new tokens, callback for each new token [batch, 1]) -> tokens [batch, seq + new]
 Generate = Callable[["torch.Tensor", int, Callable[["torch.Tensor"], None]], "torch.Tensor"]
@@ -54,6 +57,8 @@ class Contender:
     name: str
     generate: Generate
     uses_cache: bool
+    exact: bool = True  # computes the float32 model: greedy, it must pick transformers' tokens
+    torch_memory: bool = True  # allocates through torch, where torch.profiler sees it (ONNX Runtime does not)
 
 
 @dataclass
@@ -61,7 +66,8 @@ class Results:
     tokens_per_second: dict[int, dict[str, float]]  # batch size -> contender -> tokens/s
     peak_memory_mb: dict[int, dict[str, float]]  # batch size -> contender -> MB
     ms_per_token: dict[str, dict[int, float]]  # contender -> position -> milliseconds
-    same_tokens: bool  # whether all three generated the same tokens
+    same_tokens: bool  # whether all the exact contenders generated the same tokens
+    file_mb: dict[str, float] = field(default_factory=dict)  # --backend onnx: contender -> its ONNX file's MB
 
 
 def main(argv: list[str] | None = None) -> Results:
@@ -137,11 +143,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("torch", "tripy"),
+        choices=("torch", "tripy", "onnx"),
         default="torch",
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
-        "only with --tiny, as a smoke test (default: torch)",
+        "only with --tiny, as a smoke test; onnx: ONNX Runtime on onnx_export.py's files (float32, int8, int4, float8) "
+        "against the twin and transformers, on the CPU (default: torch)",
     )
     args = parser.parse_args(argv)
     if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
@@ -150,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "runs, not how fast Tripy is: add --tiny"
         )
     if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
-        parser.set_defaults(**TINY)
+        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
         args = parser.parse_args(argv)
     try:
         args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
@@ -171,6 +178,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
     if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
         raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
+    if args.backend == "onnx" and args.n_embd % INT4_BLOCK_SIZE:
+        raise UsageError(f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it")
     checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
     if args.chart is not None:
         make_out_dir(args.chart)
@@ -284,6 +293,73 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     return run
 
 
+ONNX_MODES = {"float32": None, "int8": "int8-weight-only", "int4": "int4-weight-only", "float8": "float8"}
+
+
+def weight_max_twin(twin: GPT, quant_mode: str) -> GPT:
+    """The twin in `quant_mode` with scales from each weight's own largest magnitude (what max calibration gives a
+    weight), AWQ's pre_quant_scale ones and float8's input scale 1: a calibration changes the values, not the time."""
+    import torch
+
+    from reference import GPT, Int4Linear, QuantLinear
+
+    quantized = GPT(replace(twin.config, quant_mode=quant_mode)).eval()
+    state = twin.state_dict()
+    for name, layer in quantized.named_modules():
+        if not isinstance(layer, (QuantLinear, Int4Linear)):
+            continue
+        weight = state[f"{name}.weight"]  # [out, in]
+        if isinstance(layer, Int4Linear):
+            weight = weight.t().contiguous()  # [in, out], blocks of 128 input features
+            amax = weight.abs().reshape(-1, INT4_BLOCK_SIZE, weight.shape[1]).amax(dim=1)  # [in / 128, out]
+            state[f"{name}.weight_scale"] = amax.clamp(min=1e-8) / 7
+            state[f"{name}.pre_quant_scale"] = torch.ones(weight.shape[0])
+        elif layer.quant_dtype == torch.int8:
+            state[f"{name}.weight_scale"] = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
+        else:
+            state[f"{name}.weight_scale"] = weight.abs().max().clamp(min=1e-8) / 448
+            state[f"{name}.input_scale"] = torch.tensor(1.0)
+        state[f"{name}.weight"] = weight
+    quantized.load_state_dict(state)
+    return quantized
+
+
+def onnx_contenders(hf_model: GPT2LMHeadModel, twin: GPT, threads: int) -> tuple[list[Contender], dict[str, float]]:
+    """ONNX Runtime on onnx_export.py's file of each mode (fast kernels: its default accuracy level), int4 also at
+    float32 math; and each file's MB."""
+    import tempfile
+
+    import onnx_export
+    import onnx_runtime
+
+    contenders, file_mb = [], {}
+    with tempfile.TemporaryDirectory() as folder:
+        for label, quant_mode in ONNX_MODES.items():
+            print(f"Exporting the {label} ONNX file", flush=True)
+            onnx_dir = os.path.join(folder, label)
+            onnx_export.export_onnx(twin if quant_mode is None else weight_max_twin(twin, quant_mode), onnx_dir)
+            name = f"ONNX Runtime {label}" + (" (no CPU kernel)" if quant_mode == "float8" else "")
+            file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
+            maths = ["int8", "float32"] if quant_mode == "int4-weight-only" else ["int8"]
+            for math in maths:
+                session = onnx_runtime.session(onnx_dir, math, threads)
+                contender = name if math == "int8" else f"{name}, float32 math"
+                runner = onnx_generate(onnx_runtime.OnnxGPT(session))
+                contenders.append(Contender(contender, runner, True, exact=quant_mode is None, torch_memory=False))
+                if math == "float32":
+                    file_mb[contender] = file_mb[name]
+    return contenders, file_mb
+
+
+def onnx_generate(model) -> Generate:
+    import onnx_runtime
+
+    def run(prompt, new_tokens, on_token):
+        return onnx_runtime.generate(model, prompt, new_tokens, top_k=1, on_token=on_token)
+
+    return run
+
+
 def timed_run(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, list[float]]:
     """Generates once; returns the tokens, the total seconds, and the seconds each new token took.
 
@@ -344,7 +420,7 @@ def measure_throughput(
             tokens[contender.name], seconds, _ = timed_run(contender.generate, prompt, new_tokens)
             best_seconds[contender.name] = min(best_seconds[contender.name], seconds)
     tokens_per_second = {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best_seconds.items()}
-    peak_memory = {c.name: peak_memory_mb(c.generate, prompt, new_tokens) for c in contenders}
+    peak_memory = {c.name: peak_memory_mb(c.generate, prompt, new_tokens) for c in contenders if c.torch_memory}
     return tokens_per_second, peak_memory, tokens
 
 
@@ -378,6 +454,7 @@ def run_benchmark(args: argparse.Namespace) -> Results:
     # Minutes of work on the real shape: a bar on stderr, ticking with every token any contender generates.
     progress = tqdm(total=steps_to_generate(args), desc="Generating", unit="token")
     hf_model, twin = build_models(args.n_layer, args.n_head, args.n_embd, args.seed)
+    file_mb = {}
     if args.backend == "tripy":
         # The longest run: the cached time-per-token run, from positions[0] to past positions[-1].
         seq_len = min(BLOCK_SIZE, max(args.prompt_len + args.new_tokens, args.positions[-1] + STEPS_PER_POSITION + 1))
@@ -387,6 +464,13 @@ def run_benchmark(args: argparse.Namespace) -> Results:
         contenders = [
             Contender("Tripy (TensorRT)" if on_gpu else "Tripy, CPU executor (smoke test)", tripy, uses_cache=True),
             Contender("transformers generate", hf_generate(hf_model.to("cuda" if on_gpu else "cpu")), uses_cache=True),
+        ]
+    elif args.backend == "onnx":
+        onnx_runs, file_mb = onnx_contenders(hf_model, twin, args.threads)
+        contenders = [
+            Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),
+            Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
+            *onnx_runs,
         ]
     else:
         contenders = [
@@ -410,24 +494,29 @@ def run_benchmark(args: argparse.Namespace) -> Results:
         tokens_per_second[batch], peak_memory[batch], tokens = measure_throughput(
             contenders, prompts[:batch], args.new_tokens, args.repeats
         )
-        same_tokens &= all(torch.equal(generated, tokens["transformers generate"]) for generated in tokens.values())
+        exact = [contender.name for contender in contenders if contender.exact]
+        same_tokens &= all(torch.equal(tokens[name], tokens["transformers generate"]) for name in exact)
     ms_per_token = measure_ms_per_token(contenders, sequence, args.positions)
     progress.close()
-    return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens)
+    return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb)
 
 
 def steps_to_generate(args: argparse.Namespace) -> int:
     """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
 
-    Per batch size: the warm-up's 2 tokens, the timed runs and the profiled one; then the time-per-token runs, one
-    long run with a cache, a short run per position without (the torch backend's "twin, no cache").
+    Per batch size: the warm-up's 2 tokens and the timed runs of every contender, and a profiled run of those whose
+    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, one long run with a cache, a short run
+    per position without (the torch backend's "twin, no cache").
     """
-    contenders = 2 if args.backend == "tripy" else 3
-    per_batch = contenders * (2 + (args.repeats + 1) * args.new_tokens)
-    cached = contenders - (args.backend == "torch")
+    if args.backend == "tripy":
+        cached, uncached, profiled = 2, 0, 2
+    elif args.backend == "onnx":  # the twin, transformers, and a file per mode, int4's at two accuracy levels
+        cached, uncached, profiled = 2 + len(ONNX_MODES) + 1, 0, 2
+    else:
+        cached, uncached, profiled = 2, 1, 3
+    per_batch = (cached + uncached) * (2 + args.repeats * args.new_tokens) + profiled * args.new_tokens
     ms_runs = cached * (args.positions[-1] - args.positions[0] + STEPS_PER_POSITION + 1)
-    if args.backend == "torch":
-        ms_runs += len(args.positions) * STEPS_PER_POSITION
+    ms_runs += uncached * len(args.positions) * STEPS_PER_POSITION
     return len(args.batch_sizes) * per_batch + ms_runs
 
 
@@ -456,7 +545,7 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
     print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}{'peak MB':>10}" for b in results.tokens_per_second))
     for name in names:
         cells = "".join(
-            f"{results.tokens_per_second[batch][name]:>16.1f}{results.peak_memory_mb[batch][name]:>10.1f}"
+            f"{results.tokens_per_second[batch][name]:>16.1f}" + memory_cell(results.peak_memory_mb[batch].get(name))
             for batch in results.tokens_per_second
         )
         print(f"{name:<{width}}{cells}")
@@ -469,7 +558,31 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
         times = results.ms_per_token[name]
         cells = "".join(f"{times[p]:>8.1f}" for p in positions)
         print(f"{name:<{width}}{cells}{times[positions[-1]] / times[positions[0]]:>11.2f}x")
-    print(f"\nAll {len(names)} generated the same tokens: {'yes' if results.same_tokens else 'NO'}")
+    same = "yes" if results.same_tokens else "NO"
+    if results.file_mb:
+        print_onnx_ratios(results, width)
+        print(f"\nThe float32 ones (twin, transformers, ONNX Runtime float32) generated the same tokens: {same}")
+    else:
+        print(f"\nAll {len(names)} generated the same tokens: {same}")
+
+
+def memory_cell(megabytes: float | None) -> str:
+    return f"{'-':>10}" if megabytes is None else f"{megabytes:>10.1f}"
+
+
+def print_onnx_ratios(results: Results, width: int) -> None:
+    """Each ONNX Runtime contender's tokens/s as a multiple of transformers', and its file against float32's."""
+    float32_mb = results.file_mb["ONNX Runtime float32"]
+    batches = list(results.tokens_per_second)
+    print("\nONNX Runtime: tokens/s as a multiple of transformers generate's; the file's MB (x float32's)")
+    print(f"{'':<{width}}" + "".join(f"{f'batch {b}':>10}" for b in batches) + f"{'file MB':>20}")
+    for name, megabytes in results.file_mb.items():
+        speedups = "".join(
+            f"{results.tokens_per_second[b][name] / results.tokens_per_second[b]['transformers generate']:>9.2f}x"
+            for b in batches
+        )
+        print(f"{name:<{width}}{speedups}{megabytes:>11.1f} ({megabytes / float32_mb:.2f}x)")
+    print("(peak MB -: ONNX Runtime allocates outside torch, where torch.profiler cannot see it)")
 
 
 def save_chart(results: Results, path: str) -> None:

@@ -7,6 +7,7 @@ evaluating:
 
     python evaluate.py                                  # the bundled model on data/heldout.txt: a few minutes
     python evaluate.py --model-type gpt2 --chart quality.png
+    python evaluate.py --modes int8-weight-only float8 int4-weight-only --onnx   # and each in ONNX Runtime
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
 auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             args.qat_steps,
             args.qat_lr,
             args.qat_batch_size,
+            args.onnx,
         )
     except TrainingDivergedError as error:
         raise UsageError(f"--qat-lr {args.qat_lr:g} is too high for this model: {error}") from None
@@ -193,6 +195,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         const=DEFAULT_CHART,
         help=f"also save a chart of perplexity against weight size, to PNG (without one: {DEFAULT_CHART})",
     )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also export each uniform mode's twin with onnx_export.py and measure it in ONNX Runtime, at its default "
+        "accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math",
+    )
     args = parser.parse_args(argv)
 
     if args.max_tokens is not None and args.max_tokens < 2:
@@ -257,9 +265,10 @@ def evaluate(
     qat_steps: int = DEFAULT_QAT_STEPS,
     qat_lr: float = DEFAULT_QAT_LR,
     qat_batch_size: int = 8,
+    onnx: bool = False,
 ) -> list[Row]:
     """One row per mode, unquantized first (the baseline), the others in ALL_MODES order, AUTO_QUANT_MODE as a row
-    per budget in `auto_bits`."""
+    per budget in `auto_bits`. With `onnx`, each of UNQUANTIZED and QUANT_MODES is followed by its ONNX Runtime rows."""
     from hub import load_hf_model
     from perplexity import perplexity
     from twin import load_twin
@@ -338,6 +347,29 @@ def evaluate(
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
+        if onnx and mode in (UNQUANTIZED, *QUANT_MODES):
+            rows += onnx_rows(twin, mode, tokens, context, calibration_seconds)
+    return rows
+
+
+def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
+    """The twin exported by onnx_export.py and run by ONNX Runtime at its default accuracy level and at float32
+    math. Weight MB counts the format as the twin's row does (the file itself keeps float32 where Tripy has float16)."""
+    import tempfile
+
+    import onnx_export
+    import onnx_runtime
+    from perplexity import perplexity
+
+    rows = []
+    with tempfile.TemporaryDirectory() as onnx_dir:
+        onnx_export.export_onnx(twin, onnx_dir)
+        for math_name, label in (("int8", "ONNX Runtime"), ("float32", "ONNX Runtime, float32 math")):
+            model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
+            start = time.perf_counter()
+            ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
+            seconds = time.perf_counter() - start
+            rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
     return rows
 
 

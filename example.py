@@ -40,7 +40,7 @@ Generate = Callable[..., "torch.Tensor"]
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    backend, backend_reason = choose_backend(args.backend)
+    backend, backend_reason = choose_backend(args.backend, args.model_type)
     if backend == "tripy" and "float8" in (args.quant_mode, args.kv_cache):
         check_float8_gpu()
     print(f"Backend: {backend} ({backend_reason})")
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     encoding = gpt2_encoding()
     # "<|endoftext|>" in a prompt is GPT-2's document separator, not literal text.
     prompt_tokens = encoding.encode(args.input_text, allowed_special="all")
+    if backend == "onnxruntime":  # a folder --export-onnx wrote: no calibration, no weights to load (docs/onnx.md)
+        from onnx_runtime import example_generator
+
+        generate_and_print(example_generator(args.model_type, len(prompt_tokens), args), encoding, prompt_tokens, args)
+        return
 
     model_type, hf_model, hf_config, quant_mode = load_model(args, len(prompt_tokens))
     device = "cuda" if backend == "tripy" else "cpu"  # calibrate on the GPU when Tripy has one
@@ -80,8 +85,12 @@ def main(argv: list[str] | None = None) -> None:
         from export import export_step
 
         export_step(hf_model, args.export_dir)
-        if args.export_only:
-            return
+    if args.export_onnx is not None:
+        from onnx_export import export_step as export_onnx_step
+
+        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx)
+    if args.export_only:
+        return
 
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     # The Tripy model's (and the twin's) config: the checkpoint's shape, its modes, and the sequence to generate.

@@ -14,6 +14,8 @@ from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, QUANT_MODES
 from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
+# Why a float8 KV cache does not go to ONNX (yet): one sentence for both refusals.
+ONNX_KV_CACHE = "writes a float32 KV cache, with no Q/DQ on the keys and values"
 DEFAULT_PROMPT = "The best way to learn something new is"
 # Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
 # the most, every token among the top k is about as likely as another, which is noise, not text.
@@ -41,8 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
-        help=f"{', '.join(HUB_MODELS)} (from the Hugging Face Hub), a local GPT-2 checkpoint directory, or one "
-        "written by --export-dir, which runs with the weights and scales it holds "
+        help=f"{', '.join(HUB_MODELS)} (from the Hugging Face Hub), a local GPT-2 checkpoint directory, one "
+        "written by --export-dir, which runs with the weights and scales it holds, or a folder written by "
+        "--export-onnx, which ONNX Runtime runs "
         f"(default: {DEFAULT_MODEL}, or the bundled model in bundled_model/ when {DEFAULT_MODEL} cannot be downloaded)",
     )
     parser.add_argument(
@@ -129,11 +132,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(docs/export.md): --model-type DIR runs it and transformers loads it; vLLM serves only the float8 one (its "
         "ModelOpt loader reads neither int8 nor int4); TensorRT-LLM reads the format, but was never run on it here",
     )
-    parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir")
+    parser.add_argument(
+        "--export-onnx",
+        metavar="DIR",
+        help="after calibration (or restoring, or from an export), also write the model to DIR/model.onnx with its "
+        "weights stored quantized, for TensorRT (trtexec) and ONNX Runtime, with its config and tokenizer "
+        "(docs/onnx.md); --model-type DIR runs it",
+    )
+    parser.add_argument("--export-only", action="store_true", help="stop after writing --export-dir or --export-onnx")
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="let --export-dir write into a folder that is not empty, replacing the files of the same names",
+        help="let --export-dir or --export-onnx write into a folder that is not empty, replacing the files of the "
+        "same names",
     )
     parser.add_argument(
         "--save-quantized",
@@ -156,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     export = is_export(args.model_type)
-    if args.model_type is not None and not export:  # an export is checked as it is read
+    if is_onnx_folder(args.model_type):
+        check_onnx_folder_args(args, parser)
+    elif args.model_type is not None and not export:  # an export is checked as it is read
         checks.check_model_type(args.model_type)
         if args.quant_mode in ("int4-weight-only", AUTO_QUANT_MODE):  # before a Hub model is downloaded
             checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
@@ -185,16 +198,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.kv_cache is not None and args.quant_mode is None:
         raise UsageError("--kv-cache needs --quant-mode: its K and V quantizers are calibrated with the weights")
+    if args.kv_cache is not None and args.export_onnx is not None:
+        raise UsageError(f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or use --export-dir, which keeps it")
     if args.quant_mode is not None and args.load_quantized is None and not export:
         checks.check_datasets_cache()
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
-    if args.export_only and args.export_dir is None:
-        raise UsageError("--export-only needs --export-dir")
-    if args.overwrite and args.export_dir is None:
-        raise UsageError("--overwrite needs --export-dir: it is the only thing example.py writes")
+    if args.export_only and args.export_dir is None and args.export_onnx is None:
+        raise UsageError("--export-only needs --export-dir or --export-onnx")
+    if args.overwrite and args.export_dir is None and args.export_onnx is None:
+        raise UsageError("--overwrite needs --export-dir or --export-onnx: they are the folders example.py writes")
     if args.export_dir is not None:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
+    if args.export_onnx is not None:
+        check_export_dir(args.export_onnx, args.model_type, args.overwrite, "--export-onnx")
     if args.load_quantized is not None:
         if os.path.isdir(args.load_quantized):
             raise UsageError(f"--load-quantized {args.load_quantized} is a folder: name a file --save-quantized wrote")
@@ -233,9 +250,18 @@ def check_outputs_apart(args: argparse.Namespace) -> None:
     if args.effective_bits is not None:
         files.append(("--recipe-out", recipe_out_path(args)))
     files = [(flag, path) for flag, path in files if path is not None]
+    folders = [(flag, path) for flag, path in (("--export-dir", args.export_dir), ("--export-onnx", args.export_onnx))]
+    folders = [(flag, path) for flag, path in folders if path is not None]
     for flag, path in files:
-        if args.export_dir is not None and checks.is_within(path, args.export_dir):
-            raise UsageError(f"{flag} {path} is inside --export-dir {args.export_dir}: keep it out of the export")
+        for folder_flag, folder in folders:
+            if checks.is_within(path, folder):
+                raise UsageError(f"{flag} {path} is inside {folder_flag} {folder}: keep it out of the export")
+    if len(folders) == 2 and (
+        checks.is_within(args.export_onnx, args.export_dir) or checks.is_within(args.export_dir, args.export_onnx)
+    ):
+        raise UsageError(
+            f"--export-dir {args.export_dir} and --export-onnx {args.export_onnx} overlap: name two separate folders"
+        )
     if len(files) == 2 and os.path.realpath(files[0][1]) == os.path.realpath(files[1][1]):
         raise UsageError(f"--save-quantized and --recipe-out are the same file, {files[0][1]}: name two files")
 
@@ -259,6 +285,28 @@ def check_export_args(args: argparse.Namespace) -> None:
         raise UsageError(
             f"{args.model_type} is an exported checkpoint, calibrated already: {', '.join(given)} "
             f"{'is' if len(given) == 1 else 'are'} for a model that example.py quantizes"
+        )
+
+
+def is_onnx_folder(model_type: str | None) -> bool:
+    """Whether --model-type names a folder written by --export-onnx."""
+    return model_type is not None and os.path.isfile(os.path.join(model_type, "model.onnx"))
+
+
+def check_onnx_folder_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """An ONNX folder runs in ONNX Runtime as it was exported: what quantizes, saves, exports or picks a backend or a
+    compute type does not apply to it."""
+    quantizing = ("quant_mode", "effective_bits", "recipe", "recipe_out", "calibration_data", "num_calibration_samples")
+    given = [
+        f"--{name.replace('_', '-')}"
+        for name in (*quantizing, "load_quantized", "save_quantized", "export_dir", "export_onnx", "backend", "dtype")
+        if getattr(args, name) != parser.get_default(name)
+    ]
+    given += ["--verbose"] if args.verbose else []
+    if given:
+        raise UsageError(
+            f"{args.model_type} is an ONNX folder (written by --export-onnx), which ONNX Runtime runs as it was "
+            f"exported: {', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to it"
         )
 
 
@@ -329,11 +377,11 @@ def check_temperature(temperature: float) -> None:
         )
 
 
-def check_export_dir(export_dir: str, model_type: str | None, overwrite: bool) -> None:
+def check_export_dir(export_dir: str, model_type: str | None, overwrite: bool, flag: str = "--export-dir") -> None:
     """Before calibrating: the export replaces no file unless --overwrite, never the model's own, and can be
     written. The bundled model counts as a source: it is what runs when the default cannot be downloaded."""
     sources = tuple(path for path in (model_type, BUNDLED_MODEL_DIR) if path is not None and os.path.isdir(path))
-    checks.check_output_dir(export_dir, "--export-dir", overwrite, sources)
+    checks.check_output_dir(export_dir, flag, overwrite, sources)
 
 
 def check_model_fits(
@@ -354,8 +402,11 @@ def check_model_fits(
         )
 
 
-def choose_backend(requested: str) -> tuple[str, str]:
-    """The backend to run on, "tripy", "tripy-cpu" or "torch", and why, in a few words. auto never picks tripy-cpu."""
+def choose_backend(requested: str, model_type: str | None = None) -> tuple[str, str]:
+    """The backend to run on, "tripy", "tripy-cpu", "torch", or "onnxruntime" for a folder --export-onnx wrote, and
+    why, in a few words. auto never picks tripy-cpu."""
+    if is_onnx_folder(model_type):  # parse_args has refused --backend for it
+        return "onnxruntime", f"ONNX Runtime on CPU, the ONNX folder {model_type}: no calibration"
     if requested == "tripy-cpu":
         if importlib.util.find_spec("nvtripy") is None:
             raise UsageError(

@@ -90,6 +90,8 @@ def build_workspace(root: Path) -> None:
     # What --export-dir writes: ModelOpt's hf_quant_config.json and a quantization_config in config.json.
     variant("export", config_text=json.dumps({**config, "quantization_config": {"quant_method": "modelopt"}}))
     (root / "export" / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    (root / "onnx-folder").mkdir()  # what --export-onnx writes: a model.onnx (its flags are refused before it is read)
+    (root / "onnx-folder" / "model.onnx").write_bytes(b"not read")
 
     data = root / "data"
     data.mkdir()
@@ -308,7 +310,36 @@ CASES = [
         ["--quant-mode", "float8", "--save-quantized", "{w}/dangling"],
         "dangling is a symbolic link to {w}/nowhere",
     ),
-    ("example.py", ["--overwrite"], "--overwrite needs --export-dir"),
+    ("example.py", ["--overwrite"], "--overwrite needs --export-dir or --export-onnx"),
+    ("example.py", ["--export-only"], "--export-only needs --export-dir or --export-onnx"),
+    ("example.py", ["--export-onnx", "{w}/users-folder"], "--export-onnx {w}/users-folder is not empty"),
+    ("example.py", ["--export-onnx", ""], "--export-onnx is empty: name a folder"),
+    (
+        "example.py",
+        ["--model-type", "{w}/gpt2", "--export-onnx", "{w}/gpt2", "--overwrite"],
+        "gpt2 is the folder the model is read from",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-dir", "{w}/empty-folder", "--export-onnx", "{w}/empty-folder/onnx"],
+        "--export-dir {w}/empty-folder and --export-onnx {w}/empty-folder/onnx overlap: name two separate folders",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--export-onnx", "{w}/empty-folder", "--save-quantized", "{w}/empty-folder/q.pt"],
+        "--save-quantized {w}/empty-folder/q.pt is inside --export-onnx {w}/empty-folder",
+    ),
+    (
+        "example.py",
+        ["--model-type", "{w}/onnx-folder", "--quant-mode", "int4-weight-only"],
+        "{w}/onnx-folder is an ONNX folder (written by --export-onnx), which ONNX Runtime runs as it was exported: "
+        "--quant-mode does not apply to it",
+    ),
+    (
+        "example.py",
+        ["--model-type", "{w}/onnx-folder", "--backend", "tripy", "--export-onnx", "{w}/empty-folder"],
+        "--export-onnx, --backend do not apply to it",
+    ),
     ("example.py", ["--quant-mode", "float8", "--export-dir", ""], "--export-dir is empty: name a folder"),
     # evaluate.py
     ("evaluate.py", ["--model-type", "{w}/truncated"], "truncated/model.safetensors is truncated"),
@@ -368,6 +399,7 @@ CASES = [
     ("benchmark.py", ["--positions", ""], "comma-separated integers"),
     ("benchmark.py", ["--batch-sizes", "1,1"], "--batch-sizes lists a size twice: [1, 1]"),
     ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
+    ("benchmark.py", ["--backend", "onnx", "--n-embd", "96"], "--backend onnx races int4 in blocks of 128: --n-embd"),
     # train.py
     ("train.py", ["--out-dir", "{w}/new", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1"),

@@ -117,3 +117,28 @@ def test_tripy_backend_on_the_cpu_executor_needs_tiny(monkeypatch, capsys, gpu):
     """Without TensorRT, a GPU changes nothing: model.py runs on the CPU executor, and transformers beside it."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     assert "add --tiny" in usage_error(benchmark.main, ["--backend", "tripy"], "benchmark.py", capsys)
+
+
+def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, restore_torch_threads):
+    argv = ["--tiny", "--backend", "onnx", "--threads", "1", "--n-layer", "1"]
+    argv += ["--batch-sizes", "1,2", "--positions", "8"]
+    results = benchmark.main(argv)
+    captured = capsys.readouterr()
+    printed = captured.out
+    updates = [line for line in re.split(r"[\r\n]+", captured.err) if line.startswith("Generating:")]
+    done, total = map(int, re.search(r"(\d+)/(\d+) \[", updates[-1]).groups())
+    assert done == total == benchmark.steps_to_generate(benchmark.parse_args(argv))  # the bar counts ONNX Runtime too
+    onnx_names = [
+        "ONNX Runtime float32",
+        "ONNX Runtime int8",
+        "ONNX Runtime int4",
+        "ONNX Runtime int4, float32 math",
+        "ONNX Runtime float8 (no CPU kernel)",
+    ]
+    assert list(results.tokens_per_second[2]) == ["twin, KV cache", "transformers generate", *onnx_names]
+    assert results.same_tokens  # ONNX Runtime's float32 file picks transformers' greedy tokens
+    assert list(results.file_mb) == onnx_names
+    sizes = results.file_mb
+    assert sizes["ONNX Runtime int4"] < sizes["ONNX Runtime int8"] < sizes["ONNX Runtime float32"]
+    assert "ONNX Runtime: tokens/s as a multiple of transformers generate's" in printed
+    assert list(results.peak_memory_mb[1]) == ["twin, KV cache", "transformers generate"]  # torch's allocations only

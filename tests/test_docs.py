@@ -26,11 +26,19 @@ from helpers import REPO
 from cli import UsageError
 
 PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "docs", "*.md")))]
-SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat")
+SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat", "optimum_generate")
 # Options whose value a command creates: a later command on the same page may read it.
-CREATING_OPTIONS = ("--export-dir", "--out-dir", "--chart", "--save-quantized", "--recipe-out", "--out")
+CREATING_OPTIONS = (
+    "--export-dir",
+    "--export-onnx",
+    "--out-dir",
+    "--chart",
+    "--save-quantized",
+    "--recipe-out",
+    "--out",
+)
 # The parsed arguments, by their argparse names, that name a file or folder the script writes.
-OUTPUT_ARGUMENTS = ("export_dir", "out_dir", "chart", "save_quantized", "recipe_out", "out")
+OUTPUT_ARGUMENTS = ("export_dir", "export_onnx", "out_dir", "chart", "save_quantized", "recipe_out", "out")
 
 
 def read(page: str) -> str:

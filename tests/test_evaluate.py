@@ -220,3 +220,30 @@ def test_a_held_out_file_shorter_than_max_tokens_says_how_many_it_used(tmp_path,
     used = len(evaluate.heldout_tokens(str(text)))
     evaluate.main(["--modes", "unquantized", "--eval-data", str(text), "--max-tokens", "100000"])
     assert f"has only {used:,} tokens, fewer than the 100,000 asked for: using {used:,}" in capsys.readouterr().out
+
+
+def test_onnx_rows_measure_onnx_runtime_on_each_modes_file():
+    """--onnx: the exported file in ONNX Runtime at float32 math gives the twin's perplexity; at its default level
+    the int8 activations cost a measured, small change (here: int4, the mode whose fast kernels ONNX Runtime fuses)."""
+    require_bundled_model()
+    report = evaluate.evaluate(
+        BUNDLED_MODEL,
+        ["int4-weight-only"],
+        max_tokens=600,
+        num_calibration_samples=NUM_CALIBRATION_SAMPLES,
+        calibration_data=SHIPPED_CALIBRATION_TEXT,
+        onnx=True,
+    )
+    rows = {row.mode: row for row in report}
+    assert list(rows) == [
+        evaluate.UNQUANTIZED,
+        f"{evaluate.UNQUANTIZED}, ONNX Runtime",
+        f"{evaluate.UNQUANTIZED}, ONNX Runtime, float32 math",
+        "int4-weight-only",
+        "int4-weight-only, ONNX Runtime",
+        "int4-weight-only, ONNX Runtime, float32 math",
+    ]
+    for mode in (evaluate.UNQUANTIZED, "int4-weight-only"):
+        assert rows[f"{mode}, ONNX Runtime, float32 math"].perplexity == pytest.approx(rows[mode].perplexity, rel=1e-5)
+    fast = rows["int4-weight-only, ONNX Runtime"].perplexity / rows["int4-weight-only"].perplexity - 1
+    assert fast != pytest.approx(0, abs=1e-6) and abs(fast) < 0.05

@@ -1,0 +1,227 @@
+"""The ONNX file (onnx_export.py) is the twin with its weights stored quantized, and ONNX Runtime runs it as the twin.
+
+Each mode, and a per-layer mix of them, is calibrated by ModelOpt once (module fixture) and loaded into the twin by
+weight_loader; the twin is the truth. The file is read back with onnx (types, values, graph structure), checked
+against TensorRT's rules for explicit quantization, and run by ONNX Runtime (onnx_runtime.py) at exact math and at its
+default, faster accuracy level, for a batch of 2 over a prompt and cached steps.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
+from onnx import TensorProto, numpy_helper
+
+import onnx_export
+import onnx_runtime
+import reference
+from auto_quantize import Recipe, quantize_with_recipe
+from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES, layer_quant_mode
+from quantization import modelopt_quantize
+from reference import GPT
+from twin import load_twin
+
+STORED_TYPE = {
+    "int8-weight-only": TensorProto.INT8,
+    "int4-weight-only": TensorProto.INT4,
+    "float8": TensorProto.FLOAT8E4M3FN,
+    None: TensorProto.FLOAT,
+}
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+PROMPT = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13], [15496, 995, 11, 428, 318, 257, 1332]])  # [2, 7]
+STEPS = torch.tensor([[11, 262, 3797], [290, 340, 318]])  # [2, 3]: the tokens fed one at a time after the prompt
+EXACT_TOLERANCE = 1e-4
+
+
+@dataclass
+class Exported:
+    mode: str
+    onnx_dir: str
+    twin: GPT
+    model: onnx.ModelProto
+
+
+@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE])
+def exported(request, calibration_file, tmp_path_factory) -> Exported:
+    mode = request.param
+    if mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
+        recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
+        quantized = quantize_with_recipe(make_gpt2(), recipe, calibration_file, num_samples=4, batch_size=4)
+        twin = load_twin(quantized, mode, quantized, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
+    else:
+        quantized = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
+        twin = load_twin(quantized, mode, quantized)
+    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode}"))
+    onnx_export.export_onnx(twin, onnx_dir)
+    return Exported(mode, onnx_dir, twin, onnx.load(os.path.join(onnx_dir, onnx_export.MODEL_FILE)))
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {initializer.name: initializer for initializer in model.graph.initializer}
+
+
+def block_linears(twin: GPT) -> list[str]:
+    return [f"transformer.h.{i}.{layer}" for i in range(twin.config.num_layers) for layer in BLOCK_LINEARS]
+
+
+def twin_logits(twin: GPT) -> list[torch.Tensor]:
+    """The twin's logits for the prompt [2, 7, vocab] (its full forward), then for each cached step [2, 1, vocab]."""
+    with torch.no_grad():
+        logits = [twin(PROMPT)]
+        _, keys, values = twin.forward_with_cache(PROMPT)
+        for step in STEPS.split(1, dim=1):
+            step_logits, keys, values = twin.forward_with_cache(step, keys, values)
+            logits.append(step_logits)
+    return logits
+
+
+def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
+    """The same calls through ONNX Runtime: the prompt, then one token at a time on the returned cache."""
+    model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
+    logits, past = model.forward(PROMPT, None, 0)
+    all_logits, past_len = [logits], PROMPT.shape[1]
+    for step in STEPS.split(1, dim=1):
+        logits, past = model.forward(step, past, past_len)
+        all_logits.append(logits)
+        past_len += 1
+    return all_logits
+
+
+def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
+    return max(
+        (ours - theirs).abs().max().item()
+        for ours, theirs in zip(onnx_logits(onnx_dir, math), twin_logits(twin), strict=True)
+    )
+
+
+def test_onnx_checker_passes_in_full(exported):
+    onnx.checker.check_model(os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE), full_check=True)
+
+
+@pytest.mark.parametrize("math", [onnx_runtime.EXACT, "float32"])
+def test_onnx_runtime_at_exact_math_computes_the_twins_logits(exported, math):
+    assert max_error(exported.onnx_dir, exported.twin, math) <= EXACT_TOLERANCE
+
+
+def test_onnx_runtimes_fast_path_error_is_measured(exported):
+    """At its default accuracy level ONNX Runtime computes the int8/int4 matmuls on int8 activations: an error the
+    twin does not have, which must be there (the fast kernels ran) and stay small next to the logits (about 4% of
+    the largest on these models; evaluate.py measures what it costs in perplexity)."""
+    error = max_error(exported.onnx_dir, exported.twin, "int8")
+    print(f"{exported.mode}: max logit error at the default accuracy level {error:.3g}")
+    largest = twin_logits(exported.twin)[0].abs().max().item()
+    if exported.mode == "float8":  # no CPU kernel takes float8: nothing is fused, the math stays float32
+        assert error <= EXACT_TOLERANCE
+    else:
+        assert EXACT_TOLERANCE < error < 0.1 * largest
+
+
+def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
+    model = onnx_runtime.OnnxGPT(onnx_runtime.session(exported.onnx_dir, "float32", threads=1))
+    ours = onnx_runtime.generate(model, PROMPT, 8, top_k=1)
+    assert torch.equal(ours, reference.generate(exported.twin, PROMPT, 8, top_k=1))
+
+
+def test_every_block_linear_weight_is_stored_in_its_quantized_type(exported):
+    stored = initializers(exported.model)
+    for layer in block_linears(exported.twin):
+        expected = STORED_TYPE[layer_quant_mode(exported.twin.config, layer)]
+        actual = stored[f"{layer}.weight"].data_type
+        assert actual == expected, f"{layer}.weight is {TensorProto.DataType.Name(actual)}"
+
+
+def test_stored_weights_dequantize_to_the_twins_weights(exported):
+    """The file's integers times its scales, computed here with numpy, are the weights the twin multiplies."""
+    stored = initializers(exported.model)
+    twin_layers = dict(exported.twin.named_modules())
+    for layer in block_linears(exported.twin):
+        twin_layer = twin_layers[layer]
+        if getattr(twin_layer, "dequantized_weight", None) is None:
+            continue  # an unquantized layer of the mix
+        weight = numpy_helper.to_array(stored[f"{layer}.weight"]).astype(np.float32)  # [in, out]
+        scale = numpy_helper.to_array(stored[f"{layer}.weight_scale"])
+        if scale.ndim == 2:  # int4: one scale per 128 input features of each output column
+            scale = np.repeat(scale, INT4_BLOCK_SIZE, axis=0)
+        expected = twin_layer.dequantized_weight
+        expected = expected if isinstance(twin_layer, reference.Int4Linear) else expected.t()  # [in, out]
+        np.testing.assert_array_equal(weight * scale, expected.numpy())
+
+
+def test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale(exported):
+    """x * pre_quant_scale is the MatMul's input: the step that makes AWQ's int4 weights right."""
+    stored, made_by = initializers(exported.model), producers(exported.model)
+    for layer in block_linears(exported.twin):
+        if layer_quant_mode(exported.twin.config, layer) != "int4-weight-only":
+            continue
+        twin_scale = dict(exported.twin.named_parameters())[f"{layer}.pre_quant_scale"].detach()
+        assert not torch.all(twin_scale == 1)  # AWQ scaled the outliers: dropping the Mul would change the logits
+        np.testing.assert_array_equal(numpy_helper.to_array(stored[f"{layer}.pre_quant_scale"]), twin_scale.numpy())
+        (dequantize,) = consumers(exported.model, f"{layer}.weight")
+        (matmul,) = consumers(exported.model, dequantize.output[0])
+        multiply = made_by[matmul.input[0]]
+        assert multiply.op_type == "Mul" and f"{layer}.pre_quant_scale" in multiply.input
+
+
+def test_lm_head_is_tied_to_wte_unless_quantized(exported):
+    stored = initializers(exported.model)
+    vocab, embd = exported.twin.config.vocab_size, exported.twin.config.embedding_size
+    vocab_sized = [name for name, tensor in stored.items() if vocab in tensor.dims]
+    if layer_quant_mode(exported.twin.config, "lm_head") is None:
+        assert vocab_sized == ["transformer.wte.weight"]
+    else:
+        assert sorted(vocab_sized) == ["lm_head.weight", "transformer.wte.weight"]
+        assert list(stored["lm_head.weight"].dims) == [embd, vocab]
+
+
+def producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def consumers(model: onnx.ModelProto, name: str) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if name in node.input]
+
+
+def attribute(node: onnx.NodeProto, name: str):
+    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), None)
+
+
+def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
+    """onnx-tensorrt's rules (TensorRT 10): DequantizeLinear on INT8/FP8/INT4 with zero points 0; a DQ between each
+    quantized weight and its MatMul; INT4 weight-only; a block scale of the input's rank, blocked on one of its last
+    two dims; and nothing outside the standard ONNX domain."""
+    model, stored = exported.model, initializers(exported.model)
+    made_by = producers(model)
+    quantized_types = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+    assert [opset.domain for opset in model.opset_import] == [""] and not model.functions
+    assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+    for name, tensor in stored.items():  # each quantized weight feeds one DequantizeLinear, which feeds a MatMul
+        if tensor.data_type in quantized_types and name.endswith(".weight"):  # not the Q/DQ zero points
+            (dequantize,) = consumers(model, name)
+            assert dequantize.op_type == "DequantizeLinear" and dequantize.input[0] == name
+            assert [node.op_type for node in consumers(model, dequantize.output[0])] == ["MatMul"], name
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":  # activations, in float8 only (int4 is weight-only), zero point 0
+            zero_point = stored[node.input[2]]
+            assert zero_point.data_type == TensorProto.FLOAT8E4M3FN
+            assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
+        if node.op_type != "DequantizeLinear":
+            continue
+        if node.input[0] in stored:
+            weight = stored[node.input[0]]
+            assert weight.data_type in quantized_types
+        else:  # an activation's Q/DQ pair
+            assert made_by[node.input[0]].op_type == "QuantizeLinear"
+        if len(node.input) > 2 and node.input[2]:
+            assert not numpy_helper.to_array(stored[node.input[2]]).astype(np.float32).any()
+        block_size = attribute(node, "block_size")
+        if block_size:
+            weight = stored[node.input[0]]
+            scale = stored[node.input[1]]
+            axis = attribute(node, "axis") % len(weight.dims)
+            assert weight.data_type == TensorProto.INT4 and len(scale.dims) == len(weight.dims)
+            assert axis in (len(weight.dims) - 2, len(weight.dims) - 1)
+            assert scale.dims[axis] * block_size == weight.dims[axis]
