@@ -225,6 +225,11 @@ CASES = [
     ("example.py", ["--num-calibration-samples", "8"], "--num-calibration-samples needs --quant-mode"),
     ("example.py", ["--model-type", "{w}/export", "--kv-cache", "float8"], "calibrated already: --kv-cache is for"),
     ("example.py", ["--kv-cache", "float8"], "--kv-cache needs --quant-mode: its K and V quantizers are calibrated"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--kv-cache", "float8", "--export-onnx", "{w}/empty-folder"],
+        "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
+    ),
     ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
     (
         "example.py",

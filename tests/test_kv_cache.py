@@ -370,3 +370,18 @@ def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(exampl
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode("The town council voted")])
     assert texts[1].strip("\n") == encoding.decode(reference.generate(twin, idx, 8, top_k=1)[0].tolist())
+
+
+def test_onnx_export_refuses_a_float8_kv_cache_it_would_drop(exported, tmp_path):
+    """The ONNX graph keeps its cache in float32: an export with k_scale and v_scale is refused, not written without
+    them (the command line refuses --kv-cache with --export-onnx before calibrating: test_bad_input's table)."""
+    from cli import UsageError
+    from onnx_export import export_onnx
+
+    export_dir, _ = exported("float8")
+    onnx_dir = tmp_path / "onnx"
+    with pytest.raises(UsageError, match=f"and {export_dir} has a float8 one: use --export-dir"):
+        example.main(["--model-type", export_dir, "--export-onnx", str(onnx_dir), "--export-only"])
+    with pytest.raises(ValueError, match="export_onnx writes a float32 KV cache"):
+        export_onnx(load_export_twin(export_dir), str(onnx_dir))
+    assert not onnx_dir.exists()
