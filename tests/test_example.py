@@ -349,7 +349,7 @@ def test_float8_on_a_gpu_older_than_ada_is_an_error(monkeypatch):
 def test_a_float8_export_on_a_gpu_older_than_ada_is_an_error(runs, export_dir, monkeypatch, capsys):
     """--model-type EXPORT says its mode only once read: the check runs again before Tripy loads anything."""
     succeeded(runs, "float8")  # the run that wrote the float8 export
-    monkeypatch.setattr(example, "choose_backend", lambda requested: ("tripy", "a faked GPU"))
+    monkeypatch.setattr(example, "choose_backend", lambda requested, model_type=None: ("tripy", "a faked GPU"))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A10")
     argv = ["--model-type", export_dir, "--max-new-tokens", "2", "--input-text", "Hi"]
