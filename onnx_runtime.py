@@ -18,7 +18,6 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from cli import UsageError
 from onnx_export import MODEL_FILE
 from sampling import sample_next_token
 
@@ -105,13 +104,12 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     """example.py --model-type ONNX_DIR: generate(idx, max_new_tokens, temperature, top_k, generator, on_token) with
     ONNX Runtime at its default accuracy level (docs/quality.md measures what its int8 activations cost), after
     checking that the prompt and the new tokens fit the model."""
-    with open(os.path.join(onnx_dir, "config.json"), encoding="utf-8") as file:
-        context = json.load(file)["n_positions"]
-    if prompt_len + args.max_new_tokens > context:
-        raise UsageError(
-            f"the prompt ({prompt_len} tokens) plus --max-new-tokens ({args.max_new_tokens}) is longer than "
-            f"the {context} tokens the model can attend to: shorten the prompt or lower --max-new-tokens"
-        )
+    from transformers import GPT2Config
+
+    from example_args import check_model_fits
+
+    # quantized already: only the context is checked
+    check_model_fits(args, onnx_dir, GPT2Config.from_pretrained(onnx_dir), None, prompt_len)
     start = time.perf_counter()
     model = OnnxGPT(session(onnx_dir))
     mode = quantization(onnx_dir)["quant_mode"] or "unquantized"

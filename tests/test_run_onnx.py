@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
 from auto_quantize import Recipe, save_recipe
@@ -100,3 +100,12 @@ def test_an_export_becomes_an_onnx_folder_with_export_only(runs):
     idx = torch.tensor([encoding.encode(PROMPT)])
     expected = encoding.decode(reference.generate(load_export_twin(export_dir), idx, NEW_TOKENS, top_k=1)[0].tolist())
     assert generated_text(running).strip("\n") == expected
+
+
+def test_an_onnx_folder_refuses_a_run_longer_than_its_context(runs, capsys):
+    """The folder's config.json says how far the model attends (64 here): one line, exit 2, before any session."""
+    futures, folders, _ = runs
+    futures["export"].result()
+    argv = ["--model-type", folders["export"], "--max-new-tokens", "64"]
+    line = usage_error(example.main, argv, "example.py", capsys)
+    assert "plus --max-new-tokens (64) is longer than the 64 tokens the model can attend to" in line
