@@ -12,7 +12,7 @@ weight_loader, so nothing is downloaded; random weights take exactly as long to 
     python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
     python benchmark.py --backend tripy                   # on a GPU: the Tripy engine against transformers on CUDA
     python benchmark.py --backend tripy --tiny            # without one: the CPU executor, a smoke test, not speed
-    python benchmark.py --backend onnx                    # ONNX Runtime on onnx_export.py's files, per mode
+    python benchmark.py --backend onnx                    # ONNX Runtime on exports/onnx_export.py's files, per mode
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
-import checks
-from cli import ArgumentParser, UsageError, make_out_dir, run
+from cli import ArgumentParser, UsageError, checks, make_out_dir, run
 from config import INT4_BLOCK_SIZE
-from hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
+from sources.hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
 if TYPE_CHECKING:
     import torch
@@ -147,8 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="torch",
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
-        "only with --tiny, as a smoke test; onnx: ONNX Runtime on onnx_export.py's files (float32, int8, int4, float8) "
-        "against the twin and transformers, on the CPU (default: torch)",
+        "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
+        "int4, float8) against the twin and transformers, on the CPU (default: torch)",
     )
     args = parser.parse_args(argv)
     if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
@@ -202,7 +201,7 @@ def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from twin import load_twin
+    from measure.twin import load_twin
 
     torch.manual_seed(seed)
     hf_model = GPT2LMHeadModel(GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd)).eval()
@@ -238,7 +237,7 @@ class CallbackStreamer:
 def hf_generate(hf_model: GPT2LMHeadModel) -> Generate:
     import torch
 
-    from tokenizer import END_OF_TEXT
+    from sources.tokenizer import END_OF_TEXT
 
     device = hf_model.device
 
@@ -325,12 +324,11 @@ def weight_max_twin(twin: GPT, quant_mode: str) -> GPT:
 
 
 def onnx_contenders(hf_model: GPT2LMHeadModel, twin: GPT, threads: int) -> tuple[list[Contender], dict[str, float]]:
-    """ONNX Runtime on onnx_export.py's file of each mode (fast kernels: its default accuracy level), int4 also at
-    float32 math; and each file's MB."""
+    """ONNX Runtime on exports/onnx_export.py's file of each mode (fast kernels: its default accuracy level), int4 also
+    at float32 math; and each file's MB."""
     import tempfile
 
-    import onnx_export
-    import onnx_runtime
+    from exports import onnx_export, onnx_runtime
 
     contenders, file_mb = [], {}
     with tempfile.TemporaryDirectory() as folder:
@@ -352,7 +350,7 @@ def onnx_contenders(hf_model: GPT2LMHeadModel, twin: GPT, threads: int) -> tuple
 
 
 def onnx_generate(model) -> Generate:
-    import onnx_runtime
+    from exports import onnx_runtime
 
     def run(prompt, new_tokens, on_token):
         return onnx_runtime.generate(model, prompt, new_tokens, top_k=1, on_token=on_token)

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
-# A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (auto_quantize.py).
+# A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quant/auto_quantize.py).
 AUTO_QUANT_MODE = "auto"
 # The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
 EFFECTIVE_BITS_RANGE = (4.0, 16.0)

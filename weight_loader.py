@@ -24,8 +24,8 @@ from config import (
     layer_quant_mode,
     quant_mode_of,
 )
-from hub import load_hf_model
-from kv_cache import kv_cache_quantizers
+from quant.kv_cache import kv_cache_quantizers
+from sources.hub import load_hf_model
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}

@@ -11,7 +11,9 @@ import pytest
 import torch
 from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, make_gpt2
 
-from auto_quantize import (
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
+from measure.twin import load_twin
+from quant.auto_quantize import (
     Recipe,
     _run_auto_quantize,
     auto_quantize,
@@ -23,10 +25,8 @@ from auto_quantize import (
     save_recipe,
     search_recipes,
 )
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
 from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import Int4Linear, QuantLinear
-from twin import load_twin
 from weight_loader import get_submodule
 
 MIXED = MIXED_LAYER_QUANT_MODES

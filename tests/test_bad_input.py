@@ -28,11 +28,11 @@ import benchmark
 import cli
 import evaluate
 import example
-import hub
 import qat
 import serve_vllm
 import train
-from hub import BUNDLED_MODEL_DIR
+from sources import hub
+from sources.hub import BUNDLED_MODEL_DIR
 
 NOBODY = 65534  # the user id of `nobody`, who owns none of the files
 SCRIPTS = {

@@ -26,7 +26,7 @@ from helpers import REPO
 from cli import UsageError
 
 PAGES = ["README.md", *sorted(os.path.relpath(path, REPO) for path in glob.glob(os.path.join(REPO, "docs", "*.md")))]
-SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat", "optimum_generate")
+SCRIPTS = ("example", "evaluate", "benchmark", "train", "serve_vllm", "qat", "exports.optimum_generate")
 # Options whose value a command creates: a later command on the same page may read it.
 CREATING_OPTIONS = (
     "--export-dir",

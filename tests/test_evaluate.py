@@ -18,11 +18,11 @@ from helpers import REPO
 
 import evaluate
 from config import GPTConfig
-from hub import BUNDLED_MODEL_DIR, load_hf_model
-from perplexity import perplexity
+from measure.perplexity import perplexity
+from measure.twin import load_twin
 from quantization import SHIPPED_CALIBRATION_TEXT
 from reference import GPT
-from twin import load_twin
+from sources.hub import BUNDLED_MODEL_DIR, load_hf_model
 
 BUNDLED_MODEL = BUNDLED_MODEL_DIR
 NUM_CALIBRATION_SAMPLES = 4

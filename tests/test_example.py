@@ -18,12 +18,12 @@ from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, asser
 
 import config
 import example
-import hub
 import reference
 from cli import UsageError
-from hub import BUNDLED_MODEL_DIR, load_hf_model
-from tokenizer import gpt2_encoding
-from twin import load_twin
+from measure.twin import load_twin
+from sources import hub
+from sources.hub import BUNDLED_MODEL_DIR, load_hf_model
+from sources.tokenizer import gpt2_encoding
 
 NVTRIPY_INSTALL = "pip install nvtripy==0.1.7 -f https://nvidia.github.io/TensorRT-Incubator/packages.html"
 PROMPT = "The town council voted"  # 4 tokens
@@ -380,7 +380,7 @@ def test_one_hub_probe_per_run(monkeypatch, capsys):
 
 
 def test_help_and_a_bad_flag_answer_before_torch_is_imported():
-    """--help and a mistake on the command line answer at once: example.py and example_args.py import only the
+    """--help and a mistake on the command line answer at once: example.py and cli/example_args.py import only the
     standard library before the arguments are good (torch, transformers and ModelOpt take seconds)."""
     program = (
         "import runpy, sys\n"

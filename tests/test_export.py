@@ -20,16 +20,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GPT2Config
 
-import modelopt_hf
 import reference
 import serve_vllm
-from auto_quantize import Recipe, quantize_with_recipe
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
-from export import export_checkpoint
+from exports import modelopt_hf
+from exports.checkpoint import export_checkpoint
+from measure.twin import load_export_twin, load_twin
+from quant.auto_quantize import Recipe, quantize_with_recipe
 from quantization import modelopt_quantize
 from reference import GPT, Int4Linear, QuantLinear
-from twin import load_export_twin, load_twin
 
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {

@@ -12,9 +12,9 @@ from helpers import make_gpt2
 
 import reference
 from config import QUANT_MODES
+from measure.twin import load_twin
 from quantization import modelopt_quantize
 from reference import GPT, generate
-from twin import load_twin
 
 MODES = (None, *QUANT_MODES)
 PROMPT_LEN = 5

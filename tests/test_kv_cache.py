@@ -21,14 +21,15 @@ from transformers import AutoModelForCausalLM
 import config
 import evaluate
 import example
-import modelopt_hf
 import reference
 import tripy_cpu
-from auto_quantize import Recipe, quantize_with_recipe
-from export import export_checkpoint
-from hub import BUNDLED_MODEL_DIR, load_hf_model
-from kv_cache import add_kv_cache_quantizers, kv_cache_of
-from perplexity import perplexity
+from exports import modelopt_hf
+from exports.checkpoint import export_checkpoint
+from measure.perplexity import perplexity
+from measure.twin import load_export_twin, load_twin
+from quant.auto_quantize import Recipe, quantize_with_recipe
+from quant.kv_cache import add_kv_cache_quantizers, kv_cache_of
+from quant.save_restore import load_quantized, save_quantized
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import (
     calibration_batches,
@@ -38,9 +39,8 @@ from quantization import (
     mtq,
     quant_config,
 )
-from save_restore import load_quantized, save_quantized
-from tokenizer import gpt2_tokenizer
-from twin import load_export_twin, load_twin
+from sources.hub import BUNDLED_MODEL_DIR, load_hf_model
+from sources.tokenizer import gpt2_tokenizer
 from weight_loader import config_from_hf, load_quant_weights_from_hf
 
 NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None
@@ -359,7 +359,7 @@ def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(exampl
     """The same greedy text three ways, and it is the twin's with the export's KV cache: the export's k_scale and
     v_scale are in the model that ran."""
     import reference
-    from tokenizer import gpt2_encoding
+    from sources.tokenizer import gpt2_encoding
 
     texts = [example_runs[name].stdout.split(example.SEPARATOR)[1] for name in ("calibrate", "export", "restore")]
     assert texts[0] == texts[1] == texts[2]
@@ -376,7 +376,7 @@ def test_onnx_export_refuses_a_float8_kv_cache_it_would_drop(exported, tmp_path)
     """The ONNX graph keeps its cache in float32: an export with k_scale and v_scale is refused, not written without
     them (the command line refuses --kv-cache with --export-onnx before calibrating: test_bad_input's table)."""
     from cli import UsageError
-    from onnx_export import export_onnx
+    from exports.onnx_export import export_onnx
 
     export_dir, _ = exported("float8")
     onnx_dir = tmp_path / "onnx"

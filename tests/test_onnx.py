@@ -1,9 +1,10 @@
-"""The ONNX file (onnx_export.py) is the twin with its weights stored quantized, and ONNX Runtime runs it as the twin.
+"""The ONNX file (exports/onnx_export.py) is the twin with its weights stored quantized, and ONNX Runtime runs it as
+the twin.
 
 Each mode, and a per-layer mix of them, is calibrated by ModelOpt once (module fixture) and loaded into the twin by
 weight_loader; the twin is the truth. The file is read back with onnx (types, values, graph structure), checked
-against TensorRT's rules for explicit quantization, and run by ONNX Runtime (onnx_runtime.py) at exact math and at its
-default, faster accuracy level, for a batch of 2 over a prompt and cached steps.
+against TensorRT's rules for explicit quantization, and run by ONNX Runtime (exports/onnx_runtime.py) at exact math and
+at its default, faster accuracy level, for a batch of 2 over a prompt and cached steps.
 """
 
 import os
@@ -16,14 +17,13 @@ import torch
 from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
 from onnx import TensorProto, numpy_helper
 
-import onnx_export
-import onnx_runtime
 import reference
-from auto_quantize import Recipe, quantize_with_recipe
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES, layer_quant_mode
+from exports import onnx_export, onnx_runtime
+from measure.twin import load_twin
+from quant.auto_quantize import Recipe, quantize_with_recipe
 from quantization import modelopt_quantize
 from reference import GPT
-from twin import load_twin
 
 STORED_TYPE = {
     "int8-weight-only": TensorProto.INT8,

@@ -1,9 +1,10 @@
 """optimum's ORTModelForCausalLM loads an ONNX folder by its path and generates the twin's greedy tokens.
 
 optimum-onnx 0.1.0 pins transformers below 4.58 (we pin 5.23), so it lives in its own virtual environment
-(docs/onnx.md). This test runs optimum_generate.py with that environment's python, named by OPTIMUM_PYTHON, or with
-this one where optimum imports here; elsewhere, CI included, it is skipped. The truth is the twin, run on each prompt
-alone; optimum runs the prompts as one left-padded batch, so the graph's attention_mask and position_ids are tested.
+(docs/onnx.md). This test runs exports/optimum_generate.py with that environment's python, named by OPTIMUM_PYTHON, or
+with this one where optimum imports here; elsewhere, CI included, it is skipped. The truth is the twin, run on each
+prompt alone; optimum runs the prompts as one left-padded batch, so the graph's attention_mask and position_ids are
+tested.
 """
 
 import ast
@@ -16,12 +17,12 @@ import pytest
 import torch
 from helpers import REPO
 
-import onnx_export
 import reference
-from hub import BUNDLED_MODEL_DIR, load_hf_model
+from exports import onnx_export
+from measure.twin import load_twin
 from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize
-from tokenizer import gpt2_encoding
-from twin import load_twin
+from sources.hub import BUNDLED_MODEL_DIR, load_hf_model
+from sources.tokenizer import gpt2_encoding
 
 
 def optimum_imports_here() -> bool:
@@ -47,7 +48,7 @@ def test_optimum_generates_the_twins_greedy_tokens(tmp_path):
     twin = load_twin(quantized, "int4-weight-only", quantized)
     onnx_dir = str(tmp_path / "onnx-int4")
     onnx_export.export_onnx(twin, onnx_dir)
-    args = [OPTIMUM_PYTHON, "optimum_generate.py", onnx_dir, "--max-new-tokens", str(NEW_TOKENS)]
+    args = [OPTIMUM_PYTHON, "-m", "exports.optimum_generate", onnx_dir, "--max-new-tokens", str(NEW_TOKENS)]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)

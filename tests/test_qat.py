@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import make_gpt2
 
-import training
+from measure.twin import load_twin
+from quant.save_restore import load_quantized, save_quantized
 from quantization import modelopt_quantize
-from save_restore import load_quantized, save_quantized
-from twin import load_twin
+from training.finetune import finetune as training
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers import make_gpt2
 
+from measure.twin import load_twin
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import create_forward_loop, modelopt_quantize
 from reference import GPT
-from tokenizer import gpt2_tokenizer
-from twin import load_twin
+from sources.tokenizer import gpt2_tokenizer
 from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf
 
 MODES = ("int8-weight-only", "int4-weight-only", "float8")

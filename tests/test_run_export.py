@@ -19,10 +19,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import example
-import modelopt_hf
 from config import GPTConfig
-from export import export_checkpoint
-from export_loader import load_weights_from_export
+from exports import modelopt_hf
+from exports.checkpoint import export_checkpoint
+from exports.checkpoint_loader import load_weights_from_export
 from quantization import modelopt_quantize
 from reference import GPT
 
@@ -127,8 +127,8 @@ def test_running_an_export_generates_what_the_exporting_run_generated(runs):
 def test_running_an_export_uses_its_weights(runs, exports):
     """The greedy text is the one the twin loaded from the export gives (and example.py printed no calibration)."""
     import reference
-    from tokenizer import gpt2_encoding
-    from twin import load_export_twin
+    from measure.twin import load_export_twin
+    from sources.tokenizer import gpt2_encoding
 
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode(PROMPT)])

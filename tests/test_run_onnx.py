@@ -15,10 +15,10 @@ import torch
 from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
-from auto_quantize import Recipe, save_recipe
-from export import export_checkpoint
+from exports.checkpoint import export_checkpoint
+from quant.auto_quantize import Recipe, save_recipe
+from quant.save_restore import save_quantized
 from quantization import modelopt_quantize
-from save_restore import save_quantized
 
 PROMPT = "The town council voted"
 NEW_TOKENS = 8
@@ -84,11 +84,11 @@ def test_onnx_folder_generates_the_exporting_runs_greedy_text(runs, name):
 
 
 def test_an_export_becomes_an_onnx_folder_with_export_only(runs):
-    """From an export.py checkpoint, --export-only stops after writing: the ONNX folder then gives the greedy text of
-    the twin loaded from that checkpoint."""
+    """From an exports/checkpoint.py checkpoint, --export-only stops after writing: the ONNX folder then gives the
+    greedy text of the twin loaded from that checkpoint."""
     import reference
-    from tokenizer import gpt2_encoding
-    from twin import load_export_twin
+    from measure.twin import load_export_twin
+    from sources.tokenizer import gpt2_encoding
 
     futures, folders, export_dir = runs
     exporting, running = futures["export"].result()

@@ -16,11 +16,11 @@ import torch
 from helpers import MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
-from auto_quantize import Recipe, format_recipe, load_recipe, quantize_with_recipe, recipe_from_model
 from config import AUTO_QUANT_MODE, QUANT_MODES
+from measure.twin import load_twin
+from quant.auto_quantize import Recipe, format_recipe, load_recipe, quantize_with_recipe, recipe_from_model
+from quant.save_restore import QuantizedCheckpointError, load_quantized, save_quantized
 from quantization import modelopt_quantize
-from save_restore import QuantizedCheckpointError, load_quantized, save_quantized
-from twin import load_twin
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from helpers import make_gpt2
 import config
 import reference
 import tripy_cpu
+from measure.sampling import sample_next_token
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
-from sampling import sample_next_token
 from weight_loader import config_from_hf, load_quant_weights_from_hf, load_weights_from_hf
 
 NVTRIPY_INSTALLED = importlib.util.find_spec("nvtripy") is not None

@@ -14,9 +14,9 @@ from helpers import REPO
 
 pytest.importorskip("vllm", reason="vLLM is not installed here: it runs in its own environment (docs/export.md)")
 
-from export import export_checkpoint  # noqa: E402
-from hub import BUNDLED_MODEL_DIR, load_hf_model  # noqa: E402
+from exports.checkpoint import export_checkpoint  # noqa: E402
 from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize  # noqa: E402
+from sources.hub import BUNDLED_MODEL_DIR, load_hf_model  # noqa: E402
 
 KV_CACHES = (None, "float8")  # the export without and with a float8 KV cache
 

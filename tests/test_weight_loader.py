@@ -8,10 +8,10 @@ import torch
 from helpers import make_gpt2
 from torch import nn
 
-from hub import HubUnreachableError, hub_offline, load_hf_model
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from reference import GPT
-from tokenizer import gpt2_encoding, gpt2_tokenizer
+from sources.hub import HubUnreachableError, hub_offline, load_hf_model
+from sources.tokenizer import gpt2_encoding, gpt2_tokenizer
 from weight_loader import (
     config_from_hf,
     convert_to_scale,

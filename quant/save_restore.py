@@ -185,15 +185,15 @@ def restore_step(
     """example.py's --load-quantized: restores a model saved with mto.save onto `hf_model` (no calibration); returns
     it, its quant mode, and for an AutoQuantize mix each layer's format (printed as the search prints it), otherwise
     None. A file it cannot restore is a UsageError."""
-    import auto_quantize as autoquant
-    from kv_cache import kv_cache_of
+    from quant import auto_quantize as autoquant
+    from quant.kv_cache import kv_cache_of
 
     start = time.perf_counter()
     try:
         hf_model, quant_mode = load_quantized(hf_model, path, quant_mode)
     except QuantizedCheckpointError as error:
         raise UsageError(f"--load-quantized: {error}") from None
-    kv_cache = kv_cache_of(hf_model)  # the K and V quantizers it was calibrated with, if any (kv_cache.py)
+    kv_cache = kv_cache_of(hf_model)  # the K and V quantizers it was calibrated with, if any (quant/kv_cache.py)
     described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
     print(f"Restored {described} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
     if quant_mode != AUTO_QUANT_MODE:

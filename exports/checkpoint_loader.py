@@ -1,5 +1,6 @@
-"""Loads a checkpoint written by export.py (ModelOpt's unified Hugging Face format, read by modelopt_hf.py) into the
-Tripy GPT or its PyTorch twin: the weights and scales as they were calibrated, with no calibration.
+"""Loads a checkpoint written by exports/checkpoint.py (ModelOpt's unified Hugging Face format, read by
+exports/modelopt_hf.py) into the Tripy GPT or its PyTorch twin: the weights and scales as they were calibrated, with no
+calibration.
 
 example.py imports this module only when --model-type names an export.
 """
@@ -12,14 +13,15 @@ from weight_loader import load_into
 
 
 def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
-    """Loads a checkpoint written by export.py into `model` (the Tripy GPT or the twin), with no calibration.
+    """Loads a checkpoint written by exports/checkpoint.py into `model` (the Tripy GPT or the twin), with no
+    calibration.
 
     `model` is built for the export's mode (`config_from_export`). Each quantized weight is dequantized from its stored
     type (stored * scale, exactly the value the calibrated model quantized it to), and the model quantizes it again
     with the same scale, which gives back the stored values. Raises modelopt_hf.ExportFormatError for a directory that
     is not such an export, an unknown quant_algo, a missing tensor or a tensor of the wrong shape.
     """
-    from modelopt_hf import CONV1D_LAYERS, check_tensors, dequantize_weight, read_export, read_tensors
+    from exports.modelopt_hf import CONV1D_LAYERS, check_tensors, dequantize_weight, read_export, read_tensors
 
     fmt, hf_config = read_export(export_dir)
     check_tensors(export_dir, fmt, hf_config)
@@ -57,9 +59,9 @@ def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
 
 
 def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
-    """The GPTConfig of an export.py checkpoint, in its quantization mode and KV cache; `overrides` sets seq_len,
-    dtype, ..."""
-    from modelopt_hf import read_export
+    """The GPTConfig of an exports/checkpoint.py checkpoint, in its quantization mode and KV cache; `overrides`
+    sets seq_len, dtype, ..."""
+    from exports.modelopt_hf import read_export
 
     fmt, hf_config = read_export(export_dir)
     return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, kv_cache=fmt.kv_cache, **overrides)
@@ -68,7 +70,7 @@ def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
 def read_checked_export(export_dir: str, quant_mode: str | None) -> tuple[Any, str]:
     """example.py's --model-type EXPORT_DIR: (its GPT2Config, its quantization mode) of an export, checked down to
     every tensor's shape; what is wrong with it, or a --quant-mode it was not calibrated in, is a UsageError."""
-    from modelopt_hf import ExportFormatError, check_tensors, read_export
+    from exports.modelopt_hf import ExportFormatError, check_tensors, read_export
 
     try:
         fmt, hf_config = read_export(export_dir)

@@ -21,11 +21,12 @@ if TYPE_CHECKING:
 HUB_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 DEFAULT_MODEL = "gpt2"
 # A small GPT-2 trained for this example by train.py, run when the default model cannot be downloaded.
-BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bundled_model")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_MODEL_DIR = os.path.join(REPO_DIR, "bundled_model")
 # Text the bundled model never saw in training: train.py writes it with the model, the quality report measures on it.
 HELDOUT_PATH = Path(BUNDLED_MODEL_DIR).parent / "data" / "heldout.txt"
 NEEDS = "config.json with model_type 'gpt2'"
-GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (tokenizer.py) produces
+GPT2_VOCAB_SIZE = 50257  # the ids GPT-2's tokenizer (sources/tokenizer.py) produces
 # What transformers' GPT2Config takes when config.json leaves them out.
 GPT2_WIDTH, GPT2_HEADS, GPT2_LAYERS = 768, 12, 12
 # The config.json options that change GPT-2's arithmetic: (transformers' default, the values model.py computes).

@@ -1,6 +1,6 @@
 """example.py's command line: its flags, and every check that needs no model, so that `--help` and a mistake answer
 at once. Only the standard library is imported up here (torch, transformers and ModelOpt take seconds); a check that
-needs more imports it where it runs. A mistake is a UsageError: one line and exit status 2 (cli.py).
+needs more imports it where it runs. A mistake is a UsageError: one line and exit status 2 (cli/__init__.py).
 """
 
 import argparse
@@ -9,10 +9,9 @@ import importlib.util
 import json
 import os
 
-import checks
-from cli import OUT_DIR, ArgumentParser, UsageError, make_out_dir
+from cli import OUT_DIR, ArgumentParser, UsageError, checks, make_out_dir
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, QUANT_MODES
-from hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
+from sources.hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 # Why a float8 KV cache does not go to ONNX (yet): one sentence for both refusals.
 ONNX_KV_CACHE = "writes a float32 KV cache, with no Q/DQ on the keys and values"
@@ -334,7 +333,7 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe is not None and not os.path.isfile(args.recipe):
         raise UsageError(f"recipe not found: {args.recipe} (a file that --recipe-out wrote)")
     if args.recipe is not None:
-        import auto_quantize  # torch and ModelOpt take seconds to import, but the model is not loaded yet
+        from quant import auto_quantize  # torch and ModelOpt take seconds to import, but the model is not loaded yet
 
         try:
             auto_quantize.load_recipe(args.recipe)

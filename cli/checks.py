@@ -12,7 +12,7 @@ import tempfile
 
 from cli import UsageError
 from config import INT4_BLOCK_SIZE
-from hub import (
+from sources.hub import (
     GPT2_VOCAB_SIZE,
     HUB_MODELS,
     check_checkpoint_dir,

@@ -267,11 +267,11 @@ def export_step(
     out_dir: str,
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
-    or with hf_model None the export.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
+    or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
     from cli import UsageError
-    from example_args import ONNX_KV_CACHE
-    from kv_cache import kv_cache_in
-    from twin import load_export_twin, load_twin
+    from cli.example_args import ONNX_KV_CACHE
+    from measure.twin import load_export_twin, load_twin
+    from quant.kv_cache import kv_cache_in
 
     kv_cache = kv_cache_in(model_type, hf_model)
     if kv_cache is not None:  # restored or exported with one: --kv-cache itself is refused before calibrating
@@ -354,7 +354,7 @@ def write_hf_files(config, out_dir: str) -> None:
     """config.json and generation_config.json as Hugging Face writes them for gpt2, and GPT-2's tokenizer files."""
     from transformers import GenerationConfig, GPT2Config
 
-    from tokenizer import END_OF_TEXT, gpt2_tokenizer
+    from sources.tokenizer import END_OF_TEXT, gpt2_tokenizer
 
     hf_config = GPT2Config(
         vocab_size=config.vocab_size,

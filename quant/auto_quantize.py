@@ -26,7 +26,7 @@ from quantization import (
     default_dataset,
     layer_format,
 )
-from tokenizer import gpt2_tokenizer
+from sources.tokenizer import gpt2_tokenizer
 
 with warnings.catch_warnings():
     # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
@@ -310,7 +310,7 @@ def auto_quantize_step(
     """example.py's --quant-mode auto: quantizes `hf_model` in place in a per-layer mix of formats, searched by
     AutoQuantize within --effective-bits and saved to `recipe_out`, or read from --recipe. Prints the formats; returns
     them by layer name. With --kv-cache, the K and V quantizers are added to the mix and calibrated after it
-    (kv_cache.py). What the library turns down is a UsageError."""
+    (quant/kv_cache.py). What the library turns down is a UsageError."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -328,7 +328,7 @@ def auto_quantize_step(
         else:
             recipe = auto_quantize(hf_model, args.effective_bits, **samples)
         if args.kv_cache is not None:
-            from kv_cache import add_kv_cache_quantizers
+            from quant.kv_cache import add_kv_cache_quantizers
 
             forward_loop = create_forward_loop(hf_model, tokenizer=gpt2_tokenizer(), device=device, **samples)
             add_kv_cache_quantizers(hf_model, args.kv_cache, forward_loop)

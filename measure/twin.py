@@ -5,7 +5,7 @@ export's: what the tests, evaluate.py, benchmark.py, qat.py and serve_vllm.py ru
 import torch
 from transformers import GPT2LMHeadModel
 
-from export_loader import config_from_export, load_weights_from_export
+from exports.checkpoint_loader import config_from_export, load_weights_from_export
 from reference import GPT
 from weight_loader import config_from_hf, load_quant_weights_from_hf, load_weights_from_hf
 
@@ -32,7 +32,8 @@ def load_twin(
 
 
 def load_export_twin(export_dir: str) -> GPT:
-    """A float32 PyTorch twin, in eval mode, holding an export.py checkpoint's quantized weights and scales."""
+    """A float32 PyTorch twin, in eval mode, holding an exports/checkpoint.py checkpoint's quantized weights and
+    scales."""
     twin = GPT(config_from_export(export_dir, dtype="float32")).eval()
     load_weights_from_export(twin, export_dir, torch.float32)
     return twin

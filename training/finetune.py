@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GPT2LMHeadModel
 
-from hub import HELDOUT_PATH
-from tokenizer import gpt2_encoding
+from sources.hub import HELDOUT_PATH
+from sources.tokenizer import gpt2_encoding
 
 # Test suites, IDLE, bundled wheels, code-page tables and demo scripts: code and boilerplate rather than prose.
 SKIP_DIRS = {

@@ -1,4 +1,6 @@
-"""What every command-line script here shares: a mistake in the user's input is one line on stderr and exit status 2.
+"""The command line: what every script here shares (this file), the checks of what a user hands the scripts
+(checks.py), and example.py's flags (example_args.py). A mistake in the user's input is one line on stderr and exit
+status 2.
 
 Each script ends with
 

@@ -1,4 +1,5 @@
-"""Generates from a folder written by onnx_export.py with ONNX Runtime on the CPU, the twin's sampling on its logits.
+"""Generates from a folder written by exports/onnx_export.py with ONNX Runtime on the CPU, the twin's sampling on its
+logits.
 
 ONNX Runtime's graph optimizations fuse each weight's DequantizeLinear and MatMul into its `MatMulNBits` kernel,
 which reads the int8 or int4 weights as they are stored. How the kernel multiplies is its accuracy level: by default
@@ -18,8 +19,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from onnx_export import MODEL_FILE
-from sampling import sample_next_token
+from exports.onnx_export import MODEL_FILE
+from measure.sampling import sample_next_token
 
 # `session.qdq_matmulnbits_accuracy_level`: 4 computes activations in int8 (ONNX Runtime's default), 1 in float32.
 ACCURACY_LEVELS = {"int8": 4, "float32": 1}
@@ -106,7 +107,7 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     checking that the prompt and the new tokens fit the model."""
     from transformers import GPT2Config
 
-    from example_args import check_model_fits
+    from cli.example_args import check_model_fits
 
     # quantized already: only the context is checked
     check_model_fits(args, onnx_dir, GPT2Config.from_pretrained(onnx_dir), None, prompt_len)

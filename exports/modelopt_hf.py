@@ -1,6 +1,7 @@
-"""Reads the GPT-2 checkpoints export.py writes (ModelOpt's unified Hugging Face format), and teaches transformers to.
+"""Reads the GPT-2 checkpoints exports/checkpoint.py writes (ModelOpt's unified Hugging Face format), and teaches
+transformers to.
 
-    import modelopt_hf  # registers the "modelopt" quantization method with transformers
+    from exports import modelopt_hf  # registers the "modelopt" quantization method with transformers
     model = AutoModelForCausalLM.from_pretrained("out/")
 
 transformers 5.23 has no "modelopt" method: without this module it warns, skips the quantization config and builds a
@@ -16,9 +17,9 @@ The format, per quantized layer (in = input features, out = output features, G =
 With a float8 KV cache (kv_cache_quant_algo FP8) each attention layer also holds transformer.h.N.attn.attn.k_scale
 and .v_scale ([], amax / 448), the names vLLM's GPT-2 reads, and quantizes the keys and values it attends to with them.
 ModelOpt writes weights [out, in] (nn.Linear's layout). GPT-2's own checkpoints, and the loaders written for them
-(transformers' Conv1D, vLLM's gpt2.py), hold c_attn/c_proj/c_fc weights transposed, [in, out]; export.py writes that
-layout and records it as `"weight_layout": "conv1d"` in hf_quant_config.json and config.json (missing means
-"linear", ModelOpt's own). Scales and lm_head (an nn.Linear in GPT-2 too) are the same in both layouts.
+(transformers' Conv1D, vLLM's gpt2.py), hold c_attn/c_proj/c_fc weights transposed, [in, out]; exports/checkpoint.py
+writes that layout and records it as `"weight_layout": "conv1d"` in hf_quant_config.json and config.json (missing
+means "linear", ModelOpt's own). Scales and lm_head (an nn.Linear in GPT-2 too) are the same in both layouts.
 The real value of a weight is stored * scale (int4: per group of G inputs; AWQ's layer computes (x * pre_quant_scale)
 @ W^T). This module is where that format is read: export_loader.load_weights_from_export uses it too.
 """
@@ -38,8 +39,8 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hub import check_config
 from reference import quantize_dequantize
+from sources.hub import check_config
 
 QUANT_ALGOS = {"W8A16": "int8-weight-only", "W4A16_AWQ": "int4-weight-only", "FP8": "float8"}
 KV_CACHE_QUANT_ALGOS = {"FP8": "float8"}  # kv_cache_quant_algo -> config.KV_CACHE_MODES

@@ -1,6 +1,7 @@
-"""Generates from an ONNX folder written by onnx_export.py with optimum's ORTModelForCausalLM, as a Hugging Face user.
+"""Generates from an ONNX folder written by exports/onnx_export.py with optimum's ORTModelForCausalLM, as a Hugging
+Face user.
 
-    /work/optimum-venv/bin/python optimum_generate.py out/onnx-int4 --prompt "The best way to learn" --prompt "Hello"
+    .venv-optimum/bin/python -m exports.optimum_generate out/onnx-int4 --prompt "The best way to learn" --prompt "Hello"
 
 optimum loads the folder by its path alone (model.onnx, config.json, generation_config.json, the tokenizer) and
 generates greedily, several prompts as one left-padded batch: its attention_mask and position_ids go into the graph.
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[list[int]]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("onnx_dir", help="a folder written by onnx_export.py (example.py --export-onnx)")
+    parser.add_argument("onnx_dir", help="a folder written by exports/onnx_export.py (example.py --export-onnx)")
     parser.add_argument("--prompt", action="append", help=f"a prompt; repeat for a batch [default: {DEFAULT_PROMPTS}]")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     args = parser.parse_args(argv)

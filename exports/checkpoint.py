@@ -5,7 +5,7 @@ two per byte) next to its scales, as safetensors, and names the algorithm in hf_
 config.json as `quantization_config`). The scales come from the same calibrated amaxes that weight_loader.py turns
 into the Tripy model's scales, so an engine and Tripy run the same quantized model.
 
-Three things are added, and one name changed, so that the directory is all a consumer needs (modelopt_hf.py
+Three things are added, and one name changed, so that the directory is all a consumer needs (exports/modelopt_hf.py
 describes the format):
 - GPT-2's c_attn/c_proj/c_fc weights are rewritten [in, out], the layout of GPT-2's Conv1D that GPT-2 loaders expect
   (vLLM's transposes every one of them; ModelOpt writes [out, in]), recorded as "weight_layout": "conv1d";
@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
 from cli import UsageError
-from modelopt_hf import CONV1D_LAYERS, safetensors_files
-from tokenizer import gpt2_tokenizer
+from exports.modelopt_hf import CONV1D_LAYERS, safetensors_files
+from sources.tokenizer import gpt2_tokenizer
 
 
 def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None:
@@ -70,7 +70,7 @@ def _add_identity_pre_quant_scales(model: GPT2LMHeadModel) -> None:
     """Gives each int4 layer without AWQ's pre_quant_scale (int4 calibrated with "max", as qat.py does) a scale of ones.
 
     ModelOpt exports every block-wise int4 layer as W4A16_AWQ with "pre_quant_scale": true, but writes the tensor only
-    for a layer that has one: such an export promises tensors it lacks, and loaders of W4A16_AWQ (modelopt_hf.py
+    for a layer that has one: such an export promises tensors it lacks, and loaders of W4A16_AWQ (exports/modelopt_hf.py
     among them) refuse it. (x * 1) @ W^T is x @ W^T exactly, so the export computes what the model computes, as
     weight_loader.py's twin does, which also takes a missing scale as ones.
     """
@@ -159,6 +159,6 @@ def export_step(quantized_model: torch.nn.Module, export_dir: str) -> None:
     start = time.perf_counter()
     try:
         export_checkpoint(quantized_model, export_dir)
-    except (ValueError, RuntimeError, OSError) as error:  # export.py's documented limitations, a full disk
+    except (ValueError, RuntimeError, OSError) as error:  # exports/checkpoint.py's documented limitations, a full disk
         raise UsageError(f"cannot export to {export_dir}: {error}") from None
     print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")

@@ -60,7 +60,7 @@ def kv_cache_in(model_type: str, model_hf: torch.nn.Module | None) -> str | None
     """example.py's KV cache: the one a quantized model holds (calibrated with --kv-cache, or restored), or, for an
     export (`model_hf` None), the one `model_type` was exported with."""
     if model_hf is None:
-        from modelopt_hf import read_export
+        from exports.modelopt_hf import read_export
 
         return read_export(model_type)[0].kv_cache
     return kv_cache_of(model_hf)
