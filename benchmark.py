@@ -189,27 +189,48 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
 
 def check_sizes(args: argparse.Namespace) -> None:
     """The counts, lengths and model sizes; --batch-sizes and --positions become lists of integers."""
-    try:
-        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        args.positions = [int(position) for position in args.positions.split(",")]
-    except ValueError:
-        raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
-    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
-        raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+    args.batch_sizes = integer_list(args.batch_sizes, "--batch-sizes")
+    args.positions = integer_list(args.positions, "--positions")
+    checks.check_at_least(
+        1,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        threads=args.threads,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+    )
+    if min(args.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must each be at least 1, got {args.batch_sizes}")
     if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured
         raise UsageError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
-        raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+        raise UsageError(
+            f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence, got "
+            f"{args.prompt_len} + {args.new_tokens}"
+        )
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
         raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
     if args.threads > os.cpu_count():
         raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
-    if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if args.backend == "onnx" and args.n_embd % INT4_BLOCK_SIZE:
-        raise UsageError(f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it")
+        raise UsageError(
+            f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it, got "
+            f"{args.n_embd}"
+        )
+
+
+def integer_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers, such as 1,8."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, such as 1,8, got {text!r}") from None
 
 
 def benchmark_bytes(args: argparse.Namespace) -> int:

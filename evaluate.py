@@ -258,8 +258,7 @@ def fine_tuned_modes(modes: Sequence[str]) -> set[str]:
 
 
 def check_finetuning_args(args: argparse.Namespace) -> None:
-    if min(args.qat_steps, args.qat_batch_size) < 1:
-        raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
+    checks.check_at_least(1, qat_steps=args.qat_steps, qat_batch_size=args.qat_batch_size)
     if fine_tuned_modes(args.modes):
         checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
 

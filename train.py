@@ -166,21 +166,28 @@ def add_model_size_args(parser: argparse.ArgumentParser) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """The counts, the model's sizes and the optimizer's settings, before any memory is taken."""
-    if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
-        raise UsageError("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
+    checks.check_at_least(
+        1,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        log_interval=args.log_interval,
+    )
     if args.log_interval > args.steps:  # the loss is printed every --log-interval steps: it would never be
         raise UsageError(f"--log-interval ({args.log_interval}) must be at most --steps ({args.steps})")
-    if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
-        raise UsageError(
-            f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"
-        )
-    if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
-        raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
-    if not 0 <= args.weight_decay <= 1 or not 0 <= args.dropout < 1:  # AdamW shrinks weights by lr * weight_decay
-        raise UsageError(
-            f"--weight-decay must be from 0 to 1 and --dropout from 0 to below 1: got {args.weight_decay} and "
-            f"{args.dropout}"
-        )
+    if args.n_embd < 128 or args.n_embd % 128:
+        raise UsageError(f"--n-embd must be a multiple of 128 (int4's block), got {args.n_embd}")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    checks.check_at_least(2, n_positions=args.n_positions)
+    checks.check_at_least(0, eval_interval=args.eval_interval)
+    if not 0 <= args.warmup < args.steps:
+        raise UsageError(f"--warmup must be from 0 to --steps - 1 ({args.steps - 1}), got {args.warmup}")
+    if not 0 <= args.weight_decay <= 1:  # AdamW shrinks weights by lr * weight_decay
+        raise UsageError(f"--weight-decay must be from 0 to 1, got {args.weight_decay}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be from 0 to below 1, got {args.dropout}")
 
 
 def training_bytes(args: argparse.Namespace) -> int:

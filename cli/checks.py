@@ -62,6 +62,14 @@ def learning_rate(text: str) -> float:
     return value
 
 
+def check_at_least(least: int, **values: int) -> None:
+    """Each count given as `flag_name=value` (--n-layer as n_layer) is at least `least`; a refusal names the first that
+    is not, and only it."""
+    for name, value in values.items():
+        if value < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+
+
 def check_prompt(text: str, flag: str) -> None:
     if not text.strip():
         raise UsageError(f"{flag} is empty: give a prompt for the model to continue")
