@@ -1,6 +1,6 @@
 """The command line: what every script here shares (this file), the checks of what a user hands the scripts
-(checks.py), and example.py's flags (example_args.py). A mistake in the user's input is one line on stderr and exit
-status 2.
+(checks.py), example.py's flags (example_args.py), and the library warnings silenced as a script starts
+(library_warnings.py). A mistake in the user's input is one line on stderr and exit status 2.
 
 Each script ends with
 
@@ -18,6 +18,8 @@ import os
 import sys
 from collections.abc import Callable
 from typing import Any
+
+from cli import library_warnings
 
 OUT_DIR = "out"  # .gitignore lists it: what the scripts write unless told otherwise goes there
 
@@ -39,7 +41,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[], Any], prog: str | None = None) -> None:
-    """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2."""
+    """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2. The library
+    warnings that are understood and harmless are silenced first (cli/library_warnings.py)."""
+    library_warnings.silence()
     prog = prog or os.path.basename(sys.argv[0])
     try:
         main()

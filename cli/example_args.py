@@ -348,6 +348,22 @@ def check_export_args(args: argparse.Namespace) -> None:
             f"{args.model_type} is an exported checkpoint, calibrated already: {', '.join(given)} "
             f"{'is' if len(given) == 1 else 'are'} for a model that example.py quantizes"
         )
+    from exports.quant_algos import export_modes  # the standard library only: the export's small JSON file
+
+    quant_algo, quant_mode, kv_cache = export_modes(args.model_type)
+    if args.quant_mode is not None and quant_mode is not None and args.quant_mode != quant_mode:
+        raise UsageError(
+            f"--quant-mode {args.quant_mode} conflicts with {args.model_type}, exported in {quant_mode} "
+            f"({quant_algo}); leave --quant-mode out to run an export in the mode it was calibrated in"
+        )
+    if kv_cache is not None and args.export_onnx is not None:
+        raise onnx_kv_cache_refusal(args.model_type, kv_cache)
+
+
+def onnx_kv_cache_refusal(source: str, kv_cache: str) -> UsageError:
+    """--export-onnx of a model that has a quantized KV cache: an export's, seen here, or a restored one's, seen as
+    exports/onnx_export.py reads it."""
+    return UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {source} has a {kv_cache} one: use --export-dir")
 
 
 def is_onnx_folder(model_type: str | None) -> bool:

@@ -6,20 +6,15 @@ example.py imports this module only for --save-quantized and --load-quantized.
 
 import os
 import time
-import warnings
 from collections import Counter
 
+import modelopt.torch.opt as mto
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from cli import UsageError
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
 from weight_loader import MAXBOUND
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.opt as mto
 
 
 class QuantizedCheckpointError(ValueError):

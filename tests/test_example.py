@@ -14,7 +14,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, assert_usage_error, make_gpt2, usage_error
+from helpers import (
+    CALIBRATION_PARAGRAPHS,
+    MIXED_LAYER_QUANT_MODES,
+    REPO,
+    RUN_BEFORE_TORCH,
+    assert_usage_error,
+    make_gpt2,
+    usage_error,
+)
 
 import config
 import example
@@ -382,19 +390,9 @@ def test_one_hub_probe_per_run(monkeypatch, capsys):
 def test_help_and_a_bad_flag_answer_before_torch_is_imported():
     """--help and a mistake on the command line answer at once: example.py and cli/example_args.py import only the
     standard library before the arguments are good (torch, transformers and ModelOpt take seconds)."""
-    program = (
-        "import runpy, sys\n"
-        "sys.argv = ['example.py', *sys.argv[1:]]\n"
-        "try:\n"
-        "    runpy.run_path('example.py', run_name='__main__')\n"
-        "except SystemExit as exit:\n"
-        "    status = exit.code\n"
-        "heavy = sorted({'torch', 'transformers', 'modelopt', 'datasets'} & set(sys.modules))\n"
-        "assert not heavy, f'imported {heavy}'\n"
-        "sys.exit(status)\n"
-    )
     for argv, status in ((["--help"], 0), (["--top-k", "0"], 2)):
-        result = subprocess.run([sys.executable, "-c", program, *argv], cwd=REPO, capture_output=True, text=True)
+        command = [sys.executable, "-c", RUN_BEFORE_TORCH, *argv]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
         assert result.returncode == status, (argv, result.stderr)
 
 
