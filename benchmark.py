@@ -191,16 +191,7 @@ def check_sizes(args: argparse.Namespace) -> None:
     """The counts, lengths and model sizes; --batch-sizes and --positions become lists of integers."""
     args.batch_sizes = integer_list(args.batch_sizes, "--batch-sizes")
     args.positions = integer_list(args.positions, "--positions")
-    checks.check_at_least(
-        1,
-        prompt_len=args.prompt_len,
-        new_tokens=args.new_tokens,
-        repeats=args.repeats,
-        threads=args.threads,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-    )
+    checks.check_at_least(args, 1, "prompt_len", "new_tokens", "repeats", "threads", "n_layer", "n_head", "n_embd")
     if min(args.batch_sizes) < 1:
         raise UsageError(f"--batch-sizes must each be at least 1, got {args.batch_sizes}")
     if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured

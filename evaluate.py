@@ -258,7 +258,7 @@ def fine_tuned_modes(modes: Sequence[str]) -> set[str]:
 
 
 def check_finetuning_args(args: argparse.Namespace) -> None:
-    checks.check_at_least(1, qat_steps=args.qat_steps, qat_batch_size=args.qat_batch_size)
+    checks.check_at_least(args, 1, "qat_steps", "qat_batch_size")
     if fine_tuned_modes(args.modes):
         checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
 

@@ -134,9 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     args = parser.parse_args(argv)
-    checks.check_at_least(
-        1, steps=args.steps, batch_size=args.batch_size, num_calibration_samples=args.num_calibration_samples
-    )
+    checks.check_at_least(args, 1, "steps", "batch_size", "num_calibration_samples")
     checks.check_model_type(args.model_type)
     if args.quant_mode == "int4-weight-only":  # before a Hub model is downloaded
         checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")

@@ -166,22 +166,15 @@ def add_model_size_args(parser: argparse.ArgumentParser) -> None:
 
 def check_training_args(args: argparse.Namespace) -> None:
     """The counts, the model's sizes and the optimizer's settings, before any memory is taken."""
-    checks.check_at_least(
-        1,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        log_interval=args.log_interval,
-    )
+    checks.check_at_least(args, 1, "steps", "batch_size", "n_layer", "n_head", "log_interval")
     if args.log_interval > args.steps:  # the loss is printed every --log-interval steps: it would never be
         raise UsageError(f"--log-interval ({args.log_interval}) must be at most --steps ({args.steps})")
     if args.n_embd < 128 or args.n_embd % 128:
         raise UsageError(f"--n-embd must be a multiple of 128 (int4's block), got {args.n_embd}")
     if args.n_embd % args.n_head:
         raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
-    checks.check_at_least(2, n_positions=args.n_positions)
-    checks.check_at_least(0, eval_interval=args.eval_interval)
+    checks.check_at_least(args, 2, "n_positions")
+    checks.check_at_least(args, 0, "eval_interval")
     if not 0 <= args.warmup < args.steps:
         raise UsageError(f"--warmup must be from 0 to --steps - 1 ({args.steps - 1}), got {args.warmup}")
     if not 0 <= args.weight_decay <= 1:  # AdamW shrinks weights by lr * weight_decay

@@ -51,6 +51,11 @@ LOG_RECORDS = (
     ),
     (
         "modelopt.torch.export.quant_utils",
+        "Tied weight (declared): dropping 1 alias key(s) for 'lm_head.weight'",
+        "an unquantized lm_head is GPT-2's tied copy of the embedding: the export stores it once, as GPT-2 does",
+    ),
+    (
+        "modelopt.torch.export.quant_utils",
         "Skipping name-based dedup of 'lm_head.weight'",
         "float8 quantizes lm_head but not the embedding it is tied to, so the export keeps both: docs/export.md, "
         "an untied lm_head in float8",
