@@ -28,6 +28,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import INT4_BLOCK_SIZE
 from sources.hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> Results:
     results = run_benchmark(args)
     print_results(results, args)
     if args.chart is not None:
-        save_chart(results, args.chart)
+        with output_file(args.chart, "--chart", replace=True) as temp:  # an earlier chart is replaced whole
+            save_chart(results, temp)
         print(f"Saved the chart to {args.chart}")
     return results
 

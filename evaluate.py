@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise UsageError(str(error)) from None
     print(format_table(rows))
     if args.chart is not None:
-        save_chart(rows, args.chart, title=os.path.basename(os.path.normpath(args.model_type)))
+        with output_file(args.chart, "--chart", replace=True) as temp:  # an earlier chart is replaced whole
+            save_chart(rows, temp, title=os.path.basename(os.path.normpath(args.model_type)))
         print(f"Saved the chart to {args.chart}")
     return rows
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, run
+from cli.outputs import output_file, output_folder
 from sources.hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
 
 if TYPE_CHECKING:
@@ -58,9 +59,16 @@ def main(argv: list[str] | None = None) -> None:
         train(model, train_tokens, validation_tokens, args, started)
     except TrainingDivergedError as error:
         raise UsageError(f"--lr {args.lr:g} is too high for this model: {error}; nothing was saved") from None
-    save(model, args.out_dir, validation_tokens)
-    # Written with the model, not before training: an interrupted run leaves the pair as it was.
-    heldout.write_text(heldout_text)
+    # Written with the model, not before training, into a folder that becomes --out-dir whole (cli/outputs.py): an
+    # interrupted or failed run leaves the pair as it was.
+    with output_folder(args.out_dir, "--out-dir", args.overwrite) as folder:
+        size = save(model, folder, validation_tokens)
+        if heldout != HELDOUT_PATH:
+            Path(folder, heldout.name).write_text(heldout_text)
+    if heldout == HELDOUT_PATH:  # the bundled model's goes to data/
+        with output_file(str(HELDOUT_PATH), "--out-dir", replace=True) as temp:
+            Path(temp).write_text(heldout_text)
+    print(f"checkpoint {os.path.relpath(args.out_dir)}: {size:,} bytes")
     print(f"total time {(time.time() - started) / 60:.1f} min")
 
 
@@ -267,8 +275,8 @@ def train(
             interval_start = time.time()
 
 
-def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> None:
-    """Saves the checkpoint in float16 and measures it the way consumers load it, in float32."""
+def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> int:
+    """Saves the checkpoint in float16 and measures it the way consumers load it, in float32; returns its bytes."""
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -278,7 +286,7 @@ def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) 
     saved = GPT2LMHeadModel.from_pretrained(out_dir, dtype=torch.float32)
     ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
     print(f"validation perplexity {ppl:.2f} (saved checkpoint, float32)")
-    print(f"checkpoint {os.path.relpath(out_dir)}: {size:,} bytes")
+    return size
 
 
 if __name__ == "__main__":

@@ -265,11 +265,13 @@ def export_step(
     quant_mode: str | None,
     layer_quant_modes: dict[str, str | None] | None,
     out_dir: str,
+    overwrite: bool = False,
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
     from cli import UsageError
     from cli.example_args import ONNX_KV_CACHE
+    from cli.outputs import output_folder
     from measure.twin import load_export_twin, load_twin
     from quant.kv_cache import kv_cache_in
 
@@ -281,9 +283,12 @@ def export_step(
     else:
         twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
     try:
-        print(export_onnx(twin, out_dir))
+        # Written into a new folder that becomes out_dir whole, and only if no other run's is there by then.
+        with output_folder(out_dir, "--export-onnx", overwrite) as folder:
+            written = export_onnx(twin, folder)
     except ValueError as error:  # a model too large for one file
         raise UsageError(f"--export-onnx: {error}") from None
+    print(written.replace(folder, out_dir))  # the summary names the file where it now is
 
 
 def onnx_model(twin: GPT) -> onnx.ModelProto:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from cli import UsageError
+from cli.outputs import output_file
 from config import EFFECTIVE_BITS_RANGE, QUANT_MODES, quant_mode_of
 from quantization import (
     BLOCK_LINEARS,
@@ -338,10 +339,9 @@ def auto_quantize_step(
     print(format_recipe(recipe))
     if args.recipe is None:
         replaced = " (replacing the last search's)" if os.path.exists(recipe_out) else ""
-        try:
-            save_recipe(recipe, recipe_out)
-        except OSError as error:
-            raise UsageError(f"cannot write --recipe-out {recipe_out}: {error.strerror}") from None
+        # The default file is the last search's, replaced; the user's own --recipe-out is a new file.
+        with output_file(recipe_out, "--recipe-out", replace=args.recipe_out is None) as temp:
+            save_recipe(recipe, temp)
         print(
             f"Saved the per-layer formats to {recipe_out}{replaced}: "
             f"--recipe {recipe_out} reuses them without searching"

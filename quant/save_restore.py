@@ -13,6 +13,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from cli import UsageError
+from cli.outputs import output_file
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
 from weight_loader import MAXBOUND
 
@@ -57,7 +58,9 @@ def save_quantized(model: torch.nn.Module, path: str) -> None:
             tensor = halves.setdefault(tensor.data_ptr(), tensor.half())
         weights[key] = tensor
     checkpoint = {"modelopt_state": mto.modelopt_state(model), "model_state_dict": weights}
-    torch.save({**checkpoint, "quantized_weights": quantized_weights}, path)
+    # Through a Python file: a failed write (a full disk) is then an OSError with its reason, not torch's RuntimeError.
+    with open(path, "wb") as file:
+        torch.save({**checkpoint, "quantized_weights": quantized_weights}, file)
 
 
 def integer_weights(module: torch.nn.Module, quant_mode: str) -> torch.Tensor:
@@ -204,9 +207,8 @@ def restore_step(
 
 
 def save_step(hf_model: torch.nn.Module, path: str) -> None:
-    """example.py's --save-quantized: `save_quantized`, a file it cannot write a UsageError."""
-    try:
-        save_quantized(hf_model, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
-        raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
+    """example.py's --save-quantized: `save_quantized` into a new file that becomes `path` whole, and only if nothing
+    is there by then (cli/outputs.py); a file it cannot write is a UsageError."""
+    with output_file(path, "--save-quantized") as temp:
+        save_quantized(hf_model, temp)
     print(f"Saved the quantized model to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
