@@ -83,8 +83,7 @@ def main(argv: list[str] | None = None) -> Results:
     results = run_benchmark(args)
     print_results(results, args)
     if args.chart is not None:
-        with output_file(args.chart, "--chart", replace=True) as temp:  # an earlier chart is replaced whole
-            save_chart(results, temp)
+        save_chart(results, args.chart)
         print(f"Saved the chart to {args.chart}")
     return results
 
@@ -621,7 +620,8 @@ def save_chart(results: Results, path: str) -> None:
     axes.legend(loc="upper left")
     axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

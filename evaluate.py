@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise UsageError(str(error)) from None
     print(format_table(rows))
     if args.chart is not None:
-        with output_file(args.chart, "--chart", replace=True) as temp:  # an earlier chart is replaced whole
-            save_chart(rows, temp, title=os.path.basename(os.path.normpath(args.model_type)))
+        save_chart(rows, args.chart, title=os.path.basename(os.path.normpath(args.model_type)))
         print(f"Saved the chart to {args.chart}")
     return rows
 
@@ -599,7 +598,8 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
         axes.margins(x=0.2, y=0.2)
         axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

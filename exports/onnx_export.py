@@ -236,26 +236,25 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     if config.kv_cache is not None:
         raise ValueError(f"export_onnx writes a float32 KV cache: a twin with a {config.kv_cache} one is not exported")
     os.makedirs(out_dir, exist_ok=True)
-    steps = tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr)
-    steps.set_postfix_str("tracing")
-    model = onnx_model(twin)
-    stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
-    if stored_bytes >= MAX_FILE_BYTES:
-        steps.close()
-        raise ValueError(
-            f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
-            "quantize the model (int4 or int8) or export a smaller one"
-        )
-    steps.update()
-    steps.set_postfix_str("checking")
-    onnx.checker.check_model(model, full_check=True)
-    steps.update()
-    steps.set_postfix_str("saving")
-    path = os.path.join(out_dir, MODEL_FILE)
-    onnx.save_model(model, path)
-    write_hf_files(config, out_dir)
-    steps.update()
-    steps.close()
+    # Closed however the export ends: a message after it (a full disk, SIGTERM) starts on a line of its own.
+    with tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr) as steps:
+        steps.set_postfix_str("tracing")
+        model = onnx_model(twin)
+        stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
+        if stored_bytes >= MAX_FILE_BYTES:
+            raise ValueError(
+                f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
+                "quantize the model (int4 or int8) or export a smaller one"
+            )
+        steps.update()
+        steps.set_postfix_str("checking")
+        onnx.checker.check_model(model, full_check=True)
+        steps.update()
+        steps.set_postfix_str("saving")
+        path = os.path.join(out_dir, MODEL_FILE)
+        onnx.save_model(model, path)
+        write_hf_files(config, out_dir)
+        steps.update()
     return summary(model, path)
 
 

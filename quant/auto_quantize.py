@@ -279,9 +279,11 @@ def format_recipe(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def save_recipe(recipe: Recipe, path: str) -> None:
+def save_recipe(recipe: Recipe, path: str, replace: bool = False) -> None:
+    """Writes the recipe as JSON into a new file that becomes `path` whole (cli/outputs.py): only if nothing is
+    there by then, or with `replace` over the last one."""
     layers = {layer: mode or UNQUANTIZED for layer, mode in recipe.layers.items()}
-    with open(path, "w", encoding="utf-8") as file:
+    with output_file(path, "--recipe-out", replace) as temp, open(temp, "w", encoding="utf-8") as file:
         json.dump({"effective_bits": round(recipe.effective_bits, 4), "layers": layers}, file, indent=2)
         file.write("\n")
 
@@ -339,9 +341,7 @@ def auto_quantize_step(
     print(format_recipe(recipe))
     if args.recipe is None:
         replaced = " (replacing the last search's)" if os.path.exists(recipe_out) else ""
-        # The default file is the last search's, replaced; the user's own --recipe-out is a new file.
-        with output_file(recipe_out, "--recipe-out", replace=args.recipe_out is None) as temp:
-            save_recipe(recipe, temp)
+        save_recipe(recipe, recipe_out, replace=args.recipe_out is None)  # the default file is the last search's
         print(
             f"Saved the per-layer formats to {recipe_out}{replaced}: "
             f"--recipe {recipe_out} reuses them without searching"

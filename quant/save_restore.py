@@ -4,6 +4,7 @@ calibrated scales and the weights, so that a later run (or qat.py's fine-tuned m
 example.py imports this module only for --save-quantized and --load-quantized.
 """
 
+import io
 import os
 import time
 import warnings
@@ -58,9 +59,12 @@ def save_quantized(model: torch.nn.Module, path: str) -> None:
             tensor = halves.setdefault(tensor.data_ptr(), tensor.half())
         weights[key] = tensor
     checkpoint = {"modelopt_state": mto.modelopt_state(model), "model_state_dict": weights}
-    # Through a Python file: a failed write (a full disk) is then an OSError with its reason, not torch's RuntimeError.
+    # Serialized in memory, then written by Python: a failed write (a full disk) is an OSError that says why, where
+    # torch's own writer stops at a short write with "unexpected pos".
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "quantized_weights": quantized_weights}, buffer)
     with open(path, "wb") as file:
-        torch.save({**checkpoint, "quantized_weights": quantized_weights}, file)
+        file.write(buffer.getbuffer())
 
 
 def integer_weights(module: torch.nn.Module, quant_mode: str) -> torch.Tensor:
