@@ -16,6 +16,7 @@ copy, under its hidden name, which no script reads.
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,6 +26,8 @@ from cli import UsageError
 
 # What rename(2) and link(2) say when the target is there: a file, or a folder with files in it.
 TAKEN = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR)
+# The writers written in Rust (safetensors, tokenizers) raise a failed write as a plain Exception that ends with it.
+RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 class TargetTaken(Exception):
@@ -88,9 +91,19 @@ def _temporary_beside(target: str, path: str, flag: str, folder: bool) -> Iterat
                 f"{flag} {path} was written by another run while this one worked: it is left as that run wrote it; "
                 "name a new one"
             ) from None
-        if isinstance(error, OSError):
-            raise UsageError(f"cannot write {flag} {path}: {error.strerror or error}; nothing was written") from None
+        reason = write_failure(error)
+        if reason is not None:
+            raise UsageError(f"cannot write {flag} {path}: {reason}; nothing was written") from None
         raise
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed (a full disk: "No space left on device"), or None for an error that is not the file
+    system's."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    found = RUST_OS_ERROR.search(str(error)) if isinstance(error, Exception) else None
+    return os.strerror(int(found.group(1))) if found else None
 
 
 def _claim_folder(temp: str, target: str, overwrite: bool) -> None:
