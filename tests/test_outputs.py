@@ -110,6 +110,10 @@ WRITERS = {
 REPLACED = {"evaluate.py --chart", "benchmark.py --chart"}  # a chart is made to be replaced: a later one wins
 
 
+def unhandled_sigterm(signum, frame):
+    raise AssertionError("SIGTERM reached no handler of cli.run's")
+
+
 def strike_on_first_write(monkeypatch, folder: Path, fault: str, target: Path) -> list[str]:
     """Makes the first file opened for writing inside `folder` meet `fault`; returns the list it records that in."""
     real_open = builtins.open
@@ -153,6 +157,8 @@ def test_a_writer_under_a_fault_leaves_nothing_and_says_so_in_one_line(
     target = folder / name
     struck = strike_on_first_write(monkeypatch, folder, fault, target) if fault != "file size limit" else [True]
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # Without cli.run's own handler, SIGTERM would end pytest itself: this one makes it a failure of this test.
+    outside_handler = signal.signal(signal.SIGTERM, unhandled_sigterm)
     if fault == "file size limit":  # the kernel stops each write at 64 bytes into a file, as a full disk stops it
         resource.setrlimit(resource.RLIMIT_FSIZE, (64, limits[1]))  # Python ignores SIGXFSZ: the write fails
     try:
@@ -162,6 +168,7 @@ def test_a_writer_under_a_fault_leaves_nothing_and_says_so_in_one_line(
         status = exit_info.code
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        handler_after = signal.signal(signal.SIGTERM, outside_handler)
     monkeypatch.undo()
     stderr = capsys.readouterr().err
     assert struck, "the writer opened no file beside its target"
@@ -188,7 +195,7 @@ def test_a_writer_under_a_fault_leaves_nothing_and_says_so_in_one_line(
         assert (target.read_bytes() if target.suffix else (target / "config.json").read_bytes()) == b"the other run's\n"
     else:
         assert os.listdir(folder) == []
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # cli.run gives the handler back
+    assert handler_after is unhandled_sigterm  # cli.run gives the handler it found back
 
 
 def test_a_folder_claimed_onto_an_empty_folder_or_with_overwrite_keeps_the_rules(tmp_path):
