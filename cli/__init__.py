@@ -1,6 +1,6 @@
 """The command line: what every script here shares (this file), the checks of what a user hands the scripts
-(checks.py), and example.py's flags (example_args.py). A mistake in the user's input is one line on stderr and exit
-status 2.
+(checks.py), example.py's flags (example_args.py), and how a script writes what it keeps, whole or not at all
+(outputs.py). A mistake in the user's input, or a write that fails, is one line on stderr and exit status 2.
 
 Each script ends with
 
@@ -10,9 +10,8 @@ Each script ends with
 and reports a bad argument, file or folder by raising `UsageError` wherever it is found: in its `parse_args`, before
 the imports that take seconds, or at the boundary where a library turns down the input. `run` prints it as
 `script.py: error: what was wrong and what is accepted`, without a traceback. Ctrl-C, SIGTERM (what `timeout`, a
-scheduler or `kill` sends first) and a closed pipe on stdout end the run without one too; what the scripts write is
-written by outputs.py, which leaves nothing half-written when any of these, or a full disk, stops a run. Anything
-else is a bug, and keeps its traceback.
+scheduler or `kill` sends first) and a closed pipe on stdout end the run without one too, and outputs.py leaves
+nothing half-written when they, or a full disk, stop a run. Anything else is a bug, and keeps its traceback.
 """
 
 import argparse
