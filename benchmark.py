@@ -28,6 +28,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import INT4_BLOCK_SIZE
 from sources.hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
@@ -649,7 +650,8 @@ def save_chart(results: Results, path: str) -> None:
     axes.legend(loc="upper left")
     axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

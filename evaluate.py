@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
@@ -652,7 +653,8 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
         axes.margins(x=0.2, y=0.2)
         axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_dir is not None:
         from exports.checkpoint import export_step
 
-        export_step(hf_model, args.export_dir)
+        export_step(hf_model, args.export_dir, args.overwrite)
     if args.export_onnx is not None:
         from exports.onnx_export import export_step as export_onnx_step
 
-        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx)
+        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite)
     if args.export_only:
         return
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, run
+from cli.outputs import output_file, output_folder
 from sources.hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
 
 if TYPE_CHECKING:
@@ -59,9 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         train(model, train_tokens, validation_tokens, args, started)
     except TrainingDivergedError as error:
         raise UsageError(f"--lr {args.lr:g} is too high for this model: {error}; nothing was saved") from None
-    save(model, args.out_dir, validation_tokens)
-    # Written with the model, not before training: an interrupted run leaves the pair as it was.
-    heldout.write_text(heldout_text)
+    save(model, args.out_dir, args.overwrite, validation_tokens, heldout_text)
     print(f"total time {(time.time() - started) / 60:.1f} min")
 
 
@@ -299,16 +298,27 @@ def train(
             interval_start = time.time()
 
 
-def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> None:
-    """Saves the checkpoint in float16 and measures it the way consumers load it, in float32."""
+def save(
+    model: GPT2LMHeadModel, out_dir: str, overwrite: bool, validation_tokens: torch.Tensor, heldout_text: str
+) -> None:
+    """Saves the checkpoint in float16 with its held-out text (`heldout_path`), and measures it the way consumers
+    load it, in float32. Both are written after training, into a folder that becomes `out_dir` whole (cli/outputs.py):
+    an interrupted or failed run leaves the pair as it was."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    # float16 halves the file; the 50257 x n_embd embedding table is most of it.
-    model.half().save_pretrained(out_dir, safe_serialization=True)
-    size = sum(path.stat().st_size for path in Path(out_dir).iterdir())
-    saved = GPT2LMHeadModel.from_pretrained(out_dir, dtype=torch.float32)
-    ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
+    heldout = heldout_path(out_dir)
+    with output_folder(out_dir, "--out-dir", overwrite) as folder:
+        # float16 halves the file; the 50257 x n_embd embedding table is most of it.
+        model.half().save_pretrained(folder, safe_serialization=True)
+        size = sum(path.stat().st_size for path in Path(folder).iterdir())
+        saved = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
+        ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
+        if heldout != HELDOUT_PATH:
+            Path(folder, heldout.name).write_text(heldout_text)
+    if heldout == HELDOUT_PATH:  # the bundled model's goes to data/
+        with output_file(str(HELDOUT_PATH), "--out-dir", replace=True) as temp:
+            Path(temp).write_text(heldout_text)
     print(f"validation perplexity {ppl:.2f} (saved checkpoint, float32)")
     print(f"checkpoint {os.path.relpath(out_dir)}: {size:,} bytes")
 

@@ -17,6 +17,7 @@ import modelopt.torch.quantization as mtq
 import torch
 
 from cli import UsageError
+from cli.outputs import output_file
 from config import EFFECTIVE_BITS_RANGE, QUANT_MODES, quant_mode_of
 from quantization import (
     BLOCK_LINEARS,
@@ -264,9 +265,11 @@ def format_recipe(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def save_recipe(recipe: Recipe, path: str) -> None:
+def save_recipe(recipe: Recipe, path: str, replace: bool = False) -> None:
+    """Writes the recipe as JSON into a new file that becomes `path` whole (cli/outputs.py): only if nothing is
+    there by then, or with `replace` over the last one."""
     layers = {layer: mode or UNQUANTIZED for layer, mode in recipe.layers.items()}
-    with open(path, "w", encoding="utf-8") as file:
+    with output_file(path, "--recipe-out", replace) as temp, open(temp, "w", encoding="utf-8") as file:
         json.dump({"effective_bits": round(recipe.effective_bits, 4), "layers": layers}, file, indent=2)
         file.write("\n")
 
@@ -324,10 +327,7 @@ def auto_quantize_step(
     print(format_recipe(recipe))
     if args.recipe is None:
         replaced = " (replacing the last search's)" if os.path.exists(recipe_out) else ""
-        try:
-            save_recipe(recipe, recipe_out)
-        except OSError as error:
-            raise UsageError(f"cannot write --recipe-out {recipe_out}: {error.strerror}") from None
+        save_recipe(recipe, recipe_out, replace=args.recipe_out is None)  # the default file is the last search's
         print(
             f"Saved the per-layer formats to {recipe_out}{replaced}: "
             f"--recipe {recipe_out} reuses them without searching"
