@@ -89,7 +89,35 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
+        raise UsageError(
+            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
+            "runs, not how fast Tripy is: add --tiny"
+        )
+    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
+        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
+        args = parser.parse_args(argv)
+    check_sizes(args)
+    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
+    if args.chart is not None:
+        make_out_dir(args.chart)
+        checks.check_chart(args.chart)
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """benchmark.py's flags, in the order --help lists them."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_measurement_args(parser)
+    add_model_size_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def add_measurement_args(parser: argparse.ArgumentParser) -> None:
+    """What is timed: the prompt, the tokens, the batches and the positions, and how often."""
     parser.add_argument(
         "--prompt-len", metavar="N", type=int, default=32, help="prompt tokens for tokens/s and memory (default: 32)"
     )
@@ -114,6 +142,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", metavar="N", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
+
+
+def add_model_size_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT-2 measured: gpt2's sizes, or --tiny for tests."""
     parser.add_argument(
         "--n-layer",
         metavar="N",
@@ -133,6 +165,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"a tiny GPT-2 and short runs, for tests: {tiny}; an option given on the command line still counts",
     )
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The seed, the chart, and what runs the model."""
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     parser.add_argument(
         "--chart",
@@ -150,41 +186,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
         "int4, float8) against the twin and transformers, on the CPU (default: torch)",
     )
-    args = parser.parse_args(argv)
-    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
-        raise UsageError(
-            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
-            "runs, not how fast Tripy is: add --tiny"
-        )
-    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
-        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
-        args = parser.parse_args(argv)
-    try:
-        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        args.positions = [int(position) for position in args.positions.split(",")]
-    except ValueError:
-        raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
-    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
-        raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """The counts, lengths and model sizes; --batch-sizes and --positions become lists of integers."""
+    args.batch_sizes = integer_list(args.batch_sizes, "--batch-sizes")
+    args.positions = integer_list(args.positions, "--positions")
+    checks.check_at_least(args, 1, "prompt_len", "new_tokens", "repeats", "threads", "n_layer", "n_head", "n_embd")
+    if min(args.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must each be at least 1, got {args.batch_sizes}")
     if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured
         raise UsageError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
-        raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+        raise UsageError(
+            f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence, got "
+            f"{args.prompt_len} + {args.new_tokens}"
+        )
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
         raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
     if args.threads > os.cpu_count():
         raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
-    if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if args.backend == "onnx" and args.n_embd % INT4_BLOCK_SIZE:
-        raise UsageError(f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it")
-    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
-    if args.chart is not None:
-        make_out_dir(args.chart)
-        checks.check_chart(args.chart)
-    return args
+        raise UsageError(
+            f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it, got "
+            f"{args.n_embd}"
+        )
+
+
+def integer_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers, such as 1,8."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, such as 1,8, got {text!r}") from None
 
 
 def benchmark_bytes(args: argparse.Namespace) -> int:

@@ -116,7 +116,7 @@ def load_model(args: argparse.Namespace, prompt_len: int) -> tuple[str, GPT2LMHe
         model_type, hf_model = args.model_type, None
         from exports.checkpoint_loader import read_checked_export
 
-        hf_config, quant_mode = read_checked_export(args.model_type, args.quant_mode)
+        hf_config, quant_mode = read_checked_export(args.model_type)
         print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
     else:
         from sources.hub import load_hf_model_or_bundled

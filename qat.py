@@ -133,8 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
-        raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
+    checks.check_at_least(args, 1, "steps", "batch_size", "num_calibration_samples")
     checks.check_model_type(args.model_type)
     if args.quant_mode == "int4-weight-only":  # before a Hub model is downloaded
         checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")

@@ -1,6 +1,7 @@
 """The command line: what every script here shares (this file), the checks of what a user hands the scripts
-(checks.py), example.py's flags (example_args.py), and how a script writes what it keeps, whole or not at all
-(outputs.py). A mistake in the user's input, or a write that fails, is one line on stderr and exit status 2.
+(checks.py), example.py's flags (example_args.py), how a script writes what it keeps, whole or not at all
+(outputs.py), and the library warnings silenced as a script starts (library_warnings.py). A mistake in the user's
+input, or a write that fails, is one line on stderr and exit status 2.
 
 Each script ends with
 
@@ -21,6 +22,8 @@ import sys
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from cli import library_warnings
 
 OUT_DIR = "out"  # .gitignore lists it: what the scripts write unless told otherwise goes there
 
@@ -51,7 +54,9 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run(main: Callable[[], Any], prog: str | None = None) -> None:
-    """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2."""
+    """Runs a script's `main`; a UsageError becomes `prog: error: message` on stderr and exit status 2. The library
+    warnings that are understood and harmless are silenced first (cli/library_warnings.py)."""
+    library_warnings.silence()
     prog = prog or os.path.basename(sys.argv[0])
     in_main_thread = threading.current_thread() is threading.main_thread()  # the only thread Python signals
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None

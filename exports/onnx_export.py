@@ -269,14 +269,14 @@ def export_step(
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
     from cli import UsageError
-    from cli.example_args import ONNX_KV_CACHE
+    from cli.example_args import onnx_kv_cache_refusal
     from cli.outputs import output_folder
     from measure.twin import load_export_twin, load_twin
     from quant.kv_cache import kv_cache_in
 
     kv_cache = kv_cache_in(model_type, hf_model)
     if kv_cache is not None:  # restored or exported with one: --kv-cache itself is refused before calibrating
-        raise UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {model_type} has a {kv_cache} one: use --export-dir")
+        raise onnx_kv_cache_refusal(model_type, kv_cache)
     if hf_model is None:
         twin = load_export_twin(model_type)
     else:

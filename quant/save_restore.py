@@ -7,9 +7,9 @@ example.py imports this module only for --save-quantized and --load-quantized.
 import io
 import os
 import time
-import warnings
 from collections import Counter
 
+import modelopt.torch.opt as mto
 import torch
 from transformers.pytorch_utils import Conv1D
 
@@ -17,11 +17,6 @@ from cli import UsageError
 from cli.outputs import output_file
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
 from weight_loader import MAXBOUND
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.opt as mto
 
 
 class QuantizedCheckpointError(ValueError):
