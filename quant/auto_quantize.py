@@ -272,7 +272,9 @@ def _quantizer_mode(module: torch.nn.Module) -> str | None:
     weight_quantizer = module.weight_quantizer
     if not weight_quantizer.is_enabled:
         return None
-    return quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes), module.input_quantizer.is_enabled)
+    return quant_mode_of(
+        weight_quantizer.num_bits, bool(weight_quantizer.block_sizes), module.input_quantizer.is_enabled
+    )
 
 
 def format_recipe(recipe: Recipe) -> str:
