@@ -489,7 +489,7 @@ def weight_bytes(twin: GPT) -> int:
     import torch
     from torch import nn
 
-    from reference import Int4Linear, QuantLinear
+    from reference import Int4Linear, QuantLinear, SmoothQuantLinear
 
     quantized_weight_bytes = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0}
     total = 0.0
@@ -499,6 +499,8 @@ def weight_bytes(twin: GPT) -> int:
                 continue  # tied to transformer.wte.weight, counted there
             if param_name == "weight" and isinstance(module, QuantLinear):
                 total += param.numel() * quantized_weight_bytes[module.quant_dtype]
+            elif param_name == "weight" and isinstance(module, SmoothQuantLinear):
+                total += param.numel()  # int8
             elif param_name == "weight" and isinstance(module, Int4Linear):
                 total += param.numel() * 0.5  # int4: two per byte
             else:

@@ -141,20 +141,26 @@ def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
 
 
 def unsmooth_after_gelu(model_hf: torch.nn.Module) -> None:
-    """Takes SmoothQuant's factor back out of each MLP c_proj, leaving it int8 W8A8 calibrated with "max".
+    """Takes SmoothQuant's factor back out of each MLP c_proj: a factor of ones, on a W8A8 layer calibrated as "max".
 
     Runtimes without a place for a per-input factor (vLLM's int8 layout, exports/vllm_int8.py) fold it into the
     layer before: exactly into ln_1 and ln_2 ahead of c_attn and c_fc, into c_attn's value rows ahead of the
     attention's c_proj (attention mixes value rows with weights that sum to one), but not through the GELU ahead of
     the MLP's c_proj. Leaving that layer unsmoothed keeps one model that every runtime computes (docs/quality.md
-    measures what it costs). ModelOpt's own `disable_pre_quant_scale_and_resmooth` restores the weight, recalibrates
-    its amax, and sets the input amax to the largest unsmoothed input.
+    measures what it costs). ModelOpt's own functions undo it (the weight restored, its amax recalibrated, the input
+    amax the largest unsmoothed input) and then apply a factor of ones, so that every W8A8 layer has one, as
+    ModelOpt's W8A8_SQ_PER_CHANNEL export promises.
     """
-    from modelopt.torch.quantization.model_calib import disable_pre_quant_scale_and_resmooth
+    from modelopt.torch.quantization.model_calib import (
+        apply_pre_quant_scale_and_smooth,
+        disable_pre_quant_scale_and_resmooth,
+    )
 
     for name, module in model_hf.named_modules():
         if name.endswith("mlp.c_proj") and module.input_quantizer.pre_quant_scale is not None:
             disable_pre_quant_scale_and_resmooth(module, delete_pre_quant_scale=True)
+            ones = torch.ones(module.weight.shape[1], device=module.weight.device)  # weight [out, in]
+            apply_pre_quant_scale_and_smooth(module, ones)
 
 
 def calibration_texts(dataset_name: str, num_samples: int) -> list[str]:

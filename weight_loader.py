@@ -107,7 +107,7 @@ def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str
 
 def _pre_quant_scale(input_quantizer: nn.Module, in_features: int) -> torch.Tensor:
     """The factor [in] ModelOpt multiplies a layer's input by (AWQ's or SmoothQuant's), as float32. A layer calibrated
-    without one (int4 with "max", the MLP's c_proj in int8-smoothquant) gets ones: scaling by one is the same layer."""
+    without one (int4 or int8-smoothquant calibrated with "max") gets ones: scaling by one is the same layer."""
     if input_quantizer.pre_quant_scale is None:
         return torch.ones(in_features)
     return input_quantizer.pre_quant_scale.detach().float()
