@@ -29,6 +29,7 @@ STORED_TYPE = {
     "int8-weight-only": TensorProto.INT8,
     "int4-weight-only": TensorProto.INT4,
     "float8": TensorProto.FLOAT8E4M3FN,
+    "int8-smoothquant": TensorProto.INT8,
     None: TensorProto.FLOAT,
 }
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -116,8 +117,25 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
     largest = twin_logits(exported.twin)[0].abs().max().item()
     if exported.mode == "float8":  # no CPU kernel takes float8: nothing is fused, the math stays float32
         assert error <= EXACT_TOLERANCE
+    elif exported.mode == "int8-smoothquant":  # the activations are int8 already: integer math changes nothing
+        assert error <= EXACT_TOLERANCE
     else:
         assert EXACT_TOLERANCE < error < 0.1 * largest
+
+
+def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, tmp_path):
+    """ONNX Runtime's QDQ fusion turns each Q/DQ'd activation, DQ'd int8 weight and MatMul into MatMulIntegerToFloat:
+    int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
+    if exported.mode != "int8-smoothquant":
+        return
+    options = onnx_runtime.ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
+    onnx_runtime.ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(block_linears(exported.twin))
 
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
@@ -166,6 +184,33 @@ def test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale(exported):
         assert multiply.op_type == "Mul" and f"{layer}.pre_quant_scale" in multiply.input
 
 
+def test_smoothquant_layers_quantize_their_smoothed_input_to_int8(exported):
+    """Mul(x, pre_quant_scale) -> QuantizeLinear(int8, input_scale) -> DequantizeLinear is the MatMul's input: the
+    smoothing factor and the input scale are both in the graph, with the twin's values. A factor of ones (the MLP's
+    c_proj, left unsmoothed) needs no Mul."""
+    stored, made_by = initializers(exported.model), producers(exported.model)
+    twin_parameters = dict(exported.twin.named_parameters())
+    for layer in block_linears(exported.twin):
+        if layer_quant_mode(exported.twin.config, layer) != "int8-smoothquant":
+            continue
+        (dequantize_weight,) = consumers(exported.model, f"{layer}.weight")
+        (matmul,) = consumers(exported.model, dequantize_weight.output[0])
+        dequantize_input = made_by[matmul.input[0]]
+        quantize = made_by[dequantize_input.input[0]]
+        assert (dequantize_input.op_type, quantize.op_type) == ("DequantizeLinear", "QuantizeLinear"), layer
+        assert stored[quantize.input[2]].data_type == TensorProto.INT8
+        scale = numpy_helper.to_array(stored[quantize.input[1]])
+        np.testing.assert_array_equal(scale, twin_parameters[f"{layer}.input_scale"].detach().numpy())
+        twin_scale = twin_parameters[f"{layer}.pre_quant_scale"].detach()
+        if layer.endswith("mlp.c_proj"):
+            assert torch.all(twin_scale == 1) and f"{layer}.pre_quant_scale" not in stored
+            continue
+        assert not torch.all(twin_scale == 1)  # smoothed: dropping the Mul would change the logits
+        multiply = made_by[quantize.input[0]]
+        assert multiply.op_type == "Mul" and f"{layer}.pre_quant_scale" in multiply.input, layer
+        np.testing.assert_array_equal(numpy_helper.to_array(stored[f"{layer}.pre_quant_scale"]), twin_scale.numpy())
+
+
 def test_lm_head_is_tied_to_wte_unless_quantized(exported):
     stored = initializers(exported.model)
     vocab, embd = exported.twin.config.vocab_size, exported.twin.config.embedding_size
@@ -204,9 +249,9 @@ def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
             assert dequantize.op_type == "DequantizeLinear" and dequantize.input[0] == name
             assert [node.op_type for node in consumers(model, dequantize.output[0])] == ["MatMul"], name
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":  # activations, in float8 only (int4 is weight-only), zero point 0
+        if node.op_type == "QuantizeLinear":  # activations, in float8 or int8 (int4 is weight-only), zero point 0
             zero_point = stored[node.input[2]]
-            assert zero_point.data_type == TensorProto.FLOAT8E4M3FN
+            assert zero_point.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.INT8)
             assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
         if node.op_type != "DequantizeLinear":
             continue
