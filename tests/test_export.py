@@ -393,9 +393,9 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
 def test_serve_vllm_refuses_what_it_cannot_serve_in_one_line(exported, capsys):
     """Before vLLM is imported: a format its ModelOpt loader does not read, a generation longer than the context,
     and (where it is not installed, as in CI) vLLM itself."""
-    if exported.mode != "float8":
+    if exported.mode not in serve_vllm.SERVED_MODES:
         line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
-        assert f"is a {exported.mode} export" in line and "vLLM's ModelOpt loader reads FP8" in line
+        assert f"is a {exported.mode} export" in line and "vLLM serves float8 (FP8) and int8-smoothquant" in line
         return
     line = usage_error(serve_vllm.main, [exported.export_dir, "--max-tokens", "128"], "serve_vllm.py", capsys)
     assert "plus --max-tokens (128) is longer than the 128 tokens the model can attend to" in line
