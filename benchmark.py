@@ -209,6 +209,7 @@ def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT
 
 
 def twin_generate(twin: GPT, use_cache: bool) -> Generate:
+    """reference.generate on the twin, or on any model with its calls (ONNX Runtime's OnnxGPT)."""
     from reference import generate
 
     def run(prompt, new_tokens, on_token):
@@ -355,20 +356,11 @@ def onnx_contenders(hf_model: GPT2LMHeadModel, twin: GPT, threads: int) -> tuple
             for math in maths:
                 session = onnx_runtime.session(onnx_dir, math, threads)
                 contender = name if math == "int8" else f"{name}, float32 math"
-                runner = onnx_generate(onnx_runtime.OnnxGPT(session))
+                runner = twin_generate(onnx_runtime.OnnxGPT(session), use_cache=True)  # the twin's loop
                 contenders.append(Contender(contender, runner, True, exact=quant_mode is None, torch_memory=False))
                 if math == "float32":
                     file_mb[contender] = file_mb[name]
     return contenders, file_mb
-
-
-def onnx_generate(model) -> Generate:
-    from exports import onnx_runtime
-
-    def run(prompt, new_tokens, on_token):
-        return onnx_runtime.generate(model, prompt, new_tokens, top_k=1, on_token=on_token)
-
-    return run
 
 
 def timed_run(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, list[float]]:

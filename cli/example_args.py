@@ -19,7 +19,7 @@ DEFAULT_PROMPT = "The best way to learn something new is"
 # Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
 # the most, every token among the top k is about as likely as another, which is noise, not text.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 100.0
-DEFAULT_RECIPE = "autoquantize_recipe.json"
+DEFAULT_RECIPE = os.path.join(OUT_DIR, "autoquantize_recipe.json")
 DEFAULT_CALIBRATION_SAMPLES = 32
 # What only generation uses: with --export-only, given other than their defaults, they would be ignored.
 GENERATION_OPTIONS = ("input_text", "max_new_tokens", "seed", "temperature", "top_k", "dtype")
@@ -342,6 +342,7 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     if args.recipe_out is not None and args.effective_bits is None:
         raise UsageError("--recipe-out needs --effective-bits: it saves what the search chose")
     if args.effective_bits is not None:  # the user's own --recipe-out is never replaced; the default one is
+        make_out_dir(recipe_out_path(args))
         checks.check_output_file(recipe_out_path(args), "--recipe-out", new=args.recipe_out is not None)
 
 

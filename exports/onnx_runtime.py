@@ -1,6 +1,7 @@
 """Generates from a folder written by exports/onnx_export.py with ONNX Runtime on the CPU, the twin's sampling on its
 logits.
 
+OnnxGPT offers the twin's calls, so the twin's own generation loop (reference.generate) runs it.
 ONNX Runtime's graph optimizations fuse each weight's DequantizeLinear and MatMul into its `MatMulNBits` kernel,
 which reads the int8 or int4 weights as they are stored. How the kernel multiplies is its accuracy level: by default
 (4) it quantizes the activations to int8 too and multiplies in integers, which is where the speed comes from and
@@ -20,7 +21,6 @@ import onnxruntime as ort
 import torch
 
 from exports.onnx_export import MODEL_FILE
-from measure.sampling import sample_next_token
 
 # `session.qdq_matmulnbits_accuracy_level`: 4 computes activations in int8 (ONNX Runtime's default), 1 in float32.
 ACCURACY_LEVELS = {"int8": 4, "float32": 1}
@@ -48,7 +48,8 @@ def quantization(onnx_dir: str) -> dict:
 
 
 class OnnxGPT:
-    """The ONNX graph behind the twin's forward_with_cache: the same call, numpy in and out of ONNX Runtime."""
+    """The ONNX graph behind the twin's calls: `model(idx)` and `forward_with_cache`, numpy in and out of ONNX
+    Runtime, so that reference.generate and measure/perplexity.py run it as they run the twin."""
 
     def __init__(self, sess: ort.InferenceSession):
         self.session = sess
@@ -59,46 +60,36 @@ class OnnxGPT:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [batch, seq] -> logits [batch, seq, vocab] with no past: the twin's forward, for perplexity."""
-        return self.forward(idx, None, 0)[0]
+        return self.run(idx, None, None)[0]
 
-    def forward(self, idx: torch.Tensor, past: list[np.ndarray] | None, past_len: int) -> tuple[torch.Tensor, list]:
-        """idx [batch, seq] after past_len tokens whose keys and values are `past` (None at the prompt).
-        Returns the logits [batch, seq, vocab] and the keys and values of past + seq."""
+    def forward_with_cache(
+        self, idx: torch.Tensor, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The twin's forward_with_cache: idx [batch, seq] after a past whose keys and values are past_keys and
+        past_values [layers, batch, heads, past, head_dim] (None: no past). Returns the logits of the last position
+        [batch, 1, vocab] and the keys and values of past + seq."""
+        logits, keys, values = self.run(idx, past_keys, past_values)
+        return logits[:, -1:, :], keys, values
+
+    def run(
+        self, idx: torch.Tensor, past_keys: torch.Tensor | None, past_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One session.run: the logits of every position [batch, seq, vocab], and the keys and values of past + seq."""
         batch, seq = idx.shape
-        if past is None:
-            past = [np.zeros((batch, self.num_heads, 0, self.head_dim), np.float32)] * (2 * self.num_layers)
+        if past_keys is None:
+            past_keys = past_values = torch.zeros(self.num_layers, batch, self.num_heads, 0, self.head_dim)
+        past_len = past_keys.shape[3]
         feeds = {
             "input_ids": idx.numpy().astype(np.int64),
             "attention_mask": np.ones((batch, past_len + seq), np.int64),
             "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)),
         }
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past[2 * i], past[2 * i + 1]
-        logits, *presents = self.session.run(None, feeds)
-        return torch.from_numpy(logits), presents
-
-
-@torch.no_grad()
-def generate(
-    model: OnnxGPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """reference.generate with the ONNX graph: the prompt once, then one token at a time on the cache."""
-    past, new_tokens = None, idx
-    for _ in range(max_new_tokens):
-        past_len = idx.shape[1] - new_tokens.shape[1]
-        logits, past = model.forward(new_tokens, past, past_len)
-        next_token = sample_next_token(logits[:, -1, :], temperature, top_k, generator)
-        idx = torch.cat([idx, next_token], dim=1)
-        new_tokens = next_token
-        if on_token is not None:
-            on_token(next_token)
-    return idx
+            feeds[f"past_key_values.{i}.key"] = past_keys[i].numpy()
+            feeds[f"past_key_values.{i}.value"] = past_values[i].numpy()
+        logits, *presents = self.session.run(None, feeds)  # presents: key 0, value 0, key 1, ...
+        keys, values = torch.from_numpy(np.stack(presents[0::2])), torch.from_numpy(np.stack(presents[1::2]))
+        return torch.from_numpy(logits), keys, values
 
 
 def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
@@ -107,6 +98,7 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     checking that the prompt and the new tokens fit the model."""
     from transformers import GPT2Config
 
+    import reference
     from cli.example_args import check_model_fits
 
     # quantized already: only the context is checked
@@ -117,6 +109,6 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     print(f"Model: {onnx_dir} (ONNX, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
-        return generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
+        return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
 
     return run

@@ -69,33 +69,26 @@ def block_linears(twin: GPT) -> list[str]:
     return [f"transformer.h.{i}.{layer}" for i in range(twin.config.num_layers) for layer in BLOCK_LINEARS]
 
 
-def twin_logits(twin: GPT) -> list[torch.Tensor]:
-    """The twin's logits for the prompt [2, 7, vocab] (its full forward), then for each cached step [2, 1, vocab]."""
+def logits_of(model: GPT | onnx_runtime.OnnxGPT) -> list[torch.Tensor]:
+    """The logits for the prompt [2, 7, vocab] (the full forward), then for each cached step [2, 1, vocab]: the same
+    calls on the twin and on ONNX Runtime's model."""
     with torch.no_grad():
-        logits = [twin(PROMPT)]
-        _, keys, values = twin.forward_with_cache(PROMPT)
+        logits = [model(PROMPT)]
+        _, keys, values = model.forward_with_cache(PROMPT)
         for step in STEPS.split(1, dim=1):
-            step_logits, keys, values = twin.forward_with_cache(step, keys, values)
+            step_logits, keys, values = model.forward_with_cache(step, keys, values)
             logits.append(step_logits)
     return logits
 
 
 def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    """The same calls through ONNX Runtime: the prompt, then one token at a time on the returned cache."""
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
-    logits, past = model.forward(PROMPT, None, 0)
-    all_logits, past_len = [logits], PROMPT.shape[1]
-    for step in STEPS.split(1, dim=1):
-        logits, past = model.forward(step, past, past_len)
-        all_logits.append(logits)
-        past_len += 1
-    return all_logits
+    return logits_of(onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1)))
 
 
 def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
     return max(
         (ours - theirs).abs().max().item()
-        for ours, theirs in zip(onnx_logits(onnx_dir, math), twin_logits(twin), strict=True)
+        for ours, theirs in zip(onnx_logits(onnx_dir, math), logits_of(twin), strict=True)
     )
 
 
@@ -114,7 +107,7 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
     the largest on these models; evaluate.py measures what it costs in perplexity)."""
     error = max_error(exported.onnx_dir, exported.twin, "int8")
     print(f"{exported.mode}: max logit error at the default accuracy level {error:.3g}")
-    largest = twin_logits(exported.twin)[0].abs().max().item()
+    largest = logits_of(exported.twin)[0].abs().max().item()
     if exported.mode == "float8":  # no CPU kernel takes float8: nothing is fused, the math stays float32
         assert error <= EXACT_TOLERANCE
     elif exported.mode == "int8-smoothquant":  # the activations are int8 already: integer math changes nothing
@@ -140,7 +133,7 @@ def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, t
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
     model = onnx_runtime.OnnxGPT(onnx_runtime.session(exported.onnx_dir, "float32", threads=1))
-    ours = onnx_runtime.generate(model, PROMPT, 8, top_k=1)
+    ours = reference.generate(model, PROMPT, 8, top_k=1)
     assert torch.equal(ours, reference.generate(exported.twin, PROMPT, 8, top_k=1))
 
 
