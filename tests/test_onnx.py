@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
@@ -121,11 +122,11 @@ def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, t
     int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
     if exported.mode != "int8-smoothquant":
         return
-    options = onnx_runtime.ort.SessionOptions()
+    options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.log_severity_level = 3
     model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
-    onnx_runtime.ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(options.optimized_model_filepath)
     fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(block_linears(exported.twin))
