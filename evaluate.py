@@ -23,6 +23,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,7 +68,16 @@ QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-
 # too.
 KV_SUFFIX = "-kv"
 KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
-ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES)
+# Rows on request, for int8 W8A8: SmoothQuant as the mode calibrates it (the MLP's c_proj unsmoothed, see
+# quantization.unsmooth_after_gelu), the same layers with plain max calibration and no smoothing (ModelOpt's
+# INT8_DEFAULT_CFG recipe), and SmoothQuant left on every layer, the MLP's c_proj too (a model only the twin computes:
+# no runtime here can fold a factor through GELU).
+INT8_W8A8_MAX = "int8-smoothquant-max"
+SMOOTHQUANT_EVERY_LAYER = "int8-smoothquant-every-layer"
+SMOOTHQUANT_MODES = ("int8-smoothquant", INT8_W8A8_MAX, SMOOTHQUANT_EVERY_LAYER)
+# The rows calibrated with plain "max" instead of their mode's own algorithm, and that mode.
+MAX_CALIBRATED = {INT4_MAX: "int4-weight-only", INT8_W8A8_MAX: "int8-smoothquant"}
+ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -399,8 +409,8 @@ def calibrated_twin(
     calibrated_mode = mode.removesuffix("-qat")
     calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
     if calibrated_mode not in calibrated:
-        algorithm = "max" if calibrated_mode == INT4_MAX else None
-        quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
+        algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
+        quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
         kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
         calibrated[calibrated_mode] = calibrate(
             hf_model, quant_mode.removesuffix(KV_SUFFIX), calibration_data, num_calibration_samples, algorithm, kv_cache
@@ -465,16 +475,35 @@ def calibrate(
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()
-    quantized = modelopt_quantize(
-        copy.deepcopy(hf_model),
-        quant_mode,
-        calibration_data,
-        num_samples=num_samples,
-        algorithm=algorithm,
-        kv_cache=kv_cache,
-    )
+    if quant_mode == SMOOTHQUANT_EVERY_LAYER:
+        quant_mode, quantized = "int8-smoothquant", smooth_every_layer(hf_model, calibration_data, num_samples)
+    else:
+        quantized = modelopt_quantize(
+            copy.deepcopy(hf_model),
+            quant_mode,
+            calibration_data,
+            num_samples=num_samples,
+            algorithm=algorithm,
+            kv_cache=kv_cache,
+        )
     seconds = time.perf_counter() - start
     return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache), seconds
+
+
+def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, num_samples: int) -> GPT2LMHeadModel:
+    """A copy of the model calibrated with int8-smoothquant's ModelOpt config as it is, SmoothQuant's factor left on
+    every layer: `modelopt_quantize` without its `unsmooth_after_gelu`."""
+    import modelopt.torch.quantization as mtq
+
+    from quantization import create_forward_loop, default_dataset, quant_config
+    from sources.tokenizer import gpt2_tokenizer
+
+    quantized = copy.deepcopy(hf_model)
+    dataset = default_dataset(calibration_data)
+    forward_loop = create_forward_loop(quantized, dataset, gpt2_tokenizer(), "cpu", num_samples=num_samples)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"lm_head is not calibrated, skip smoothing")
+        return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
 
 
 def auto_rows(
@@ -545,7 +574,7 @@ def weight_bytes(twin: GPT) -> int:
     import torch
     from torch import nn
 
-    from reference import Int4Linear, QuantLinear
+    from reference import Int4Linear, QuantLinear, SmoothQuantLinear
 
     quantized_weight_bytes = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0}
     total = 0.0
@@ -555,6 +584,8 @@ def weight_bytes(twin: GPT) -> int:
                 continue  # tied to transformer.wte.weight, counted there
             if param_name == "weight" and isinstance(module, QuantLinear):
                 total += param.numel() * quantized_weight_bytes[module.quant_dtype]
+            elif param_name == "weight" and isinstance(module, SmoothQuantLinear):
+                total += param.numel()  # int8
             elif param_name == "weight" and isinstance(module, Int4Linear):
                 total += param.numel() * 0.5  # int4: two per byte
             else:

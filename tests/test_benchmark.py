@@ -131,6 +131,7 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, rest
     onnx_names = [
         "ONNX Runtime float32",
         "ONNX Runtime int8",
+        "ONNX Runtime int8 W8A8",
         "ONNX Runtime int4",
         "ONNX Runtime int4, float32 math",
         "ONNX Runtime float8 (no CPU kernel)",
@@ -140,5 +141,6 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, rest
     assert list(results.file_mb) == onnx_names
     sizes = results.file_mb
     assert sizes["ONNX Runtime int4"] < sizes["ONNX Runtime int8"] < sizes["ONNX Runtime float32"]
+    assert sizes["ONNX Runtime int8"] < sizes["ONNX Runtime int8 W8A8"] < sizes["ONNX Runtime float32"]  # + factors
     assert "ONNX Runtime: tokens/s as a multiple of transformers generate's" in printed
     assert list(results.peak_memory_mb[1]) == ["twin, KV cache", "transformers generate"]  # torch's allocations only

@@ -29,7 +29,7 @@ from exports.checkpoint import export_checkpoint, export_step
 from measure.twin import load_export_twin, load_twin
 from quant.auto_quantize import Recipe, quantize_with_recipe
 from quantization import modelopt_quantize
-from reference import GPT, Int4Linear, QuantLinear
+from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {
@@ -54,8 +54,19 @@ EXPECTED_QUANT_CONFIG = {
         "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
         "weight_layout": "conv1d",
     },
+    "int8-smoothquant": {
+        "quant_algo": "W8A8_SQ_PER_CHANNEL",
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
+        "weight_layout": "conv1d",
+    },
 }
-STORED_DTYPE = {"float8": torch.float8_e4m3fn, "int8-weight-only": torch.int8, "int4-weight-only": torch.uint8}
+STORED_DTYPE = {
+    "float8": torch.float8_e4m3fn,
+    "int8-weight-only": torch.int8,
+    "int4-weight-only": torch.uint8,
+    "int8-smoothquant": torch.int8,
+}
 IDX = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
 # A layer's entry under "quantized_layers" in a MIXED_PRECISION export (an AutoQuantize mix), by format.
 MIXED_LAYER_CONFIG = {
@@ -98,7 +109,7 @@ def read_tensors(export_dir: str) -> dict[str, torch.Tensor]:
 
 
 def quantized_layers(twin: GPT) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in twin.named_modules() if isinstance(m, (QuantLinear, Int4Linear))}
+    return {name: m for name, m in twin.named_modules() if isinstance(m, (QuantLinear, Int4Linear, SmoothQuantLinear))}
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -161,10 +172,12 @@ def test_weights_are_stored_quantized_with_the_tripy_scales(exported):
             # GPT-2's Conv1D layout, [in, out], except lm_head, an nn.Linear in GPT-2 too.
             assert weight.shape == ((out_features, in_features) if name == "lm_head" else (in_features, out_features))
             assert torch.equal(weight_scale, layer.weight_scale.detach()), name
-        if exported.mode == "float8":
+        if exported.mode in ("float8", "int8-smoothquant"):
             assert torch.equal(tensors[f"{name}.input_scale"], layer.input_scale.detach()), name
         else:
             assert f"{name}.input_scale" not in tensors, name
+        if exported.mode == "int8-smoothquant":  # the MLP's c_proj a factor of ones (quantization.unsmooth_after_gelu)
+            assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
     if exported.mode != "float8":
         assert not any(name.startswith("lm_head.") for name in tensors)  # tied to wte and left unquantized
 
@@ -177,7 +190,7 @@ def test_exported_weights_dequantize_to_the_twins_weights(exported):
             weight = weight.t()  # GPT-2's [in, out] -> [out, in] (int4: [out / 2, in])
         if exported.mode == "float8":
             dequantized = weight.float() * weight_scale  # [out, in]
-        elif exported.mode == "int8-weight-only":
+        elif exported.mode in ("int8-weight-only", "int8-smoothquant"):
             dequantized = weight.float() * weight_scale[:, None]  # [out, in]
         else:
             scale = weight_scale.t().repeat_interleave(INT4_BLOCK_SIZE, dim=0)  # [in, out]
@@ -382,9 +395,9 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
 def test_serve_vllm_refuses_what_it_cannot_serve_in_one_line(exported, capsys):
     """Before vLLM is imported: a format its ModelOpt loader does not read, a generation longer than the context,
     and (where it is not installed, as in CI) vLLM itself."""
-    if exported.mode != "float8":
+    if exported.mode not in serve_vllm.SERVED_MODES:
         line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
-        assert f"is a {exported.mode} export" in line and "vLLM's ModelOpt loader reads FP8" in line
+        assert f"is a {exported.mode} export" in line and "vLLM serves float8 (FP8) and int8-smoothquant" in line
         return
     line = usage_error(serve_vllm.main, [exported.export_dir, "--max-tokens", "128"], "serve_vllm.py", capsys)
     assert "plus --max-tokens (128) is longer than the 128 tokens the model can attend to" in line
