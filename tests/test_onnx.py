@@ -69,10 +69,11 @@ def block_linears(twin: GPT) -> list[str]:
 
 
 def twin_logits(twin: GPT) -> list[torch.Tensor]:
-    """The twin's logits for the prompt [2, 7, vocab] (its full forward), then for each cached step [2, 1, vocab]."""
+    """The twin's logits for the prompt [2, 7, vocab] (its full forward), its last position [2, 1, vocab]
+    (forward_with_cache), then each cached step's [2, 1, vocab]."""
     with torch.no_grad():
-        logits = [twin(PROMPT)]
-        _, keys, values = twin.forward_with_cache(PROMPT)
+        prompt_logits, keys, values = twin.forward_with_cache(PROMPT)
+        logits = [twin(PROMPT), prompt_logits]
         for step in STEPS.split(1, dim=1):
             step_logits, keys, values = twin.forward_with_cache(step, keys, values)
             logits.append(step_logits)
@@ -80,15 +81,16 @@ def twin_logits(twin: GPT) -> list[torch.Tensor]:
 
 
 def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    """The same calls through ONNX Runtime: the prompt, then one token at a time on the returned cache."""
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
-    logits, past = model.forward(PROMPT, None, 0)
-    all_logits, past_len = [logits], PROMPT.shape[1]
+    """The same calls through ONNX Runtime: the whole prompt, then (a session with the last position's logits only)
+    the prompt and one token at a time on the returned cache."""
+    logits = [onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))(PROMPT)]
+    model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
+    prompt_logits, keys, values = model.forward_with_cache(PROMPT)
+    logits.append(prompt_logits)
     for step in STEPS.split(1, dim=1):
-        logits, past = model.forward(step, past, past_len)
-        all_logits.append(logits)
-        past_len += 1
-    return all_logits
+        step_logits, keys, values = model.forward_with_cache(step, keys, values)
+        logits.append(step_logits)
+    return logits
 
 
 def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
@@ -121,8 +123,8 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
 
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(exported.onnx_dir, "float32", threads=1))
-    ours = onnx_runtime.generate(model, PROMPT, 8, top_k=1)
+    session = onnx_runtime.session(exported.onnx_dir, "float32", threads=1, last_position_only=True)
+    ours = onnx_runtime.generate(onnx_runtime.OnnxGPT(session), PROMPT, 8, top_k=1)
     assert torch.equal(ours, reference.generate(exported.twin, PROMPT, 8, top_k=1))
 
 
