@@ -8,6 +8,7 @@ benchmark.py times the others: a prompt of P tokens then N new ones per sequence
 second of the whole run (prompt pass included).
 """
 
+import json
 import os
 import re
 import subprocess
@@ -40,6 +41,7 @@ def race(hf_model, threads: int, prompt_len: int, new_tokens: int, batch_sizes: 
         hf_dir = os.path.join(work, "hf")
         hf_model.save_pretrained(hf_dir)
         gpt2_tokenizer().save_pretrained(hf_dir)
+        add_n_ctx(os.path.join(hf_dir, "config.json"))
         f32 = os.path.join(work, "F32.gguf")
         convert = [sys.executable, os.path.join(folder, "convert_hf_to_gguf.py"), hf_dir, "--outtype", "f32"]
         env = {**os.environ, "PYTHONPATH": os.path.join(folder, "gguf-py")}
@@ -51,6 +53,16 @@ def race(hf_model, threads: int, prompt_len: int, new_tokens: int, batch_sizes: 
                 subprocess.run(quantize, check=True, capture_output=True)
             rates[f"llama.cpp {fmt}"] = batched_bench(folder, gguf, threads, prompt_len, new_tokens, batch_sizes)
     return rates
+
+
+def add_n_ctx(config_path: str) -> None:
+    """convert_hf_to_gguf.py reads GPT-2's context length as `n_ctx`, which gpt2's own config.json has and
+    transformers 5 no longer writes."""
+    with open(config_path) as file:
+        config = json.load(file)
+    config["n_ctx"] = config["n_positions"]
+    with open(config_path, "w") as file:
+        json.dump(config, file, indent=2)
 
 
 def batched_bench(folder: str, gguf: str, threads: int, prompt_len: int, new_tokens: int, batch_sizes: list[int]):

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
 from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
@@ -45,17 +46,26 @@ class Exported:
     model: onnx.ModelProto
 
 
-@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE])
+INT4_LM_HEAD = "int4-weight-only, int4 lm_head"  # the output layer quantized too (config.lm_head_mode)
+
+
+@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE, INT4_LM_HEAD])
 def exported(request, calibration_file, tmp_path_factory) -> Exported:
     mode = request.param
-    if mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
+    if mode == INT4_LM_HEAD:
+        int4 = "int4-weight-only"
+        quantized = modelopt_quantize(
+            make_gpt2(), int4, dataset_name=calibration_file, num_samples=4, batch_size=4, lm_head_mode=int4
+        )
+        twin = load_twin(quantized, int4, quantized, lm_head_mode=int4)
+    elif mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
         recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
         quantized = quantize_with_recipe(make_gpt2(), recipe, calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
     else:
         quantized = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized)
-    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode}"))
+    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode.replace(', ', '-').replace(' ', '_')}"))
     onnx_export.export_onnx(twin, onnx_dir)
     return Exported(mode, onnx_dir, twin, onnx.load(os.path.join(onnx_dir, onnx_export.MODEL_FILE)))
 
@@ -227,3 +237,17 @@ def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
             assert weight.data_type == TensorProto.INT4 and len(scale.dims) == len(weight.dims)
             assert axis in (len(weight.dims) - 2, len(weight.dims) - 1)
             assert scale.dims[axis] * block_size == weight.dims[axis]
+
+
+def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):
+    """The output layer stored behind its own blocked DequantizeLinear becomes a MatMulNBits in the graph ONNX
+    Runtime runs (docs/benchmark.md: on a CPU it was half of a step in float32), the input embedding a float table."""
+    if layer_quant_mode(exported.twin.config, "lm_head") != "int4-weight-only":
+        pytest.skip("the output layer is not stored as int4 blocks in this file")
+    assert initializers(exported.model)["transformer.wte.weight"].data_type == TensorProto.FLOAT
+    options = onnxruntime.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
+    onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    assert producers(optimized)["logits"].op_type == "MatMulNBits"
