@@ -147,7 +147,6 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
     assert sizes["ONNX Runtime int4"] < sizes["ONNX Runtime int8"] < sizes["ONNX Runtime float32"]
     assert "ONNX Runtime: tokens/s as a multiple of transformers generate's" in printed
     assert list(results.peak_memory_mb[1]) == ["twin, KV cache", "transformers generate"]  # torch's allocations only
-    assert sizes["ONNX Runtime int4, int4 output layer"] < sizes["ONNX Runtime int4"]
     assert (
         f"llama.cpp rows skipped: no llama-batched-bench, llama-quantize, convert_hf_to_gguf.py in {tmp_path}"
         in printed
