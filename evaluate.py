@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, LM_HEAD_MODES, QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -66,7 +66,11 @@ QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-
 # too.
 KV_SUFFIX = "-kv"
 KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
-ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES)
+# Rows on request, for a quantized output layer (config.lm_head_mode): the mode with lm_head in the same format,
+# calibrated by ModelOpt with the blocks. On a CPU the output layer is the largest matmul of a step (docs/benchmark.md).
+LM_HEAD_SUFFIX = "-lm-head"
+LM_HEAD_ROWS = tuple(f"{mode}{LM_HEAD_SUFFIX}" for mode in LM_HEAD_MODES)
+ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -329,13 +333,10 @@ def evaluate(
                 algorithm = "max" if calibrated_mode == INT4_MAX else None
                 quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
                 kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
+                quant_mode = quant_mode.removesuffix(KV_SUFFIX).removesuffix(LM_HEAD_SUFFIX)
+                lm_head_mode = quant_mode if calibrated_mode.endswith(LM_HEAD_SUFFIX) else None
                 calibrated[calibrated_mode] = calibrate(
-                    hf_model,
-                    quant_mode.removesuffix(KV_SUFFIX),
-                    calibration_data,
-                    num_calibration_samples,
-                    algorithm,
-                    kv_cache,
+                    hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm, kv_cache, lm_head_mode
                 )
             quantized, twin, calibration_seconds = calibrated[calibrated_mode]
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
@@ -347,7 +348,7 @@ def evaluate(
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
-        if onnx and mode in (UNQUANTIZED, *QUANT_MODES):
+        if onnx and mode in (UNQUANTIZED, *QUANT_MODES, *LM_HEAD_ROWS):
             rows += onnx_rows(twin, mode, tokens, context, calibration_seconds)
     return rows
 
@@ -402,9 +403,10 @@ def calibrate(
     num_samples: int,
     algorithm: str | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
-    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
-    and the seconds the calibration took."""
+    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too, with `lm_head_mode` its
+    output layer); returns it, its twin and the seconds the calibration took."""
     from measure.twin import load_twin
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
@@ -416,9 +418,10 @@ def calibrate(
         num_samples=num_samples,
         algorithm=algorithm,
         kv_cache=kv_cache,
+        lm_head_mode=lm_head_mode,
     )
     seconds = time.perf_counter() - start
-    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache, lm_head_mode=lm_head_mode), seconds
 
 
 def auto_rows(
