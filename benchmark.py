@@ -489,6 +489,7 @@ def run_benchmark(args: argparse.Namespace, onnx_folder: str) -> Results:
             Contender("transformers generate", hf_generate(hf_model.to("cuda" if on_gpu else "cpu")), uses_cache=True),
         ]
     elif args.backend == "onnx":
+        print(f"ONNX Runtime: {args.threads} threads; torch on 1 thread while it runs (2 pools on the cores fight)")
         onnx_runs, file_mb = onnx_contenders(hf_model, twin, args.threads, onnx_folder)
         contenders = [
             Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),

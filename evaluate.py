@@ -367,7 +367,8 @@ def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibrat
         for math_name, label in (("int8", "ONNX Runtime"), ("float32", "ONNX Runtime, float32 math")):
             model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
             start = time.perf_counter()
-            ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
+            with onnx_runtime.torch_threads(1):  # ONNX Runtime on every core, torch's pool idle beside it
+                ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
             seconds = time.perf_counter() - start
             rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
     return rows
