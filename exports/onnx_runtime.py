@@ -126,29 +126,14 @@ class OnnxGPT:
 @contextmanager
 def torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op threads set to `count` inside, restored after. On a small CPU torch's idle threads spin
-    beside ONNX Runtime's and halve its speed (docs/benchmark.md): the loop around ONNX Runtime needs one."""
+    beside ONNX Runtime's and halve its speed (docs/benchmark.md): the generation loop around ONNX Runtime
+    (reference.generate, whose sampling and concatenation are torch ops) runs inside torch_threads(1)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(saved)
-
-
-@torch.no_grad()
-def generate(
-    model: OnnxGPT,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    generator: torch.Generator | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """reference.generate with the ONNX graph (the prompt once, then one token at a time on the cache), with torch
-    on one thread while it runs, so that ONNX Runtime has the cores."""
-    with torch_threads(1):
-        return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
 
 
 def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
@@ -167,6 +152,7 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     print(f"Model: {onnx_dir} (ONNX, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
-        return generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
+        with torch_threads(1):
+            return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
 
     return run
