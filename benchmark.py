@@ -452,17 +452,16 @@ def measure_throughput(
 def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int]):
     """Milliseconds per token at each position, at batch 1: the median of the steps at positions p .. p + 4.
 
-    With a cache, one run starts from a prompt of positions[0] tokens and goes past the last position, every step
-    timed. Without one, a step costs a full pass over the sequence so far, so each position gets a short run of its
-    own, from a prompt that ends at it. `sequence` [1, positions[-1] + 1] supplies the prompts.
+    Each position gets a short run of its own, from a prompt that ends at it. With a cache, the prompt of p tokens
+    runs once and the five steps after it feed positions p .. p + 4, each on a cache of everything before it: what a
+    long run passing p would time, without generating every token in between. Without one, a step costs a full pass
+    over the sequence so far, from a prompt of p + 1 tokens on. `sequence` [1, positions[-1] + 1] supplies the prompts.
     """
-    first, last = positions[0], positions[-1]
     ms_per_token = {}
     for contender in contenders:
         if contender.uses_cache:
-            new_tokens = last - first + STEPS_PER_POSITION + 1
-            _, _, step_seconds = timed_run(contender.generate, sequence[:, :first], new_tokens)
-            steps_at = {p: step_seconds[p - first + 1 : p - first + 1 + STEPS_PER_POSITION] for p in positions}
+            runs = {p: timed_run(contender.generate, sequence[:, :p], STEPS_PER_POSITION + 1) for p in positions}
+            steps_at = {p: run[2][1:] for p, run in runs.items()}  # run[2][0] is the prompt pass
         else:
             steps_at = {
                 p: timed_run(contender.generate, sequence[:, : p + 1], STEPS_PER_POSITION)[2] for p in positions
@@ -547,8 +546,8 @@ def steps_to_generate(args: argparse.Namespace) -> int:
     """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
 
     Per batch size: the warm-up's 2 tokens and the timed runs of every contender, and a profiled run of those whose
-    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, one long run with a cache, a short run
-    per position without (the torch backend's "twin, no cache").
+    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, a short run per position for each:
+    a prompt and STEPS_PER_POSITION + 1 tokens with a cache, STEPS_PER_POSITION tokens without.
     """
     if args.backend == "tripy":
         cached, uncached, profiled = 2, 0, 2
@@ -557,7 +556,7 @@ def steps_to_generate(args: argparse.Namespace) -> int:
     else:
         cached, uncached, profiled = 2, 1, 3
     per_batch = (cached + uncached) * (2 + args.repeats * args.new_tokens) + profiled * args.new_tokens
-    ms_runs = cached * (args.positions[-1] - args.positions[0] + STEPS_PER_POSITION + 1)
+    ms_runs = cached * len(args.positions) * (STEPS_PER_POSITION + 1)
     ms_runs += uncached * len(args.positions) * STEPS_PER_POSITION
     return len(args.batch_sizes) * per_batch + ms_runs
 
