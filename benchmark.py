@@ -29,6 +29,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import INT4_BLOCK_SIZE
 from sources.hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
@@ -95,7 +96,37 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
+        raise UsageError(
+            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
+            "runs, not how fast Tripy is: add --tiny"
+        )
+    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
+        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
+        args = parser.parse_args(argv)
+    check_sizes(args)
+    if args.profile and args.backend != "onnx":
+        raise UsageError("--profile profiles ONNX Runtime: add --backend onnx")
+    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
+    if args.chart is not None:
+        make_out_dir(args.chart)
+        checks.check_chart(args.chart)
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """benchmark.py's flags, in the order --help lists them."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_measurement_args(parser)
+    add_model_size_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def add_measurement_args(parser: argparse.ArgumentParser) -> None:
+    """What is timed: the prompt, the tokens, the batches and the positions, and how often."""
     parser.add_argument(
         "--prompt-len", metavar="N", type=int, default=32, help="prompt tokens for tokens/s and memory (default: 32)"
     )
@@ -120,6 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", metavar="N", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
+
+
+def add_model_size_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT-2 measured: gpt2's sizes, or --tiny for tests."""
     parser.add_argument(
         "--n-layer",
         metavar="N",
@@ -139,6 +174,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"a tiny GPT-2 and short runs, for tests: {tiny}; an option given on the command line still counts",
     )
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The seed, the chart, and what runs the model."""
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     parser.add_argument(
         "--chart",
@@ -159,45 +198,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
-        "int4, float8) against the twin and transformers, on the CPU (default: torch)",
+        "int4, float8; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
+        "llama.cpp when measure/build_llama_cpp.sh has built it, on the CPU (default: torch)",
     )
-    args = parser.parse_args(argv)
-    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
-        raise UsageError(
-            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
-            "runs, not how fast Tripy is: add --tiny"
-        )
-    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
-        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
-        args = parser.parse_args(argv)
-    try:
-        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        args.positions = [int(position) for position in args.positions.split(",")]
-    except ValueError:
-        raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
-    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
-        raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """The counts, lengths and model sizes; --batch-sizes and --positions become lists of integers."""
+    args.batch_sizes = integer_list(args.batch_sizes, "--batch-sizes")
+    args.positions = integer_list(args.positions, "--positions")
+    checks.check_at_least(args, 1, "prompt_len", "new_tokens", "repeats", "threads", "n_layer", "n_head", "n_embd")
+    if min(args.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must each be at least 1, got {args.batch_sizes}")
     if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured
         raise UsageError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
-        raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+        raise UsageError(
+            f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence, got "
+            f"{args.prompt_len} + {args.new_tokens}"
+        )
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
         raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
     if args.threads > os.cpu_count():
         raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
-    if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
-    if args.profile and args.backend != "onnx":
-        raise UsageError("--profile profiles ONNX Runtime: add --backend onnx")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if args.backend == "onnx" and args.n_embd % INT4_BLOCK_SIZE:
-        raise UsageError(f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it")
-    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
-    if args.chart is not None:
-        make_out_dir(args.chart)
-        checks.check_chart(args.chart)
-    return args
+        raise UsageError(
+            f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it, got "
+            f"{args.n_embd}"
+        )
+
+
+def integer_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers, such as 1,8."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, such as 1,8, got {text!r}") from None
 
 
 def benchmark_bytes(args: argparse.Namespace) -> int:
@@ -223,6 +263,7 @@ def build_models(n_layer: int, n_head: int, n_embd: int, seed: int) -> tuple[GPT
 
 
 def twin_generate(twin: GPT, use_cache: bool) -> Generate:
+    """reference.generate on the twin, or on any model with its calls (ONNX Runtime's OnnxGPT)."""
     from reference import generate
 
     def run(prompt, new_tokens, on_token):
@@ -689,7 +730,8 @@ def save_chart(results: Results, path: str) -> None:
     axes.legend(loc="upper left")
     axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

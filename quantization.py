@@ -6,11 +6,11 @@ quantized tensor's largest magnitude (amax). weight_loader.py turns those into t
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
+import modelopt.torch.quantization as mtq
 import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
@@ -19,11 +19,6 @@ from tqdm import tqdm
 from config import INT4_BLOCK_SIZE, LM_HEAD_MODES, check_quant_mode
 from sources.hub import hub_reachable
 from sources.tokenizer import gpt2_tokenizer
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.quantization as mtq
 
 SHIPPED_CALIBRATION_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "calibration.txt")
 # The layers the deployed model quantizes, as ModelOpt names their quantizers. Embeddings, LayerNorms and the

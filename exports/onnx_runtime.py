@@ -1,6 +1,7 @@
 """Generates from a folder written by exports/onnx_export.py with ONNX Runtime on the CPU, the twin's sampling on its
 logits.
 
+OnnxGPT offers the twin's calls, so the twin's own generation loop (reference.generate) runs it.
 ONNX Runtime's graph optimizations fuse each weight's DequantizeLinear and MatMul into its `MatMulNBits` kernel,
 which reads the int8 or int4 weights as they are stored. How the kernel multiplies is its accuracy level: by default
 (4) it quantizes the activations to int8 too and multiplies in integers, which is where the speed comes from and

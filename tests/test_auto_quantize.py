@@ -6,6 +6,7 @@ returns; the twin is built from the per-layer formats (GPTConfig.layer_quant_mod
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -246,3 +247,13 @@ def test_scores_equal_within_float_noise_round_to_the_same_value():
     rounded = [state["candidate_stats"]["transformer.h.0.attn.c_attn.quant_recipe"]["scores"] for state in states]
     assert rounded[0] == rounded[1] == [29.06, 3.083, 0.1161, 0.0]
     assert all(a != b for a, b in zip(rounded[0][:3], rounded[2][:3], strict=True))
+
+
+def test_the_default_recipe_goes_to_out(tmp_path, monkeypatch):
+    """--quant-mode auto without --recipe-out writes its recipe into out/ (git ignores it), never the checkout's root:
+    run from a fresh folder, out/ is made and the path lies in it."""
+    from cli.example_args import parse_args, recipe_out_path
+
+    monkeypatch.chdir(tmp_path)
+    path = recipe_out_path(parse_args(["--quant-mode", "auto", "--effective-bits", "6"]))
+    assert os.path.dirname(os.path.normpath(path)) == "out" and os.path.isdir("out")

@@ -93,8 +93,8 @@ def test_peak_memory_counts_the_most_held_at_once():
         (["--positions", "32,1020"], "--positions must stay below"),
         (["--batch-sizes", "1,x"], "comma-separated integers"),
         (["--prompt-len", "1000", "--new-tokens", "100"], "must be at most 1024"),
-        (["--new-tokens", "0"], "must be >= 1"),
-        (["--n-embd", "100", "--n-head", "12"], "must be a positive multiple of --n-head"),
+        (["--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
+        (["--n-embd", "100", "--n-head", "12"], "--n-embd (100) must be a multiple of --n-head (12)"),
         (["--chart", "chart.jpg"], "--chart must name a .png file"),
     ],
 )

@@ -78,35 +78,32 @@ def block_linears(twin: GPT) -> list[str]:
     return [f"transformer.h.{i}.{layer}" for i in range(twin.config.num_layers) for layer in BLOCK_LINEARS]
 
 
-def twin_logits(twin: GPT) -> list[torch.Tensor]:
-    """The twin's logits for the prompt [2, 7, vocab] (its full forward), its last position [2, 1, vocab]
-    (forward_with_cache), then each cached step's [2, 1, vocab]."""
+def logits_of(model: GPT | onnx_runtime.OnnxGPT, cached: GPT | onnx_runtime.OnnxGPT | None = None):
+    """The logits for the prompt [2, 7, vocab] (the full forward), its last position [2, 1, vocab] and each cached
+    step's [2, 1, vocab] (forward_with_cache of `cached`, by default `model`): the same calls on the twin and on
+    ONNX Runtime's model."""
+    cached = cached or model
     with torch.no_grad():
-        prompt_logits, keys, values = twin.forward_with_cache(PROMPT)
-        logits = [twin(PROMPT), prompt_logits]
+        prompt_logits, keys, values = cached.forward_with_cache(PROMPT)
+        logits = [model(PROMPT), prompt_logits]
         for step in STEPS.split(1, dim=1):
-            step_logits, keys, values = twin.forward_with_cache(step, keys, values)
+            step_logits, keys, values = cached.forward_with_cache(step, keys, values)
             logits.append(step_logits)
     return logits
 
 
 def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    """The same calls through ONNX Runtime: the whole prompt, then (a session with the last position's logits only)
-    the prompt and one token at a time on the returned cache."""
-    logits = [onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))(PROMPT)]
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
-    prompt_logits, keys, values = model.forward_with_cache(PROMPT)
-    logits.append(prompt_logits)
-    for step in STEPS.split(1, dim=1):
-        step_logits, keys, values = model.forward_with_cache(step, keys, values)
-        logits.append(step_logits)
-    return logits
+    """The same calls through ONNX Runtime, forward_with_cache on a session with the last position's logits only."""
+    full = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
+    return logits_of(
+        full, onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
+    )
 
 
 def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
     return max(
         (ours - theirs).abs().max().item()
-        for ours, theirs in zip(onnx_logits(onnx_dir, math), twin_logits(twin), strict=True)
+        for ours, theirs in zip(onnx_logits(onnx_dir, math), logits_of(twin), strict=True)
     )
 
 
@@ -125,7 +122,7 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
     the largest on these models; evaluate.py measures what it costs in perplexity)."""
     error = max_error(exported.onnx_dir, exported.twin, "int8")
     print(f"{exported.mode}: max logit error at the default accuracy level {error:.3g}")
-    largest = twin_logits(exported.twin)[0].abs().max().item()
+    largest = logits_of(exported.twin)[0].abs().max().item()
     if exported.mode == "float8":  # no CPU kernel takes float8: nothing is fused, the math stays float32
         assert error <= EXACT_TOLERANCE
     else:
@@ -203,41 +200,72 @@ def attribute(node: onnx.NodeProto, name: str):
 
 
 def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
-    """onnx-tensorrt's rules (TensorRT 10): DequantizeLinear on INT8/FP8/INT4 with zero points 0; a DQ between each
-    quantized weight and its MatMul; INT4 weight-only; a block scale of the input's rank, blocked on one of its last
-    two dims; and nothing outside the standard ONNX domain."""
+    """Each row of docs/onnx.md's table of onnx-tensorrt's rules (TensorRT 10), as the page writes it:
+    - int8 weight: INT8 [in, out] -> DequantizeLinear(scale [out], axis=1), zero point 0 or none -> MatMul;
+    - int4 weight: INT4 [in, out] -> DequantizeLinear(scale [in/128, out], axis=0, block_size=128) -> MatMul;
+    - float8 weight: FLOAT8E4M3FN [in, out] -> DequantizeLinear(scale []) -> MatMul;
+    - float8 activation: QuantizeLinear(x, scale [], zero point FLOAT8E4M3FN 0, saturate=1) -> DequantizeLinear with
+      the same scale -> the MatMul's input, beside its float8 weight; no QuantizeLinear anywhere else (int4 and int8
+      are weight-only);
+    - each DequantizeLinear of a weight feeds exactly its MatMul, as the MatMul's weight operand;
+    - everything else float32; opset 21, the standard domain only, no functions.
+    (AWQ's pre_quant_scale row: test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale.)"""
     model, stored = exported.model, initializers(exported.model)
     made_by = producers(model)
-    quantized_types = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
-    assert [opset.domain for opset in model.opset_import] == [""] and not model.functions
+    assert [(opset.domain, opset.version) for opset in model.opset_import] == [("", 21)] and not model.functions
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-    for name, tensor in stored.items():  # each quantized weight feeds one DequantizeLinear, which feeds a MatMul
-        if tensor.data_type in quantized_types and name.endswith(".weight"):  # not the Q/DQ zero points
-            (dequantize,) = consumers(model, name)
-            assert dequantize.op_type == "DequantizeLinear" and dequantize.input[0] == name
-            assert [node.op_type for node in consumers(model, dequantize.output[0])] == ["MatMul"], name
+    quantized_types = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+    weights = {
+        name for name, tensor in stored.items() if tensor.data_type in quantized_types and name.endswith(".weight")
+    }
+    assert weights, "no quantized weight in the graph"
+    dequantized_weights = set()
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":  # activations, in float8 only (int4 is weight-only), zero point 0
-            zero_point = stored[node.input[2]]
-            assert zero_point.data_type == TensorProto.FLOAT8E4M3FN
-            assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
-        if node.op_type != "DequantizeLinear":
-            continue
-        if node.input[0] in stored:
-            weight = stored[node.input[0]]
-            assert weight.data_type in quantized_types
-        else:  # an activation's Q/DQ pair
-            assert made_by[node.input[0]].op_type == "QuantizeLinear"
-        if len(node.input) > 2 and node.input[2]:
-            assert not numpy_helper.to_array(stored[node.input[2]]).astype(np.float32).any()
-        block_size = attribute(node, "block_size")
-        if block_size:
-            weight = stored[node.input[0]]
-            scale = stored[node.input[1]]
-            axis = attribute(node, "axis") % len(weight.dims)
-            assert weight.data_type == TensorProto.INT4 and len(scale.dims) == len(weight.dims)
-            assert axis in (len(weight.dims) - 2, len(weight.dims) - 1)
-            assert scale.dims[axis] * block_size == weight.dims[axis]
+        if node.op_type == "QuantizeLinear":
+            check_float8_activation(model, stored, node)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            check_weight_dequantize(model, stored, node)
+            dequantized_weights.add(node.input[0])
+        elif node.op_type == "DequantizeLinear":  # an activation's: made by the QuantizeLinear checked above
+            assert made_by[node.input[0]].op_type == "QuantizeLinear", node.name
+    assert dequantized_weights == weights
+    for name, tensor in stored.items():  # the rest is float32 (and int64 shapes and indices)
+        zero_point = name in {node.input[2] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+        if name not in weights and not zero_point:
+            assert tensor.data_type in (TensorProto.FLOAT, TensorProto.INT64), (name, tensor.data_type)
+
+
+def check_weight_dequantize(model: onnx.ModelProto, stored: dict, node: onnx.NodeProto) -> None:
+    """A stored weight's DequantizeLinear: the scale layout of its type's row, zero point 0, feeding only its MatMul
+    as the weight operand."""
+    weight, scale = stored[node.input[0]], stored[node.input[1]]
+    rows, columns = weight.dims  # [in, out]
+    axis, block_size = attribute(node, "axis"), attribute(node, "block_size") or None  # 0 is none, as unset
+    if weight.data_type == TensorProto.INT8:
+        assert (list(scale.dims), axis, block_size) == ([columns], 1, None), node.input[0]
+    elif weight.data_type == TensorProto.INT4:
+        expected = ([rows // INT4_BLOCK_SIZE, columns], 0, INT4_BLOCK_SIZE)
+        assert (list(scale.dims), axis, block_size) == expected, node.input[0]
+    else:
+        assert weight.data_type == TensorProto.FLOAT8E4M3FN and list(scale.dims) == [] and not block_size
+    if len(node.input) > 2 and node.input[2]:
+        assert not numpy_helper.to_array(stored[node.input[2]]).astype(np.float32).any()
+    (matmul,) = consumers(model, node.output[0])
+    assert matmul.op_type == "MatMul" and list(matmul.input).index(node.output[0]) == 1, node.input[0]
+
+
+def check_float8_activation(model: onnx.ModelProto, stored: dict, quantize: onnx.NodeProto) -> None:
+    """float8's activation: per-tensor Q/DQ with zero point 0, saturating, into the MatMul of a float8 weight."""
+    scale, zero_point = stored[quantize.input[1]], stored[quantize.input[2]]
+    assert list(scale.dims) == [] and attribute(quantize, "saturate") == 1, quantize.name
+    assert zero_point.data_type == TensorProto.FLOAT8E4M3FN
+    assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
+    (dequantize,) = consumers(model, quantize.output[0])
+    assert dequantize.op_type == "DequantizeLinear" and dequantize.input[1] == quantize.input[1], quantize.name
+    (matmul,) = consumers(model, dequantize.output[0])
+    assert matmul.op_type == "MatMul" and list(matmul.input).index(dequantize.output[0]) == 0
+    weight_dequantize = producers(model)[matmul.input[1]]
+    assert stored[weight_dequantize.input[0]].data_type == TensorProto.FLOAT8E4M3FN, matmul.name
 
 
 def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):

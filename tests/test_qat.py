@@ -12,7 +12,7 @@ from helpers import make_gpt2
 from measure.twin import load_twin
 from quant.save_restore import load_quantized, save_quantized
 from quantization import modelopt_quantize
-from training.finetune import finetune as training
+from training import finetune as training
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Training itself is not run here (it takes a quarter of an hour); README shows it
 ships in bundled_model/, which tests/test_evaluate.py measures.
 """
 
-from training.finetune import finetune as training
+from training import finetune as training
 
 
 def test_prose_keeps_sentences_and_drops_code_and_whitespace_runs():
