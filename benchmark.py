@@ -198,7 +198,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
-        "int4, float8; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
+        "int4; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
         "llama.cpp when measure/build_llama_cpp.sh has built it, on the CPU (default: torch)",
     )
 
@@ -354,8 +354,7 @@ ONNX_FILES = {
     "int8, int8 output layer": ("int8-weight-only", "int8-weight-only"),
     "int4": ("int4-weight-only", None),
     "int4, int4 output layer": ("int4-weight-only", "int4-weight-only"),
-    "float8": ("float8", None),
-}
+}  # no float8: ONNX Runtime has no CPU kernel for it (it dequantizes every weight at every step); a GPU format
 
 
 def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None) -> GPT:
