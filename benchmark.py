@@ -358,8 +358,8 @@ ONNX_FILES = {
 
 
 def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None) -> GPT:
-    """The twin in `quant_mode` (and its output layer in `lm_head_mode`) with scales from each weight's own largest
-    magnitude (what max calibration gives a weight), AWQ's pre_quant_scale ones and float8's input scale 1: a
+    """The twin in an int8 or int4 `quant_mode` (and its output layer in `lm_head_mode`) with scales from each
+    weight's own largest magnitude (what max calibration gives a weight) and AWQ's pre_quant_scale ones: a
     calibration changes the values, not the time."""
     import torch
 
@@ -376,11 +376,8 @@ def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None)
             amax = weight.abs().reshape(-1, INT4_BLOCK_SIZE, weight.shape[1]).amax(dim=1)  # [in / 128, out]
             state[f"{name}.weight_scale"] = amax.clamp(min=1e-8) / 7
             state[f"{name}.pre_quant_scale"] = torch.ones(weight.shape[0])
-        elif layer.quant_dtype == torch.int8:
+        else:  # int8, per output channel
             state[f"{name}.weight_scale"] = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
-        else:
-            state[f"{name}.weight_scale"] = weight.abs().max().clamp(min=1e-8) / 448
-            state[f"{name}.input_scale"] = torch.tensor(1.0)
         state[f"{name}.weight"] = weight
     quantized.load_state_dict(state)
     return quantized
@@ -399,7 +396,7 @@ def onnx_contenders(
         onnx_dir = os.path.join(folder, label.replace(", ", "-").replace(" ", "_"))
         quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode)
         onnx_export.export_onnx(quantized, onnx_dir)
-        name = f"ONNX Runtime {label}" + (" (no CPU kernel)" if quant_mode == "float8" else "")
+        name = f"ONNX Runtime {label}"
         file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
         maths = ["int8", "float32"] if label == "int4" else ["int8"]
         for math in maths:
@@ -676,7 +673,7 @@ def print_llama_cpp(results: Results, width: int) -> None:
     print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}" for b in batches))
     for name, rates in results.llama_cpp.items():
         print(f"{name:<{width}}" + "".join(f"{rates[b]:>16.1f}" for b in batches))
-    quantized = [name for name in results.file_mb if "float32" not in name and "float8" not in name]
+    quantized = [name for name in results.file_mb if "float32" not in name]
     for batch in batches:
         fastest = max(quantized, key=lambda name: results.tokens_per_second[batch][name])
         ratio = results.tokens_per_second[batch][fastest] / results.llama_cpp["llama.cpp Q4_0"][batch]
@@ -689,7 +686,7 @@ def print_profiles(results: Results, threads: int) -> None:
 
     print("\nONNX Runtime's profiler: a decode step at batch 1 after a prompt of 32, by operator type")
     for name, onnx_dir in results.onnx_dirs.items():
-        if "float32" not in name and "float8" not in name:
+        if "float32" not in name:
             print(format_profile(name, decode_profile(onnx_dir, threads)))
 
 
