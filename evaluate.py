@@ -23,14 +23,13 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
 from cli.outputs import output_file
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, LM_HEAD_MODES, QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -77,7 +76,11 @@ SMOOTHQUANT_EVERY_LAYER = "int8-smoothquant-every-layer"
 SMOOTHQUANT_MODES = ("int8-smoothquant", INT8_W8A8_MAX, SMOOTHQUANT_EVERY_LAYER)
 # The rows calibrated with plain "max" instead of their mode's own algorithm, and that mode.
 MAX_CALIBRATED = {INT4_MAX: "int4-weight-only", INT8_W8A8_MAX: "int8-smoothquant"}
-ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES)
+# Rows on request, for a quantized output layer (config.lm_head_mode): the mode with lm_head in the same format,
+# calibrated by ModelOpt with the blocks. On a CPU the output layer is the largest matmul of a step (docs/benchmark.md).
+LM_HEAD_SUFFIX = "-lm-head"
+LM_HEAD_ROWS = tuple(f"{mode}{LM_HEAD_SUFFIX}" for mode in LM_HEAD_MODES)
+ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -364,7 +367,7 @@ def evaluate(
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
-        if onnx and mode in (UNQUANTIZED, *QUANT_MODES):
+        if onnx and mode in (UNQUANTIZED, *QUANT_MODES, *LM_HEAD_ROWS):
             rows += onnx_rows(twin, mode, tokens, context, calibration_seconds)
     return rows
 
@@ -412,8 +415,10 @@ def calibrated_twin(
         algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
         quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
         kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
+        lm_head_mode = quant_mode.removesuffix(LM_HEAD_SUFFIX) if quant_mode.endswith(LM_HEAD_SUFFIX) else None
+        quant_mode = quant_mode.removesuffix(KV_SUFFIX).removesuffix(LM_HEAD_SUFFIX)
         calibrated[calibrated_mode] = calibrate(
-            hf_model, quant_mode.removesuffix(KV_SUFFIX), calibration_data, num_calibration_samples, algorithm, kv_cache
+            hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm, kv_cache, lm_head_mode
         )
     return calibrated[calibrated_mode]
 
@@ -432,7 +437,8 @@ def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibrat
         for math_name, label in (("int8", "ONNX Runtime"), ("float32", "ONNX Runtime, float32 math")):
             model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
             start = time.perf_counter()
-            ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
+            with onnx_runtime.torch_threads(1):  # ONNX Runtime on every core, torch's pool idle beside it
+                ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
             seconds = time.perf_counter() - start
             rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
     return rows
@@ -468,9 +474,10 @@ def calibrate(
     num_samples: int,
     algorithm: str | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
-    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
-    and the seconds the calibration took."""
+    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too, with `lm_head_mode` its
+    output layer); returns it, its twin and the seconds the calibration took."""
     from measure.twin import load_twin
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
@@ -485,9 +492,10 @@ def calibrate(
             num_samples=num_samples,
             algorithm=algorithm,
             kv_cache=kv_cache,
+            lm_head_mode=lm_head_mode,
         )
     seconds = time.perf_counter() - start
-    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache, lm_head_mode=lm_head_mode), seconds
 
 
 def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, num_samples: int) -> GPT2LMHeadModel:
@@ -501,9 +509,7 @@ def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, 
     quantized = copy.deepcopy(hf_model)
     dataset = default_dataset(calibration_data)
     forward_loop = create_forward_loop(quantized, dataset, gpt2_tokenizer(), "cpu", num_samples=num_samples)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"lm_head is not calibrated, skip smoothing")
-        return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
+    return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
 
 
 def auto_rows(

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE
-from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear, gelu_tanh
+from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -210,8 +210,14 @@ class ExportBlock(nn.Module):
         att = att.masked_fill(hidden_mask, torch.finfo(att.dtype).min)
         y = torch.softmax(att, dim=-1) @ v  # [batch, heads, seq, head_dim]
         x = x + self.attn.c_proj(y.transpose(1, 2).reshape(batch, seq, embd))
-        x = x + self.mlp.c_proj(gelu_tanh(self.mlp.c_fc(self.ln_2(x))))
+        x = x + self.mlp.c_proj(gelu_tanh_fusable(self.mlp.c_fc(self.ln_2(x))))
         return x, k, v
+
+
+def gelu_tanh_fusable(x: torch.Tensor) -> torch.Tensor:
+    """reference.gelu_tanh in the form ONNX Runtime fuses into one FastGelu kernel (x cubed as a Pow, the half taken
+    of x first): the same function, 8 nodes fewer per layer."""
+    return (0.5 * x) * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 class ExportGPT(nn.Module):

@@ -47,17 +47,26 @@ class Exported:
     model: onnx.ModelProto
 
 
-@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE])
+INT4_LM_HEAD = "int4-weight-only, int4 lm_head"  # the output layer quantized too (config.lm_head_mode)
+
+
+@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE, INT4_LM_HEAD])
 def exported(request, calibration_file, tmp_path_factory) -> Exported:
     mode = request.param
-    if mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
+    if mode == INT4_LM_HEAD:
+        int4 = "int4-weight-only"
+        quantized = modelopt_quantize(
+            make_gpt2(), int4, dataset_name=calibration_file, num_samples=4, batch_size=4, lm_head_mode=int4
+        )
+        twin = load_twin(quantized, int4, quantized, lm_head_mode=int4)
+    elif mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
         recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
         quantized = quantize_with_recipe(make_gpt2(), recipe, calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
     else:
         quantized = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized)
-    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode}"))
+    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode.replace(', ', '-').replace(' ', '_')}"))
     onnx_export.export_onnx(twin, onnx_dir)
     return Exported(mode, onnx_dir, twin, onnx.load(os.path.join(onnx_dir, onnx_export.MODEL_FILE)))
 
@@ -70,20 +79,26 @@ def block_linears(twin: GPT) -> list[str]:
     return [f"transformer.h.{i}.{layer}" for i in range(twin.config.num_layers) for layer in BLOCK_LINEARS]
 
 
-def logits_of(model: GPT | onnx_runtime.OnnxGPT) -> list[torch.Tensor]:
-    """The logits for the prompt [2, 7, vocab] (the full forward), then for each cached step [2, 1, vocab]: the same
-    calls on the twin and on ONNX Runtime's model."""
+def logits_of(model: GPT | onnx_runtime.OnnxGPT, cached: GPT | onnx_runtime.OnnxGPT | None = None):
+    """The logits for the prompt [2, 7, vocab] (the full forward), its last position [2, 1, vocab] and each cached
+    step's [2, 1, vocab] (forward_with_cache of `cached`, by default `model`): the same calls on the twin and on
+    ONNX Runtime's model."""
+    cached = cached or model
     with torch.no_grad():
-        logits = [model(PROMPT)]
-        _, keys, values = model.forward_with_cache(PROMPT)
+        prompt_logits, keys, values = cached.forward_with_cache(PROMPT)
+        logits = [model(PROMPT), prompt_logits]
         for step in STEPS.split(1, dim=1):
-            step_logits, keys, values = model.forward_with_cache(step, keys, values)
+            step_logits, keys, values = cached.forward_with_cache(step, keys, values)
             logits.append(step_logits)
     return logits
 
 
 def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    return logits_of(onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1)))
+    """The same calls through ONNX Runtime, forward_with_cache on a session with the last position's logits only."""
+    full = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
+    return logits_of(
+        full, onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
+    )
 
 
 def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
@@ -117,24 +132,29 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
         assert EXACT_TOLERANCE < error < 0.1 * largest
 
 
+def optimized_graph(onnx_dir: str, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its optimizations (fusions included), as it saves it."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(os.path.join(onnx_dir, onnx_export.MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
 def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, tmp_path):
     """ONNX Runtime's QDQ fusion turns each Q/DQ'd activation, DQ'd int8 weight and MatMul into MatMulIntegerToFloat:
     int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
     if exported.mode != "int8-smoothquant":
-        return
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
-    ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath)
+        pytest.skip("no int8 activations in this file")
+    optimized = optimized_graph(exported.onnx_dir, tmp_path)
     fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(block_linears(exported.twin))
 
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(exported.onnx_dir, "float32", threads=1))
-    ours = reference.generate(model, PROMPT, 8, top_k=1)
+    session = onnx_runtime.session(exported.onnx_dir, "float32", threads=1, last_position_only=True)
+    with onnx_runtime.torch_threads(1):
+        ours = reference.generate(onnx_runtime.OnnxGPT(session), PROMPT, 8, top_k=1)
     assert torch.equal(ours, reference.generate(exported.twin, PROMPT, 8, top_k=1))
 
 
@@ -208,7 +228,7 @@ def test_smoothquant_layers_quantize_their_smoothed_input_to_int8(exported):
 def test_lm_head_is_tied_to_wte_unless_quantized(exported):
     stored = initializers(exported.model)
     vocab, embd = exported.twin.config.vocab_size, exported.twin.config.embedding_size
-    vocab_sized = [name for name, tensor in stored.items() if vocab in tensor.dims]
+    vocab_sized = [name for name, tensor in stored.items() if vocab in tensor.dims and name.endswith(".weight")]
     if layer_quant_mode(exported.twin.config, "lm_head") is None:
         assert vocab_sized == ["transformer.wte.weight"]
     else:
@@ -297,3 +317,12 @@ def check_activation_quantize(model: onnx.ModelProto, stored: dict, quantize: on
     assert matmul.op_type == "MatMul" and list(matmul.input).index(dequantize.output[0]) == 0
     weight_dequantize = producers(model)[matmul.input[1]]
     assert stored[weight_dequantize.input[0]].data_type == zero_point.data_type, matmul.name
+
+
+def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):
+    """The output layer stored behind its own blocked DequantizeLinear becomes a MatMulNBits in the graph ONNX
+    Runtime runs (docs/benchmark.md: on a CPU it was half of a step in float32), the input embedding a float table."""
+    if layer_quant_mode(exported.twin.config, "lm_head") != "int4-weight-only":
+        pytest.skip("the output layer is not stored as int4 blocks in this file")
+    assert initializers(exported.model)["transformer.wte.weight"].data_type == TensorProto.FLOAT
+    assert producers(optimized_graph(exported.onnx_dir, tmp_path))["logits"].op_type == "MatMulNBits"
