@@ -16,7 +16,7 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
-from config import INT4_BLOCK_SIZE, check_quant_mode
+from config import INT4_BLOCK_SIZE, LM_HEAD_MODES, check_quant_mode
 from sources.hub import hub_reachable
 from sources.tokenizer import gpt2_tokenizer
 
@@ -36,15 +36,19 @@ def modelopt_quantize(
     num_samples: int = 64,
     algorithm: str | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> torch.nn.Module:
     """Quantizes a Hugging Face GPT-2 in place with ModelOpt and returns it.
 
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
     the mode's calibration algorithm (see `quant_config`). `kv_cache` "float8" also quantizes the keys and values
-    attention reads, calibrated with the weights (quant/kv_cache.py).
+    attention reads, calibrated with the weights (quant/kv_cache.py). `lm_head_mode` (one of LM_HEAD_MODES) also
+    quantizes the output layer, untied from the input embedding first: calibration may rescale its weight in place.
     """
-    config = quant_config(quant_mode, algorithm)
+    config = quant_config(quant_mode, algorithm, lm_head_mode)
+    if lm_head_mode is not None:
+        untie_lm_head(model_hf)
     if kv_cache is not None:
         from quant.kv_cache import kv_cache_quant_cfg
 
@@ -55,6 +59,8 @@ def modelopt_quantize(
 
     start = time.perf_counter()
     mtq.quantize(model_hf, config, forward_loop)
+    if config["algorithm"] == "smoothquant":
+        unsmooth_after_gelu(model_hf)
     seconds = time.perf_counter() - start
     described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
     print(f"Calibrated {described} on {forward_loop.num_samples} samples in {seconds:.1f} s")
@@ -88,11 +94,13 @@ def create_forward_loop(
     return forward_loop
 
 
-def quant_config(quant_mode: str, algorithm: str | None = None) -> dict:
+def quant_config(quant_mode: str, algorithm: str | None = None, lm_head_mode: str | None = None) -> dict:
     """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes.
 
-    algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4); "max" for int4
-    takes each block's largest weight as its amax, without AWQ's search.
+    algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4, SmoothQuant for
+    int8-smoothquant); "max" for int4 takes each block's largest weight as its amax, without AWQ's search, and for
+    int8-smoothquant is ModelOpt's INT8_DEFAULT_CFG recipe: the same W8A8 layers, unsmoothed. lm_head_mode: the
+    output layer's weights in that format too, calibrated by the same algorithm.
     """
     if algorithm is not None and algorithm not in CALIBRATION_ALGORITHMS:
         raise ValueError(f"Unknown calibration algorithm {algorithm!r}; supported: {', '.join(CALIBRATION_ALGORITHMS)}")
@@ -103,7 +111,27 @@ def quant_config(quant_mode: str, algorithm: str | None = None) -> dict:
         quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": weight})
         if inputs is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": inputs})
+    if lm_head_mode is not None:
+        check_lm_head_mode(quant_mode, lm_head_mode, algorithm or default_algorithm)
+        quant_cfg.append({"quantizer_name": "lm_head.weight_quantizer", "cfg": layer_format(lm_head_mode)[0]})
     return {"quant_cfg": quant_cfg, "algorithm": algorithm or default_algorithm}
+
+
+def check_lm_head_mode(quant_mode: str, lm_head_mode: str, algorithm: str | dict) -> None:
+    """Raises ValueError for an output-layer format the twin cannot hold beside quant_mode's calibration."""
+    if lm_head_mode not in LM_HEAD_MODES:
+        raise ValueError(f"Unknown lm_head_mode {lm_head_mode!r}; supported: {', '.join(LM_HEAD_MODES)}")
+    if quant_mode == "float8":
+        raise ValueError("float8 quantizes the output layer already, in float8: it takes no lm_head_mode")
+    if lm_head_mode == "int8-weight-only" and algorithm != "max":
+        # AWQ would give the head a pre_quant_scale, which an int8 layer has no place for
+        raise ValueError("an int8 output layer is calibrated with max: beside AWQ's int4 take an int4 one")
+
+
+def untie_lm_head(model_hf: torch.nn.Module) -> None:
+    """Gives GPT-2's output layer a weight of its own instead of the input embedding's, for good."""
+    model_hf.lm_head.weight = torch.nn.Parameter(model_hf.lm_head.weight.detach().clone())
+    model_hf.config.tie_word_embeddings = False
 
 
 def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
@@ -117,7 +145,39 @@ def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
         # (disabled) input quantizer as pre_quant_scale.
         weight = {"num_bits": 4, "block_sizes": {-1: INT4_BLOCK_SIZE, "type": "static"}}
         return weight, None, {"method": "awq_lite", "alpha_step": 0.1}
+    if quant_mode == "int8-smoothquant":
+        # ModelOpt's INT8_SMOOTHQUANT_CFG: int8 weights per output channel, int8 inputs per tensor (static, one scale
+        # calibrated on the sample text). One scale for a whole activation fails where a few input features carry
+        # outliers 10-100x the rest: the others round to a handful of levels. SmoothQuant divides each input feature
+        # by a factor s and multiplies the weight's matching column by it, which leaves x @ W^T unchanged and moves
+        # the outliers into the weights, quantized per output channel. ModelOpt (alpha 1) takes s as each feature's
+        # calibrated amax: it multiplies the weight in place, keeps 1 / s as the input quantizer's pre_quant_scale
+        # [in], and sets the input amax to the largest smoothed input. weight_loader.py reads all three.
+        return {"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, "smoothquant"
     return fp8, fp8, "max"
+
+
+def unsmooth_after_gelu(model_hf: torch.nn.Module) -> None:
+    """Takes SmoothQuant's factor back out of each MLP c_proj: a factor of ones, on a W8A8 layer calibrated as "max".
+
+    Runtimes without a place for a per-input factor (vLLM's int8 layout, exports/vllm_int8.py) fold it into the
+    layer before: exactly into ln_1 and ln_2 ahead of c_attn and c_fc, into c_attn's value rows ahead of the
+    attention's c_proj (attention mixes value rows with weights that sum to one), but not through the GELU ahead of
+    the MLP's c_proj. Leaving that layer unsmoothed keeps one model that every runtime computes (docs/quality.md
+    measures what it costs). ModelOpt's own functions undo it (the weight restored, its amax recalibrated, the input
+    amax the largest unsmoothed input) and then apply a factor of ones, so that every W8A8 layer has one, as
+    ModelOpt's W8A8_SQ_PER_CHANNEL export promises.
+    """
+    from modelopt.torch.quantization.model_calib import (
+        apply_pre_quant_scale_and_smooth,
+        disable_pre_quant_scale_and_resmooth,
+    )
+
+    for name, module in model_hf.named_modules():
+        if name.endswith("mlp.c_proj") and module.input_quantizer.pre_quant_scale is not None:
+            disable_pre_quant_scale_and_resmooth(module, delete_pre_quant_scale=True)
+            ones = torch.ones(module.weight.shape[1], device=module.weight.device)  # weight [out, in]
+            apply_pre_quant_scale_and_smooth(module, ones)
 
 
 def calibration_texts(dataset_name: str, num_samples: int) -> list[str]:
