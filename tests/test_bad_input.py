@@ -466,7 +466,7 @@ CASES = [
     # serve_vllm.py
     ("serve_vllm.py", ["{w}/export", "--prompt", ""], "--prompt is empty: give a prompt"),
     ("serve_vllm.py", ["{w}/export", "--max-tokens", "0"], "--max-tokens must be at least 1, got 0"),
-    ("serve_vllm.py", ["{w}/data/good.txt"], "is not a directory (expected a float8 export)"),
+    ("serve_vllm.py", ["{w}/data/good.txt"], "is not a directory (expected a float8 or int8-smoothquant export)"),
     ("serve_vllm.py", ["{w}/export"], "export/hf_quant_config.json was not written by ModelOpt"),
     ("qat.py", ["--out", "{w}/qat.pt", "--quant-mode", "int2"], "argument --quant-mode: invalid choice: 'int2'"),
     ("qat.py", ["--out", "{w}/qat.pt", "--model-type", "no/such/model"], "unknown --model-type 'no/such/model'"),
