@@ -198,7 +198,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
-        "int4; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
+        "int8 W8A8, int4; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
         "llama.cpp when measure/build_llama_cpp.sh has built it, on the CPU (default: torch)",
     )
 
@@ -352,6 +352,7 @@ ONNX_FILES = {
     "float32": (None, None),
     "int8": ("int8-weight-only", None),
     "int8, int8 output layer": ("int8-weight-only", "int8-weight-only"),
+    "int8 W8A8": ("int8-smoothquant", None),
     "int4": ("int4-weight-only", None),
     "int4, int4 output layer": ("int4-weight-only", "int4-weight-only"),
 }  # no float8: ONNX Runtime has no CPU kernel for it (it dequantizes every weight at every step); a GPU format
@@ -360,15 +361,17 @@ ONNX_FILES = {
 def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None) -> GPT:
     """The twin in an int8 or int4 `quant_mode` (and its output layer in `lm_head_mode`) with scales from each
     weight's own largest magnitude (what max calibration gives a weight) and AWQ's pre_quant_scale ones: a
-    calibration changes the values, not the time."""
+    calibration changes the values, not the time. int8-smoothquant gets a smoothing factor of a quarter where the
+    mode smooths (every layer but the MLP's c_proj, whose factor of ones the ONNX file leaves out) and int8 input
+    scales of 1 / 127: the graph the mode exports."""
     import torch
 
-    from reference import GPT, Int4Linear, QuantLinear
+    from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
     quantized = GPT(replace(twin.config, quant_mode=quant_mode, lm_head_mode=lm_head_mode)).eval()
     state = twin.state_dict()
     for name, layer in quantized.named_modules():
-        if not isinstance(layer, (QuantLinear, Int4Linear)):
+        if not isinstance(layer, (QuantLinear, Int4Linear, SmoothQuantLinear)):
             continue
         weight = state[f"{name}.weight"]  # [out, in]
         if isinstance(layer, Int4Linear):
@@ -376,6 +379,11 @@ def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None)
             amax = weight.abs().reshape(-1, INT4_BLOCK_SIZE, weight.shape[1]).amax(dim=1)  # [in / 128, out]
             state[f"{name}.weight_scale"] = amax.clamp(min=1e-8) / 7
             state[f"{name}.pre_quant_scale"] = torch.ones(weight.shape[0])
+        elif isinstance(layer, SmoothQuantLinear):
+            state[f"{name}.weight_scale"] = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
+            state[f"{name}.input_scale"] = torch.tensor(1.0 / 127)
+            smoothed = not name.endswith("mlp.c_proj")
+            state[f"{name}.pre_quant_scale"] = torch.full((weight.shape[1],), 0.25 if smoothed else 1.0)
         else:  # int8, per output channel
             state[f"{name}.weight_scale"] = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
         state[f"{name}.weight"] = weight

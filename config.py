@@ -3,26 +3,32 @@
 from dataclasses import dataclass
 from typing import Any
 
-QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8")
+QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8", "int8-smoothquant")
 # A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quant/auto_quantize.py).
 AUTO_QUANT_MODE = "auto"
 # The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.
 EFFECTIVE_BITS_RANGE = (4.0, 16.0)
 INT4_BLOCK_SIZE = 128  # consecutive input features that share one int4 scale, as ModelOpt calibrates them
-# What ModelOpt's weight quantizer is in each mode: (num_bits, block-wise).
-WEIGHT_QUANTIZER = {"int8-weight-only": (8, False), "int4-weight-only": (4, True), "float8": ((4, 3), False)}
+# What ModelOpt's quantizers are in each mode: (the weight quantizer's num_bits, block-wise, input quantizer enabled).
+LINEAR_QUANTIZERS = {
+    "int8-weight-only": (8, False, False),
+    "int4-weight-only": (4, True, False),
+    "float8": ((4, 3), False, True),
+    "int8-smoothquant": (8, False, True),  # W8A8: int8 weights and int8 inputs (SmoothQuant's smoothed ones)
+}
 # How the keys and values attention reads may be quantized, besides any mode: ModelOpt's k/v_bmm_quantizers.
 KV_CACHE_MODES = ("float8",)
 # How the output layer may be quantized, besides any mode: on a CPU the largest matmul of a step (docs/benchmark.md).
 LM_HEAD_MODES = ("int8-weight-only", "int4-weight-only")
 
 
-def quant_mode_of(num_bits: int | tuple | list, block_wise: bool) -> str | None:
-    """The mode whose weight quantizer has these bits and blocks (WEIGHT_QUANTIZER read backwards), or None.
+def quant_mode_of(num_bits: int | tuple | list, block_wise: bool, input_quantized: bool) -> str | None:
+    """The mode whose quantizers have these weight bits and blocks and this input quantizer (LINEAR_QUANTIZERS read
+    backwards), or None.
 
     num_bits as ModelOpt holds it: 8, 4, or float8's (4, 3), which a saved state may hold as a list."""
-    key = (tuple(num_bits) if isinstance(num_bits, list) else num_bits, block_wise)
-    return next((mode for mode, weight_quantizer in WEIGHT_QUANTIZER.items() if weight_quantizer == key), None)
+    key = (tuple(num_bits) if isinstance(num_bits, list) else num_bits, block_wise, input_quantized)
+    return next((mode for mode, quantizers in LINEAR_QUANTIZERS.items() if quantizers == key), None)
 
 
 @dataclass

@@ -67,11 +67,20 @@ QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-
 # too.
 KV_SUFFIX = "-kv"
 KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
+# Rows on request, for int8 W8A8: SmoothQuant as the mode calibrates it (the MLP's c_proj unsmoothed, see
+# quantization.unsmooth_after_gelu), the same layers with plain max calibration and no smoothing (ModelOpt's
+# INT8_DEFAULT_CFG recipe), and SmoothQuant left on every layer, the MLP's c_proj too (a model only the twin computes:
+# no runtime here can fold a factor through GELU).
+INT8_W8A8_MAX = "int8-smoothquant-max"
+SMOOTHQUANT_EVERY_LAYER = "int8-smoothquant-every-layer"
+SMOOTHQUANT_MODES = ("int8-smoothquant", INT8_W8A8_MAX, SMOOTHQUANT_EVERY_LAYER)
+# The rows calibrated with plain "max" instead of their mode's own algorithm, and that mode.
+MAX_CALIBRATED = {INT4_MAX: "int4-weight-only", INT8_W8A8_MAX: "int8-smoothquant"}
 # Rows on request, for a quantized output layer (config.lm_head_mode): the mode with lm_head in the same format,
 # calibrated by ModelOpt with the blocks. On a CPU the output layer is the largest matmul of a step (docs/benchmark.md).
 LM_HEAD_SUFFIX = "-lm-head"
 LM_HEAD_ROWS = tuple(f"{mode}{LM_HEAD_SUFFIX}" for mode in LM_HEAD_MODES)
-ALL_MODES = (*REPORT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
+ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -403,8 +412,8 @@ def calibrated_twin(
     calibrated_mode = mode.removesuffix("-qat")
     calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
     if calibrated_mode not in calibrated:
-        algorithm = "max" if calibrated_mode == INT4_MAX else None
-        quant_mode = "int4-weight-only" if calibrated_mode == INT4_MAX else calibrated_mode
+        algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
+        quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
         kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
         lm_head_mode = quant_mode.removesuffix(LM_HEAD_SUFFIX) if quant_mode.endswith(LM_HEAD_SUFFIX) else None
         quant_mode = quant_mode.removesuffix(KV_SUFFIX).removesuffix(LM_HEAD_SUFFIX)
@@ -473,17 +482,34 @@ def calibrate(
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
     start = time.perf_counter()
-    quantized = modelopt_quantize(
-        copy.deepcopy(hf_model),
-        quant_mode,
-        calibration_data,
-        num_samples=num_samples,
-        algorithm=algorithm,
-        kv_cache=kv_cache,
-        lm_head_mode=lm_head_mode,
-    )
+    if quant_mode == SMOOTHQUANT_EVERY_LAYER:
+        quant_mode, quantized = "int8-smoothquant", smooth_every_layer(hf_model, calibration_data, num_samples)
+    else:
+        quantized = modelopt_quantize(
+            copy.deepcopy(hf_model),
+            quant_mode,
+            calibration_data,
+            num_samples=num_samples,
+            algorithm=algorithm,
+            kv_cache=kv_cache,
+            lm_head_mode=lm_head_mode,
+        )
     seconds = time.perf_counter() - start
     return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache, lm_head_mode=lm_head_mode), seconds
+
+
+def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, num_samples: int) -> GPT2LMHeadModel:
+    """A copy of the model calibrated with int8-smoothquant's ModelOpt config as it is, SmoothQuant's factor left on
+    every layer: `modelopt_quantize` without its `unsmooth_after_gelu`."""
+    import modelopt.torch.quantization as mtq
+
+    from quantization import create_forward_loop, default_dataset, quant_config
+    from sources.tokenizer import gpt2_tokenizer
+
+    quantized = copy.deepcopy(hf_model)
+    dataset = default_dataset(calibration_data)
+    forward_loop = create_forward_loop(quantized, dataset, gpt2_tokenizer(), "cpu", num_samples=num_samples)
+    return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
 
 
 def auto_rows(
@@ -554,7 +580,7 @@ def weight_bytes(twin: GPT) -> int:
     import torch
     from torch import nn
 
-    from reference import Int4Linear, QuantLinear
+    from reference import Int4Linear, QuantLinear, SmoothQuantLinear
 
     quantized_weight_bytes = {torch.int8: 1.0, torch.float8_e4m3fn: 1.0}
     total = 0.0
@@ -564,6 +590,8 @@ def weight_bytes(twin: GPT) -> int:
                 continue  # tied to transformer.wte.weight, counted there
             if param_name == "weight" and isinstance(module, QuantLinear):
                 total += param.numel() * quantized_weight_bytes[module.quant_dtype]
+            elif param_name == "weight" and isinstance(module, SmoothQuantLinear):
+                total += param.numel()  # int8
             elif param_name == "weight" and isinstance(module, Int4Linear):
                 total += param.numel() * 0.5  # int4: two per byte
             else:

@@ -7,7 +7,7 @@ CPU, checks what this model computes. Where the two must differ, a comment says 
 Quantized layers compute y = x @ dequantize(quantize(W, scale)) + b; the weight is a constant, so TensorRT can
 quantize it once, when it builds the engine. tp.Linear does this for int8 (a scale per output channel) and float8
 (one scale per tensor, and the input quantized too once its `input_scale` is set), `Int4Linear` below for int4
-blocks.
+blocks, `SmoothQuantLinear` for int8 weights and inputs.
 """
 
 import math
@@ -62,6 +62,34 @@ class Int4Linear(tp.Module):
         return out
 
 
+class SmoothQuantLinear(tp.Module):
+    """int8 W8A8 with SmoothQuant's per-input-feature factor: y = QDQ(x * s) @ QDQ(W)^T + b.
+
+    The weight [out, in] is quantized per output channel (scale [out]), the smoothed input per tensor (scale []).
+    quantize -> dequantize on both inputs of the matmul is the pattern TensorRT builds an int8 GEMM from. tp.Linear
+    cannot hold the factor s, which multiplies the input before it is quantized.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: tp.dtype):
+        super().__init__()
+        self.dtype = dtype
+        self.weight = DefaultParameter((out_features, in_features), dtype)
+        self.bias = DefaultParameter((out_features,), dtype) if bias else None
+        self.weight_scale = DefaultParameter((out_features,), dtype)
+        self.input_scale = DefaultParameter((), dtype)
+        self.pre_quant_scale = DefaultParameter((in_features,), dtype)
+
+    def forward(self, x: tp.Tensor) -> tp.Tensor:
+        quantized_weight = tp.quantize(self.weight, self.weight_scale, tp.int8, dim=0)
+        weight = tp.dequantize(quantized_weight, self.weight_scale, self.dtype, dim=0)  # [out, in]
+        quantized_input = tp.quantize(x * self.pre_quant_scale, self.input_scale, tp.int8)
+        x = tp.dequantize(quantized_input, self.input_scale, self.dtype)
+        out = x @ tp.transpose(weight, 0, 1)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
 def linear_layer(
     config: GPTConfig, quant_mode: str | None, in_features: int, out_features: int, bias: bool
 ) -> tp.Module:
@@ -74,6 +102,8 @@ def linear_layer(
         return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.int8, weight_quant_dim=0)
     if quant_mode == "int4-weight-only":
         return Int4Linear(in_features, out_features, bias, dtype)
+    if quant_mode == "int8-smoothquant":
+        return SmoothQuantLinear(in_features, out_features, bias, dtype)
     return tp.Linear(in_features, out_features, bias, dtype, quant_dtype=tp.float8, weight_quant_dim=None)
 
 

@@ -59,6 +59,8 @@ def modelopt_quantize(
 
     start = time.perf_counter()
     mtq.quantize(model_hf, config, forward_loop)
+    if config["algorithm"] == "smoothquant":
+        unsmooth_after_gelu(model_hf)
     seconds = time.perf_counter() - start
     described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
     print(f"Calibrated {described} on {forward_loop.num_samples} samples in {seconds:.1f} s")
@@ -95,9 +97,10 @@ def create_forward_loop(
 def quant_config(quant_mode: str, algorithm: str | None = None, lm_head_mode: str | None = None) -> dict:
     """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes.
 
-    algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4); "max" for int4
-    takes each block's largest weight as its amax, without AWQ's search. lm_head_mode: the output layer's weights in
-    that format too, calibrated by the same algorithm.
+    algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4, SmoothQuant for
+    int8-smoothquant); "max" for int4 takes each block's largest weight as its amax, without AWQ's search, and for
+    int8-smoothquant is ModelOpt's INT8_DEFAULT_CFG recipe: the same W8A8 layers, unsmoothed. lm_head_mode: the
+    output layer's weights in that format too, calibrated by the same algorithm.
     """
     if algorithm is not None and algorithm not in CALIBRATION_ALGORITHMS:
         raise ValueError(f"Unknown calibration algorithm {algorithm!r}; supported: {', '.join(CALIBRATION_ALGORITHMS)}")
@@ -142,7 +145,39 @@ def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
         # (disabled) input quantizer as pre_quant_scale.
         weight = {"num_bits": 4, "block_sizes": {-1: INT4_BLOCK_SIZE, "type": "static"}}
         return weight, None, {"method": "awq_lite", "alpha_step": 0.1}
+    if quant_mode == "int8-smoothquant":
+        # ModelOpt's INT8_SMOOTHQUANT_CFG: int8 weights per output channel, int8 inputs per tensor (static, one scale
+        # calibrated on the sample text). One scale for a whole activation fails where a few input features carry
+        # outliers 10-100x the rest: the others round to a handful of levels. SmoothQuant divides each input feature
+        # by a factor s and multiplies the weight's matching column by it, which leaves x @ W^T unchanged and moves
+        # the outliers into the weights, quantized per output channel. ModelOpt (alpha 1) takes s as each feature's
+        # calibrated amax: it multiplies the weight in place, keeps 1 / s as the input quantizer's pre_quant_scale
+        # [in], and sets the input amax to the largest smoothed input. weight_loader.py reads all three.
+        return {"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, "smoothquant"
     return fp8, fp8, "max"
+
+
+def unsmooth_after_gelu(model_hf: torch.nn.Module) -> None:
+    """Takes SmoothQuant's factor back out of each MLP c_proj: a factor of ones, on a W8A8 layer calibrated as "max".
+
+    Runtimes without a place for a per-input factor (vLLM's int8 layout, exports/vllm_int8.py) fold it into the
+    layer before: exactly into ln_1 and ln_2 ahead of c_attn and c_fc, into c_attn's value rows ahead of the
+    attention's c_proj (attention mixes value rows with weights that sum to one), but not through the GELU ahead of
+    the MLP's c_proj. Leaving that layer unsmoothed keeps one model that every runtime computes (docs/quality.md
+    measures what it costs). ModelOpt's own functions undo it (the weight restored, its amax recalibrated, the input
+    amax the largest unsmoothed input) and then apply a factor of ones, so that every W8A8 layer has one, as
+    ModelOpt's W8A8_SQ_PER_CHANNEL export promises.
+    """
+    from modelopt.torch.quantization.model_calib import (
+        apply_pre_quant_scale_and_smooth,
+        disable_pre_quant_scale_and_resmooth,
+    )
+
+    for name, module in model_hf.named_modules():
+        if name.endswith("mlp.c_proj") and module.input_quantizer.pre_quant_scale is not None:
+            disable_pre_quant_scale_and_resmooth(module, delete_pre_quant_scale=True)
+            ones = torch.ones(module.weight.shape[1], device=module.weight.device)  # weight [out, in]
+            apply_pre_quant_scale_and_smooth(module, ones)
 
 
 def calibration_texts(dataset_name: str, num_samples: int) -> list[str]:

@@ -98,6 +98,34 @@ class Int4Linear(nn.Module):
         return out
 
 
+class SmoothQuantLinear(nn.Module):
+    """int8 W8A8 with SmoothQuant's per-input-feature factor: y = QDQ(x * s) @ QDQ(W)^T + b.
+
+    The weight [out, in] is quantized per output channel (scale [out]), the smoothed input per tensor (scale []).
+    """
+
+    def __init__(self, in_features, out_features, bias, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=dtype))
+        self.input_scale = nn.Parameter(torch.empty((), dtype=dtype))
+        self.pre_quant_scale = nn.Parameter(torch.empty(in_features, dtype=dtype))
+        self.register_buffer("dequantized_weight", None, persistent=False)
+        self.register_load_state_dict_post_hook(SmoothQuantLinear._dequantize_weight)
+
+    def _dequantize_weight(self, incompatible_keys=None) -> None:
+        scale = self.weight_scale.detach().unsqueeze(1)  # [out, 1]
+        self.dequantized_weight = quantize_dequantize(self.weight.detach(), scale, torch.int8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_dequantize(x * self.pre_quant_scale, self.input_scale, torch.int8)
+        out = x @ self.dequantized_weight.transpose(1, 0)
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
 def linear_layer(
     config: GPTConfig, quant_mode: str | None, in_features: int, out_features: int, bias: bool
 ) -> nn.Module:
@@ -110,6 +138,8 @@ def linear_layer(
         return QuantLinear(in_features, out_features, bias, dtype, torch.int8, 0, quantize_input=False)
     if quant_mode == "int4-weight-only":
         return Int4Linear(in_features, out_features, bias, dtype)
+    if quant_mode == "int8-smoothquant":
+        return SmoothQuantLinear(in_features, out_features, bias, dtype)
     return QuantLinear(in_features, out_features, bias, dtype, torch.float8_e4m3fn, None, quantize_input=True)
 
 

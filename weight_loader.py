@@ -3,6 +3,7 @@
 Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plus, on quantized layers:
     int8-weight-only   weight [out, in]  weight_scale [out]                                  (per output channel)
     float8             weight [out, in]  weight_scale []     input_scale []                  (per tensor)
+    int8-smoothquant   weight [out, in]  weight_scale [out]  input_scale []  pre_quant_scale [in]
     int4-weight-only   weight [in, out]  weight_scale [in / 128, out]  pre_quant_scale [in]  (blocks of 128 inputs)
 and, on each attention layer with a float8 KV cache (config.kv_cache), k_scale [] and v_scale [] (per tensor).
 Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
@@ -28,7 +29,7 @@ from quant.kv_cache import kv_cache_quantizers
 from sources.hub import load_hf_model
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
-MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0}
+MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0, "int8-smoothquant": 127.0}
 
 
 def load_weights_from_hf(model: Any, model_type: str, dtype: Any, hf_model: GPT2LMHeadModel | None = None) -> None:
@@ -76,30 +77,40 @@ def load_quant_weights_from_hf(
 def _quantized_linear(module: nn.Module, quant_mode: str, name: str) -> dict[str, torch.Tensor]:
     """The Tripy layer's parameters for one ModelOpt QuantLinear (its weight is [out, in])."""
     weight_quantizer, input_quantizer = module.weight_quantizer, module.input_quantizer
-    if quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes)) != quant_mode:
+    found = quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes), input_quantizer.is_enabled)
+    if found != quant_mode:
         raise ValueError(f"{name} was not quantized for {quant_mode} (weight quantizer: {weight_quantizer})")
     maxbound = MAXBOUND[quant_mode]
     weight = module.weight.detach()
     weight_scale = convert_to_scale(weight_quantizer.amax, maxbound)
     if quant_mode == "int8-weight-only":
         return {"weight": weight, "weight_scale": weight_scale}  # scale [out]
-    if quant_mode == "float8":
-        return {
+    if quant_mode in ("float8", "int8-smoothquant"):
+        tensors = {
             "weight": weight,
-            "weight_scale": weight_scale,
+            "weight_scale": weight_scale,  # [out] for int8, [] for float8
             "input_scale": convert_to_scale(input_quantizer.amax, maxbound),
         }
+        if quant_mode == "int8-smoothquant":
+            # SmoothQuant's smoothing factor [in]: the weight is already divided by it (see quantization.py).
+            tensors["pre_quant_scale"] = _pre_quant_scale(input_quantizer, weight.shape[1])
+        return tensors
     # int4: ModelOpt's amax is [out * in / block, 1], ordered [out, in / block]; Tripy blocks along dim 0.
     out_features, in_features = weight.shape
     weight_scale = weight_scale.reshape(out_features, in_features // INT4_BLOCK_SIZE)
-    pre_quant_scale = input_quantizer.pre_quant_scale
-    if pre_quant_scale is None:  # int4 calibrated without AWQ: scaling the input by one is the same layer
-        pre_quant_scale = torch.ones(in_features)
     return {
         "weight": weight.t().contiguous(),  # [in, out]
         "weight_scale": weight_scale.t().contiguous(),  # [in / block, out]
-        "pre_quant_scale": pre_quant_scale.detach().float(),  # [in]
+        "pre_quant_scale": _pre_quant_scale(input_quantizer, in_features),
     }
+
+
+def _pre_quant_scale(input_quantizer: nn.Module, in_features: int) -> torch.Tensor:
+    """The factor [in] ModelOpt multiplies a layer's input by (AWQ's or SmoothQuant's), as float32. A layer calibrated
+    without one (int4 or int8-smoothquant calibrated with "max") gets ones: scaling by one is the same layer."""
+    if input_quantizer.pre_quant_scale is None:
+        return torch.ones(in_features)
+    return input_quantizer.pre_quant_scale.detach().float()
 
 
 def convert_to_scale(amax: torch.Tensor, maxbound: float) -> torch.Tensor:

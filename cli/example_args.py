@@ -282,10 +282,7 @@ def check_saved_model_args(args: argparse.Namespace) -> None:
             open(args.load_quantized, "rb").close()
         except OSError as error:
             raise UsageError(f"cannot read --load-quantized {args.load_quantized}: {error.strerror}") from None
-        if args.calibration_data is not None or args.save_quantized is not None:
-            raise UsageError(
-                "--load-quantized restores a calibrated model: --calibration-data and --save-quantized do not apply"
-            )
+        refuse_with_load_quantized(calibration_data=args.calibration_data, save_quantized=args.save_quantized)
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
     if args.save_quantized == SAVE_QUANTIZED_DEFAULT:
@@ -295,6 +292,14 @@ def check_saved_model_args(args: argparse.Namespace) -> None:
         checks.check_output_file(args.save_quantized, "--save-quantized", new=True)
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
+
+
+def refuse_with_load_quantized(**values: object) -> None:
+    """What only calibrating takes, given with --load-quantized (argparse's names: recipe for --recipe): the refusal
+    names the first given."""
+    given = next((name for name, value in values.items() if value is not None), None)
+    if given is not None:
+        raise UsageError(f"--load-quantized restores a calibrated model: --{given.replace('_', '-')} does not apply")
 
 
 def check_export_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -393,8 +398,7 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     with --load-quantized, neither: the file holds each layer's format."""
     auto = args.quant_mode == AUTO_QUANT_MODE
     if args.load_quantized is not None:
-        if args.effective_bits is not None or args.recipe is not None:
-            raise UsageError("--load-quantized restores a calibrated model: --effective-bits and --recipe do not apply")
+        refuse_with_load_quantized(effective_bits=args.effective_bits, recipe=args.recipe)
         auto = False  # a restored mix is neither searched nor built from a recipe
     for option, value in (("--effective-bits", args.effective_bits), ("--recipe", args.recipe)):
         if value is not None and not auto:

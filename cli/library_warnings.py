@@ -41,6 +41,11 @@ WARNINGS = (
         UserWarning,
         "it says the config it returns calibrates with max only: quant/auto_quantize.py reads it for its formats only",
     ),
+    (
+        r"lm_head is not calibrated, skip smoothing",
+        UserWarning,
+        "SmoothQuant names the linear it leaves alone: lm_head, which int8-smoothquant does not quantize",
+    ),
 )
 # (the logger, the start of the message, why it is harmless): log records, not Python warnings.
 LOG_RECORDS = (

@@ -7,6 +7,7 @@ Every writer writes into a new temporary folder or file beside its target, under
   file replaces its namesake in the folder instead, one rename a file, and the other files stay);
 - a new file is hard-linked to its path, which fails when anything is there (link(2) never replaces), and the
   temporary name is removed; a file made to be replaced (a chart, the default recipe) is renamed over the old one.
+Every file is flushed to the disk (fsync) before its name is claimed, and the folder that holds the name after.
 The run that loses, a write that fails (a full disk, a folder made read-only or removed meanwhile) and an
 interruption (Ctrl-C, or SIGTERM, which cli.run turns into one) remove the temporary copy and any folder made for
 it: the losing run and the failed write end as one line and exit status 2 (UsageError), and nothing half-written is
@@ -52,6 +53,7 @@ def output_file(path: str, flag: str, replace: bool = False) -> Iterator[str]:
     with _temporary_beside(target, path, flag, folder=False) as temp:
         yield temp
         _set_mode(temp, 0o666)
+        _sync(temp)
         try:
             if replace:
                 os.replace(temp, target)
@@ -62,6 +64,7 @@ def output_file(path: str, flag: str, replace: bool = False) -> Iterator[str]:
             if error.errno in TAKEN:
                 raise TargetTaken from None
             raise
+        _sync_folder(os.path.dirname(target))
 
 
 @contextmanager
@@ -111,12 +114,16 @@ def _claim_folder(temp: str, target: str, overwrite: bool) -> None:
     for folder, folders, files in os.walk(temp):
         for name in folders:
             _set_mode(os.path.join(folder, name), 0o777)
+            _sync_folder(os.path.join(folder, name))
         for name in files:
             _set_mode(os.path.join(folder, name), 0o666)
+            _sync(os.path.join(folder, name))
+    _sync_folder(temp)
     if overwrite and os.path.isdir(target) and os.listdir(target):
         for name in os.listdir(temp):
             os.replace(os.path.join(temp, name), os.path.join(target, name))
         os.rmdir(temp)
+        _sync_folder(target)
         return
     try:
         os.rename(temp, target)
@@ -124,6 +131,25 @@ def _claim_folder(temp: str, target: str, overwrite: bool) -> None:
         if error.errno in TAKEN:
             raise TargetTaken from None
         raise
+    _sync_folder(os.path.dirname(target))
+
+
+def _sync(path: str) -> None:
+    """Makes the disk hold the file before it is claimed: after a power cut, a claimed name must not show a file
+    that was never written, and some file systems report a full disk only here."""
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _sync_folder(path: str) -> None:
+    """The same for a folder's entries (the names a rename made); some file systems cannot, which is no error."""
+    try:
+        _sync(path)
+    except OSError:
+        pass
 
 
 def _set_mode(path: str, mode: int) -> None:

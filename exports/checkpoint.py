@@ -13,8 +13,8 @@ describes the format):
   vLLM's GPT-2 refuses the name), are renamed transformer.h.N.attn.attn.k_scale (and v_scale), where vLLM's GPT-2
   attention keeps them (see `_kv_scale_name`);
 - GPT-2's tokenizer files, so that `vllm serve DIR` or `AutoTokenizer.from_pretrained(DIR)` work offline;
-- a pre_quant_scale of ones for int4 layers calibrated without AWQ, which W4A16_AWQ promises (see
-  `_add_identity_pre_quant_scales`).
+- a pre_quant_scale of ones for int4 layers calibrated without AWQ, which W4A16_AWQ promises, and for int8 W8A8 layers
+  calibrated without SmoothQuant, which W8A8_SQ_PER_CHANNEL promises (see `_add_identity_pre_quant_scales`).
 """
 
 import copy
@@ -63,15 +63,17 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
 
 
 def _add_identity_pre_quant_scales(model: GPT2LMHeadModel) -> None:
-    """Gives each int4 layer without AWQ's pre_quant_scale (int4 calibrated with "max", as qat.py does) a scale of ones.
+    """Gives each int4 layer without AWQ's pre_quant_scale (int4 calibrated with "max", as qat.py does), and each int8
+    W8A8 layer without SmoothQuant's (int8-smoothquant calibrated with "max"), a scale of ones.
 
-    ModelOpt exports every block-wise int4 layer as W4A16_AWQ with "pre_quant_scale": true, but writes the tensor only
-    for a layer that has one: such an export promises tensors it lacks, and loaders of W4A16_AWQ (exports/modelopt_hf.py
-    among them) refuse it. (x * 1) @ W^T is x @ W^T exactly, so the export computes what the model computes, as
-    weight_loader.py's twin does, which also takes a missing scale as ones.
+    ModelOpt exports every block-wise int4 layer as W4A16_AWQ with "pre_quant_scale": true, and int8 W8A8 as
+    W8A8_SQ_PER_CHANNEL, but writes the tensor only for a layer that has one: such an export promises tensors it lacks,
+    and their loaders (exports/modelopt_hf.py among them) refuse it. (x * 1) @ W^T is x @ W^T exactly, so the export
+    computes what the model computes, as weight_loader.py's twin does, which also takes a missing scale as ones.
     """
     for module in model.modules():
-        if _is_quantized(module) and module.weight_quantizer.num_bits == 4:
+        w8a8 = _is_quantized(module) and module.weight_quantizer.num_bits == 8 and module.input_quantizer.is_enabled
+        if _is_quantized(module) and (module.weight_quantizer.num_bits == 4 or w8a8):
             input_quantizer = module.input_quantizer
             if input_quantizer.pre_quant_scale is None:
                 weight = module.weight  # QuantLinear's: [out, in]

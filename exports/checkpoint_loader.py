@@ -49,8 +49,10 @@ def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
             tensors[f"{layer}.pre_quant_scale"] = stored[f"{layer}.pre_quant_scale"]
         else:
             tensors[f"{layer}.weight"], tensors[f"{layer}.weight_scale"] = weight, scale
-        if fmt.quant_mode == "float8":
+        if fmt.quant_mode in ("float8", "int8-smoothquant"):
             tensors[f"{layer}.input_scale"] = stored[f"{layer}.input_scale"]
+        if fmt.quant_mode == "int8-smoothquant":
+            tensors[f"{layer}.pre_quant_scale"] = stored[f"{layer}.pre_quant_scale"]
         if f"{layer}.bias" in stored:
             tensors[f"{layer}.bias"] = stored[f"{layer}.bias"]
     if "lm_head.weight" not in tensors:  # tied to wte, as in GPT-2

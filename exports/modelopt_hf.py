@@ -14,14 +14,17 @@ The format, per quantized layer (in = input features, out = output features, G =
     W8A16       int8-weight-only   int8 [out, in]                    [out]         -            -
     W4A16_AWQ   int4-weight-only   uint8 [out / 2, in], two rows/B   [out, in / G] -            [in]
     FP8         float8             float8_e4m3fn [out, in]           []            []           -
+    W8A8_SQ_PER_CHANNEL
+                int8-smoothquant   int8 [out, in]                    [out]         []           [in]
 With a float8 KV cache (kv_cache_quant_algo FP8) each attention layer also holds transformer.h.N.attn.attn.k_scale
 and .v_scale ([], amax / 448), the names vLLM's GPT-2 reads, and quantizes the keys and values it attends to with them.
 ModelOpt writes weights [out, in] (nn.Linear's layout). GPT-2's own checkpoints, and the loaders written for them
 (transformers' Conv1D, vLLM's gpt2.py), hold c_attn/c_proj/c_fc weights transposed, [in, out]; exports/checkpoint.py
 writes that layout and records it as `"weight_layout": "conv1d"` in hf_quant_config.json and config.json (missing
 means "linear", ModelOpt's own). Scales and lm_head (an nn.Linear in GPT-2 too) are the same in both layouts.
-The real value of a weight is stored * scale (int4: per group of G inputs; AWQ's layer computes (x * pre_quant_scale)
-@ W^T). This module is where that format is read: export_loader.load_weights_from_export uses it too.
+The real value of a weight is stored * scale (int4: per group of G inputs; AWQ's and SmoothQuant's layers compute
+(x * pre_quant_scale) @ W^T, SmoothQuant's quantizing x * pre_quant_scale to int8 with input_scale first).
+This module is where that format is read: export_loader.load_weights_from_export uses it too.
 """
 
 import json
@@ -44,7 +47,12 @@ from reference import quantize_dequantize
 from sources.hub import check_config
 
 WEIGHT_LAYOUTS = ("linear", "conv1d")  # [out, in] (ModelOpt's), [in, out] (GPT-2's Conv1D)
-STORED_DTYPE = {"int8-weight-only": torch.int8, "int4-weight-only": torch.uint8, "float8": torch.float8_e4m3fn}
+STORED_DTYPE = {
+    "int8-weight-only": torch.int8,
+    "int4-weight-only": torch.uint8,
+    "float8": torch.float8_e4m3fn,
+    "int8-smoothquant": torch.int8,
+}
 # GPT-2's Conv1D layers, the ones every mode quantizes; lm_head is quantized when the export does not exclude it.
 CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 DEFAULT_INT4_GROUP_SIZE = 128  # ModelOpt's W4A16_AWQ block; config.json's copy of the config leaves group_size out
@@ -200,6 +208,9 @@ def quantized_linear_tensors(
         tensors["bias"] = ((out_features,), None)
     if mode == "int8-weight-only":
         tensors["weight_scale"] = ((out_features,), None)
+    elif mode == "int8-smoothquant":
+        tensors["weight_scale"], tensors["input_scale"] = ((out_features,), None), ((), None)
+        tensors["pre_quant_scale"] = ((in_features,), None)
     elif mode == "float8":
         tensors["weight_scale"] = tensors["input_scale"] = ((), None)
     else:
@@ -272,7 +283,7 @@ def dequantize_weight(
     if quant_mode == "int4-weight-only":
         scale = weight_scale.float().repeat_interleave(group_size, dim=1)  # [out, in]
         return unpack_int4(weight).float() * scale
-    if quant_mode == "int8-weight-only":
+    if quant_mode in ("int8-weight-only", "int8-smoothquant"):
         return weight.float() * weight_scale.float()[:, None]
     return weight.float() * weight_scale.float()
 
@@ -281,7 +292,8 @@ class ModelOptLinear(nn.Module):
     """A linear layer holding an export's tensors as they are stored (see the table above).
 
     forward computes what ModelOpt calibrated: float8 quantizes the input per tensor too, int4 first scales it by
-    AWQ's pre_quant_scale; the weight is dequantized on each call, so only its stored form stays in memory.
+    AWQ's pre_quant_scale, int8-smoothquant does both (SmoothQuant's factor, then int8); the weight is dequantized
+    on each call, so only its stored form stays in memory.
     """
 
     def __init__(
@@ -303,6 +315,8 @@ class ModelOptLinear(nn.Module):
             x = quantize_dequantize(x, self.input_scale.to(x.dtype), torch.float8_e4m3fn)
         elif self.quant_mode == "int4-weight-only":
             x = x * self.pre_quant_scale.to(x.dtype)
+        elif self.quant_mode == "int8-smoothquant":
+            x = quantize_dequantize(x * self.pre_quant_scale.to(x.dtype), self.input_scale.to(x.dtype), torch.int8)
         weight = dequantize_weight(self.weight, self.weight_scale, self.quant_mode, self.conv1d, self.group_size)
         out = x @ weight.to(x.dtype).transpose(1, 0)  # [..., out], as the twin computes it
         if self.bias is not None:

@@ -7,6 +7,8 @@ kernels. Each quantized block linear's weight is an INT8, INT4 or FLOAT8E4M3FN i
     int8-weight-only   DQ(weight int8 [in, out], scale [out], axis=1)                    per output channel
     int4-weight-only   x * pre_quant_scale, DQ(weight int4 [in, out], scale [in/128, out], axis=0, block_size=128)
     float8             DQ(Q(x, input_scale)) on the input, DQ(weight float8 [in, out], scale [])  per tensor
+    int8-smoothquant   DQ(Q(x * pre_quant_scale, input_scale)) on the input (int8, per tensor),
+                       DQ(weight int8 [in, out], scale [out], axis=1)                    per output channel
 
 How: `torch.onnx.export(dynamo=True)` traces a forward written over the twin's own parameters, in which each
 quantized weight goes through a `torch.library.custom_op` whose eager code is the twin's arithmetic and whose
@@ -35,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE
-from reference import GPT, Int4Linear, QuantLinear
+from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -73,7 +75,20 @@ def quantize_dequantize_float8(x: torch.Tensor, scale: torch.Tensor) -> torch.Te
     return (x / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
 
 
-for custom_op in (dequantize_per_channel, dequantize_blocks, dequantize_per_tensor, quantize_dequantize_float8):
+@torch.library.custom_op("gpt2_onnx::quantize_dequantize_int8", mutates_args=())
+def quantize_dequantize_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An activation through int8 and back, rounding half to even and saturating: the twin's quantize_dequantize."""
+    return torch.round(x / scale).clamp(-128, 127) * scale
+
+
+CUSTOM_OPS = (
+    dequantize_per_channel,
+    dequantize_blocks,
+    dequantize_per_tensor,
+    quantize_dequantize_float8,
+    quantize_dequantize_int8,
+)
+for custom_op in CUSTOM_OPS:
     custom_op.register_fake(lambda first, scale: torch.empty_like(first, dtype=scale.dtype))
 
 
@@ -96,11 +111,17 @@ def _onnx_quantize_dequantize_float8(x, scale):
     return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point, saturate=1), scale)
 
 
+def _onnx_quantize_dequantize_int8(x, scale):
+    zero_point = op.Cast(op.Constant(value_int=0), to=onnx.TensorProto.INT8)  # int8 output; saturates by definition
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale)
+
+
 TRANSLATIONS = {
     torch.ops.gpt2_onnx.dequantize_per_channel.default: _onnx_dequantize_per_channel,
     torch.ops.gpt2_onnx.dequantize_blocks.default: _onnx_dequantize_blocks,
     torch.ops.gpt2_onnx.dequantize_per_tensor.default: _onnx_dequantize_per_tensor,
     torch.ops.gpt2_onnx.quantize_dequantize_float8.default: _onnx_quantize_dequantize_float8,
+    torch.ops.gpt2_onnx.quantize_dequantize_int8.default: _onnx_quantize_dequantize_int8,
 }
 
 
@@ -115,7 +136,7 @@ class StoredLinear(nn.Module):
         super().__init__()
         weight = layer.weight.detach()
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
-        self.pre_quant_scale = self.input_scale = None
+        self.pre_quant_scale = self.input_scale = self.quantize_input = None
         if isinstance(layer, Int4Linear):  # weight [in, out], scale [in / 128, out]
             scale = layer.weight_scale.detach()
             blocks = scale.repeat_interleave(layer.block_size, dim=0)  # [in, out]
@@ -123,18 +144,27 @@ class StoredLinear(nn.Module):
             self.weight_scale = nn.Parameter(scale.clone(), requires_grad=False)
             self.pre_quant_scale = nn.Parameter(layer.pre_quant_scale.detach().clone(), requires_grad=False)
             self.dequantize = dequantize_blocks
-        elif isinstance(layer, QuantLinear) and layer.quant_dtype == torch.int8:  # weight [out, in], scale [out]
-            scale = layer.weight_scale.detach()
+        elif isinstance(layer, SmoothQuantLinear) or (
+            isinstance(layer, QuantLinear) and layer.quant_dtype == torch.int8
+        ):
+            scale = layer.weight_scale.detach()  # weight [out, in], scale [out]
             quantized = torch.round(weight / scale.unsqueeze(1)).clamp(-128, 127).to(torch.int8)
             self.weight = nn.Parameter(quantized.t().contiguous(), requires_grad=False)  # [in, out]
             self.weight_scale = nn.Parameter(scale.clone(), requires_grad=False)
             self.dequantize = dequantize_per_channel
+            if isinstance(layer, SmoothQuantLinear):
+                pre_quant_scale = layer.pre_quant_scale.detach()
+                if not torch.all(pre_quant_scale == 1):  # x * 1 is x: the unsmoothed MLP c_proj needs no Mul
+                    self.pre_quant_scale = nn.Parameter(pre_quant_scale.clone(), requires_grad=False)
+                self.input_scale = nn.Parameter(layer.input_scale.detach().clone(), requires_grad=False)
+                self.quantize_input = quantize_dequantize_int8
         elif isinstance(layer, QuantLinear) and layer.quant_dtype == torch.float8_e4m3fn:  # scale []
             scale = layer.weight_scale.detach()
             quantized = (weight / scale).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(torch.float8_e4m3fn)
             self.weight = nn.Parameter(quantized.t().contiguous(), requires_grad=False)  # [in, out]
             self.weight_scale = nn.Parameter(scale.clone(), requires_grad=False)
             self.input_scale = nn.Parameter(layer.input_scale.detach().clone(), requires_grad=False)
+            self.quantize_input = quantize_dequantize_float8
             self.dequantize = dequantize_per_tensor
         elif isinstance(layer, nn.Linear):
             self.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)  # [in, out]
@@ -144,9 +174,9 @@ class StoredLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
-            x = x * self.pre_quant_scale  # AWQ: the input features scaled before the int4 matmul
-        if self.input_scale is not None:
-            x = quantize_dequantize_float8(x, self.input_scale)
+            x = x * self.pre_quant_scale  # AWQ's or SmoothQuant's factor: the input features scaled before the matmul
+        if self.quantize_input is not None:
+            x = self.quantize_input(x, self.input_scale)
         weight = self.weight if self.dequantize is None else self.dequantize(self.weight, self.weight_scale)
         out = x @ weight  # [..., out]
         return out if self.bias is None else out + self.bias

@@ -7,7 +7,12 @@ exports/modelopt_hf.py reads the rest of the format.
 import json
 import os
 
-QUANT_ALGOS = {"W8A16": "int8-weight-only", "W4A16_AWQ": "int4-weight-only", "FP8": "float8"}
+QUANT_ALGOS = {
+    "W8A16": "int8-weight-only",
+    "W4A16_AWQ": "int4-weight-only",
+    "FP8": "float8",
+    "W8A8_SQ_PER_CHANNEL": "int8-smoothquant",
+}
 KV_CACHE_QUANT_ALGOS = {"FP8": "float8"}  # kv_cache_quant_algo -> config.KV_CACHE_MODES
 
 

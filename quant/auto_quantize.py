@@ -41,6 +41,10 @@ SCORE_SCALE = 1000.0
 # give scores that differ in the 7th digit (2e-7 apart on the bundled model): without rounding, two mixes whose total
 # scores are that close would be chosen between by float noise, and a page's figures would change from run to run.
 SCORE_DIGITS = 4
+# The modes AutoQuantize chooses among. Not int8-smoothquant: SmoothQuant calibrates each layer's smoothing against its
+# own input statistics, which AutoQuantize's per-layer candidates would each need recomputed, and int8 W8A8 would tie
+# with float8 at 8 bits (see `auto_quantize_format`).
+SEARCHED_MODES = tuple(mode for mode in QUANT_MODES if mode != "int8-smoothquant")
 UNQUANTIZED = "unquantized"  # a layer's format in a recipe file and the table when it stays in high precision
 
 
@@ -130,11 +134,11 @@ def search_recipes(
     for bits in budgets:
         config = mtq.get_auto_quantize_config(state, {"effective_bits": bits})  # read for its formats only
         enabled = {
-            entry["quantizer_name"].removesuffix(".weight_quantizer"): entry.get("cfg", {})
+            entry["quantizer_name"]: entry.get("cfg", {})
             for entry in config["quant_cfg"]
-            if entry["quantizer_name"].endswith(".weight_quantizer") and entry.get("enable", True)
+            if entry["quantizer_name"].endswith("_quantizer") and entry.get("enable", True)
         }
-        recipes.append(_recipe(searched, {layer: _format_of(enabled.get(layer)) for layer in layers}))
+        recipes.append(_recipe(searched, {layer: _format_of(enabled, layer) for layer in layers}))
     print(
         f"AutoQuantize searched {len(layers)} layers on {samples_used} samples in {time.perf_counter() - start:.1f} s"
     )
@@ -148,11 +152,14 @@ def round_scores(state: dict) -> None:
         stats["scores"] = [float(f"{score:.{SCORE_DIGITS}g}") for score in stats["scores"]]
 
 
-def _format_of(weight_cfg: dict | None) -> str | None:
-    """The mode whose weight quantizer `weight_cfg` (an entry's cfg from `get_auto_quantize_config`) is."""
+def _format_of(enabled: dict[str, dict], layer: str) -> str | None:
+    """The mode of `layer`'s quantizers in `enabled` (each enabled quantizer's cfg from `get_auto_quantize_config`,
+    by its name)."""
+    weight_cfg = enabled.get(f"{layer}.weight_quantizer")
     if weight_cfg is None:
         return None
-    return quant_mode_of(weight_cfg["num_bits"], bool(weight_cfg.get("block_sizes")))
+    input_quantized = f"{layer}.input_quantizer" in enabled
+    return quant_mode_of(weight_cfg["num_bits"], bool(weight_cfg.get("block_sizes")), input_quantized)
 
 
 def quantize_with_recipe(
@@ -216,7 +223,7 @@ def _run_auto_quantize(
         model_hf,
         # lm_head (tied to the embedding) stays out of the search and out of the bits' count.
         constraints={"effective_bits": effective_bits, "cost": {"excluded_module_name_patterns": ["lm_head"]}},
-        quantization_formats=[auto_quantize_format(mode) for mode in QUANT_MODES],
+        quantization_formats=[auto_quantize_format(mode) for mode in SEARCHED_MODES],
         data_loader=batches,
         forward_step=lambda model, batch: model(**batch),
         loss_func=lambda output, batch: output.loss * SCORE_SCALE,
@@ -252,7 +259,9 @@ def _quantizer_mode(module: torch.nn.Module) -> str | None:
     weight_quantizer = module.weight_quantizer
     if not weight_quantizer.is_enabled:
         return None
-    return quant_mode_of(weight_quantizer.num_bits, bool(weight_quantizer.block_sizes))
+    return quant_mode_of(
+        weight_quantizer.num_bits, bool(weight_quantizer.block_sizes), module.input_quantizer.is_enabled
+    )
 
 
 def format_recipe(recipe: Recipe) -> str:

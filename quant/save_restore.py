@@ -41,8 +41,8 @@ def save_quantized(model: torch.nn.Module, path: str) -> None:
         quantizer = getattr(module, "weight_quantizer", None)
         if quantizer is None or not quantizer.is_enabled or shared[module.weight.data_ptr()] > 1:
             continue  # a weight tied to another stays whole: the embedding is not quantized
-        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes))
-        if mode in ("int8-weight-only", "int4-weight-only"):
+        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes), module.input_quantizer.is_enabled)
+        if mode in ("int8-weight-only", "int4-weight-only", "int8-smoothquant"):
             quantized_weights[f"{name}.weight"] = integer_weights(module, mode)
     halves = {}  # one float16 copy per tensor: tied weights stay one tensor in the file
     weights = {}
@@ -78,7 +78,7 @@ def dequantized_weights(model: torch.nn.Module, quantized_weights: dict[str, tor
     for key, integers in quantized_weights.items():
         module = model.get_submodule(key.removesuffix(".weight"))
         quantizer = module.weight_quantizer
-        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes))
+        mode = quant_mode_of(quantizer.num_bits, bool(quantizer.block_sizes), module.input_quantizer.is_enabled)
         scale = quantizer.amax.float().reshape(-1, 1) / MAXBOUND[mode]
         weights[key] = (integers.float() * scale).reshape(module.weight.shape)
     return weights
@@ -153,7 +153,11 @@ def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
     # The last entry (calibration updates it) describes the quantizers as they were saved.
     quantizers = entries[-1][1]["metadata"]["quantizer_state"]
     found = {
-        quant_mode_of(state["_num_bits"], bool(state["_block_sizes"]))
+        quant_mode_of(
+            state["_num_bits"],
+            bool(state["_block_sizes"]),
+            not quantizers[name.replace(".weight_quantizer", ".input_quantizer")]["_disabled"],
+        )
         for name, state in quantizers.items()
         if name.endswith(".weight_quantizer") and not state["_disabled"]
     }

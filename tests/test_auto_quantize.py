@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, make_gpt2
 
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE
 from measure.twin import load_twin
 from quant.auto_quantize import (
+    SEARCHED_MODES,
     Recipe,
     _run_auto_quantize,
     auto_quantize,
@@ -61,9 +62,9 @@ def searched(hf_model):
 
 def mode_of(quant_recipe) -> str | None:
     """ModelOpt names the custom formats CUSTOM_<index in quantization_formats>, which _run_auto_quantize passes in
-    QUANT_MODES order; NONE is its unquantized choice."""
+    SEARCHED_MODES order; NONE is its unquantized choice."""
     label = str(quant_recipe).split("(")[0]
-    return None if label == "NONE" else QUANT_MODES[int(label.removeprefix("CUSTOM_"))]
+    return None if label == "NONE" else SEARCHED_MODES[int(label.removeprefix("CUSTOM_"))]
 
 
 def mixed_twin(hf_model, quantized, layers):

@@ -485,6 +485,11 @@ CASES = [
     ),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/users-folder"], "is a folder: name"),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/no-such-folder/q.pt"], "not exist"),
+    (
+        "example.py",
+        ["--load-quantized", "{w}/data/good.txt", "--save-quantized", "{w}/q.pt"],
+        "--load-quantized restores a calibrated model: --save-quantized does not apply",
+    ),
     ("example.py", ["--load-quantized", "{w}/users-folder"], "users-folder is a folder: name a file --save-quantized"),
     (
         "example.py",

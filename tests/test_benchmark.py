@@ -135,6 +135,7 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
         "ONNX Runtime float32",
         "ONNX Runtime int8",
         "ONNX Runtime int8, int8 output layer",
+        "ONNX Runtime int8 W8A8",
         "ONNX Runtime int4",
         "ONNX Runtime int4, float32 math",
         "ONNX Runtime int4, int4 output layer",
@@ -144,6 +145,7 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
     assert list(results.file_mb) == onnx_names
     sizes = results.file_mb
     assert sizes["ONNX Runtime int4"] < sizes["ONNX Runtime int8"] < sizes["ONNX Runtime float32"]
+    assert sizes["ONNX Runtime int8"] < sizes["ONNX Runtime int8 W8A8"] < sizes["ONNX Runtime float32"]  # + factors
     assert "ONNX Runtime: tokens/s as a multiple of transformers generate's" in printed
     assert list(results.peak_memory_mb[1]) == ["twin, KV cache", "transformers generate"]  # torch's allocations only
     assert (

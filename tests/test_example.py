@@ -39,7 +39,12 @@ PROMPT = "The town council voted"  # 4 tokens
 NEW_TOKENS = 8
 FALLBACK_SEED = 3
 PROGRESS_BAR = re.compile(r"\d+%\|.*\| *\d+/\d+ \[")  # tqdm's: "Calibrating:  50%|█████     | 2/4 [00:01<00:01, ..."
-EXPORTED_ALGORITHM = {"float8": "FP8", "int8-weight-only": "W8A16", "int4-weight-only": "W4A16_AWQ"}
+EXPORTED_ALGORITHM = {
+    "float8": "FP8",
+    "int8-weight-only": "W8A16",
+    "int4-weight-only": "W4A16_AWQ",
+    "int8-smoothquant": "W8A8_SQ_PER_CHANNEL",
+}
 
 
 def run_arguments(
@@ -66,6 +71,8 @@ def run_arguments(
             "--num-calibration-samples",
             "100000",
         ],
+        # --verbose prints every quantizer: SmoothQuant's factors and the input amaxes among them.
+        "int8-smoothquant": [*on_checkpoint, "--quant-mode", "int8-smoothquant", *calibrate, "--verbose"],
         "greedy": [*on_checkpoint, "--top-k", "1"],
         "fallback": [*generate, "--seed", str(FALLBACK_SEED)],
         # Bad input: first what needs a model or the Hub, then what is caught before anything heavy is imported.
@@ -211,6 +218,9 @@ def test_quantized_generation(runs, quant_mode):
     assert f"Calibrated {quant_mode} on 4 samples" in stdout
     if quant_mode == "int8-weight-only":
         assert "has only 4 samples, fewer than the 100000 asked for: using 4" in stdout
+    if quant_mode == "int8-smoothquant":
+        c_fc = next(line for line in stdout.splitlines() if line.startswith("transformer.h.0.mlp.c_fc.input_quantizer"))
+        assert "8 bit" in c_fc and "per-tensor amax=" in c_fc and "pre_quant_scale=[" in c_fc
     text = response(stdout)
     assert text.startswith(PROMPT) and len(text) > len(PROMPT)
 

@@ -25,11 +25,11 @@ import serve_vllm
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from exports import modelopt_hf
-from exports.checkpoint import export_checkpoint
+from exports.checkpoint import export_checkpoint, export_step
 from measure.twin import load_export_twin, load_twin
 from quant.auto_quantize import Recipe, quantize_with_recipe
 from quantization import modelopt_quantize
-from reference import GPT, Int4Linear, QuantLinear
+from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
 # What ModelOpt 0.47 writes under "quantization" in hf_quant_config.json for each mode.
 EXPECTED_QUANT_CONFIG = {
@@ -54,8 +54,19 @@ EXPECTED_QUANT_CONFIG = {
         "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
         "weight_layout": "conv1d",
     },
+    "int8-smoothquant": {
+        "quant_algo": "W8A8_SQ_PER_CHANNEL",
+        "kv_cache_quant_algo": None,
+        "exclude_modules": ["lm_head", "transformer.wpe", "transformer.wte"],
+        "weight_layout": "conv1d",
+    },
 }
-STORED_DTYPE = {"float8": torch.float8_e4m3fn, "int8-weight-only": torch.int8, "int4-weight-only": torch.uint8}
+STORED_DTYPE = {
+    "float8": torch.float8_e4m3fn,
+    "int8-weight-only": torch.int8,
+    "int4-weight-only": torch.uint8,
+    "int8-smoothquant": torch.int8,
+}
 IDX = torch.tensor([[464, 3290, 318, 257, 922, 1110, 13]])  # [1, 7]
 # A layer's entry under "quantized_layers" in a MIXED_PRECISION export (an AutoQuantize mix), by format.
 MIXED_LAYER_CONFIG = {
@@ -87,7 +98,7 @@ def exported(request, calibration_file, tmp_path_factory) -> Exported:
     with torch.no_grad():
         logits_before = twin(IDX)
         export_dir = str(tmp_path_factory.mktemp(f"export-{mode}"))
-        export_checkpoint(quantized_model, export_dir)
+        export_step(quantized_model, export_dir)  # as --export-dir writes it: export_checkpoint via cli/outputs.py
         logits_after = load_twin(quantized_model, mode, quantized_model)(IDX)
     return Exported(mode, export_dir, twin, logits_before, logits_after)
 
@@ -98,7 +109,7 @@ def read_tensors(export_dir: str) -> dict[str, torch.Tensor]:
 
 
 def quantized_layers(twin: GPT) -> dict[str, torch.nn.Module]:
-    return {name: m for name, m in twin.named_modules() if isinstance(m, (QuantLinear, Int4Linear))}
+    return {name: m for name, m in twin.named_modules() if isinstance(m, (QuantLinear, Int4Linear, SmoothQuantLinear))}
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -121,11 +132,13 @@ def test_hf_quant_config_names_the_algorithm_and_the_excluded_modules(exported):
 
 
 def test_every_exported_file_has_the_mode_the_umask_gives(exported):
-    """safetensors writes model.safetensors for its owner only (0600); the JSON files follow the umask (0644)."""
+    """safetensors writes model.safetensors for its owner only (0600), the JSON files follow the umask (0644), and
+    the temporary folder the export is written in is its owner's (0700): cli/outputs.py gives each the umask's mode."""
     umask = os.umask(0)
     os.umask(umask)
     modes = {entry.name: entry.stat().st_mode & 0o777 for entry in os.scandir(exported.export_dir)}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
+    assert os.stat(exported.export_dir).st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_config_loads_with_transformers(exported):
@@ -159,10 +172,12 @@ def test_weights_are_stored_quantized_with_the_tripy_scales(exported):
             # GPT-2's Conv1D layout, [in, out], except lm_head, an nn.Linear in GPT-2 too.
             assert weight.shape == ((out_features, in_features) if name == "lm_head" else (in_features, out_features))
             assert torch.equal(weight_scale, layer.weight_scale.detach()), name
-        if exported.mode == "float8":
+        if exported.mode in ("float8", "int8-smoothquant"):
             assert torch.equal(tensors[f"{name}.input_scale"], layer.input_scale.detach()), name
         else:
             assert f"{name}.input_scale" not in tensors, name
+        if exported.mode == "int8-smoothquant":  # the MLP's c_proj a factor of ones (quantization.unsmooth_after_gelu)
+            assert torch.equal(tensors[f"{name}.pre_quant_scale"], layer.pre_quant_scale.detach()), name
     if exported.mode != "float8":
         assert not any(name.startswith("lm_head.") for name in tensors)  # tied to wte and left unquantized
 
@@ -175,7 +190,7 @@ def test_exported_weights_dequantize_to_the_twins_weights(exported):
             weight = weight.t()  # GPT-2's [in, out] -> [out, in] (int4: [out / 2, in])
         if exported.mode == "float8":
             dequantized = weight.float() * weight_scale  # [out, in]
-        elif exported.mode == "int8-weight-only":
+        elif exported.mode in ("int8-weight-only", "int8-smoothquant"):
             dequantized = weight.float() * weight_scale[:, None]  # [out, in]
         else:
             scale = weight_scale.t().repeat_interleave(INT4_BLOCK_SIZE, dim=0)  # [in, out]
@@ -380,9 +395,9 @@ def test_mixed_export_stores_each_layer_in_its_format(exported_mixed):
 def test_serve_vllm_refuses_what_it_cannot_serve_in_one_line(exported, capsys):
     """Before vLLM is imported: a format its ModelOpt loader does not read, a generation longer than the context,
     and (where it is not installed, as in CI) vLLM itself."""
-    if exported.mode != "float8":
+    if exported.mode not in serve_vllm.SERVED_MODES:
         line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
-        assert f"is a {exported.mode} export" in line and "vLLM's ModelOpt loader reads FP8" in line
+        assert f"is a {exported.mode} export" in line and "vLLM serves float8 (FP8) and int8-smoothquant" in line
         return
     line = usage_error(serve_vllm.main, [exported.export_dir, "--max-tokens", "128"], "serve_vllm.py", capsys)
     assert "plus --max-tokens (128) is longer than the 128 tokens the model can attend to" in line

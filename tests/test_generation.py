@@ -41,13 +41,18 @@ def tokens() -> torch.Tensor:
 @pytest.mark.parametrize("mode", MODES, ids=str)
 @torch.no_grad()
 def test_cached_logits_match_full_recomputation_step_by_step(twins, tokens, mode):
+    """Within 1e-4; int8-smoothquant within 2% of the largest logit: its inputs are int8 steps of 1/127 of their
+    amax, and a matmul over 5 tokens sums in another order than over 16, which moves a value on a rounding boundary
+    by one step now and then, and every later logit a little with it (seen: 0.03 of a largest logit of 2). A wrong
+    cache, mask or position is off by the size of the logits."""
     twin = twins[mode]
     full_logits = twin(tokens)  # [batch, seq, vocab]
+    atol = 2e-2 * full_logits.abs().max().item() if mode == "int8-smoothquant" else 1e-4
     logits, keys, values = twin.forward_with_cache(tokens[:, :PROMPT_LEN])  # the prompt's last position only
-    torch.testing.assert_close(logits, full_logits[:, PROMPT_LEN - 1 : PROMPT_LEN], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, full_logits[:, PROMPT_LEN - 1 : PROMPT_LEN], atol=atol, rtol=1e-4)
     for position in range(PROMPT_LEN, tokens.shape[1]):
         logits, keys, values = twin.forward_with_cache(tokens[:, position : position + 1], keys, values)
-        torch.testing.assert_close(logits[:, 0], full_logits[:, position], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[:, 0], full_logits[:, position], atol=atol, rtol=1e-4)
     config = twin.config
     head_dim = config.embedding_size // config.num_heads
     assert keys.shape == values.shape == (config.num_layers, 2, config.num_heads, tokens.shape[1], head_dim)
@@ -94,7 +99,8 @@ def test_generate_with_cache_feeds_only_the_new_token(twins, tokens, use_cache, 
 @pytest.mark.parametrize("mode", QUANT_MODES)
 @torch.no_grad()
 def test_weights_are_quantized_once_at_load_not_on_every_forward(twins, tokens, mode, monkeypatch):
-    """A forward pass quantizes activations only: float8 quantizes each linear layer's input, weight-only modes none."""
+    """A forward pass quantizes activations only: float8 and int8-smoothquant quantize each linear layer's input,
+    weight-only modes none."""
     twin = twins[mode]
     calls = []
     quantize_dequantize = reference.quantize_dequantize
@@ -108,4 +114,6 @@ def test_weights_are_quantized_once_at_load_not_on_every_forward(twins, tokens, 
     quantized_inputs = [m for m in twin.modules() if getattr(m, "input_scale", None) is not None]
     assert len(calls) == len(quantized_inputs)
     assert all(shape[:2] == tuple(tokens.shape) for shape in calls)  # activations [batch, seq, in], no weight
-    assert len(quantized_inputs) == (4 * twin.config.num_layers + 1 if mode == "float8" else 0)  # and lm_head
+    layers = 4 * twin.config.num_layers
+    expected = {"float8": layers + 1, "int8-smoothquant": layers}  # float8 quantizes lm_head's input too
+    assert len(quantized_inputs) == expected.get(mode, 0)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import MIXED_LAYER_QUANT_MODES, make_gpt2
@@ -30,6 +30,7 @@ STORED_TYPE = {
     "int8-weight-only": TensorProto.INT8,
     "int4-weight-only": TensorProto.INT4,
     "float8": TensorProto.FLOAT8E4M3FN,
+    "int8-smoothquant": TensorProto.INT8,
     None: TensorProto.FLOAT,
 }
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -125,8 +126,29 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
     largest = logits_of(exported.twin)[0].abs().max().item()
     if exported.mode == "float8":  # no CPU kernel takes float8: nothing is fused, the math stays float32
         assert error <= EXACT_TOLERANCE
+    elif exported.mode == "int8-smoothquant":  # the activations are int8 already: integer math changes nothing
+        assert error <= EXACT_TOLERANCE
     else:
         assert EXACT_TOLERANCE < error < 0.1 * largest
+
+
+def optimized_graph(onnx_dir: str, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its optimizations (fusions included), as it saves it."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(os.path.join(onnx_dir, onnx_export.MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
+def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, tmp_path):
+    """ONNX Runtime's QDQ fusion turns each Q/DQ'd activation, DQ'd int8 weight and MatMul into MatMulIntegerToFloat:
+    int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
+    if exported.mode != "int8-smoothquant":
+        pytest.skip("no int8 activations in this file")
+    optimized = optimized_graph(exported.onnx_dir, tmp_path)
+    fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
+    assert len(fused) == len(block_linears(exported.twin))
 
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
@@ -176,6 +198,33 @@ def test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale(exported):
         assert multiply.op_type == "Mul" and f"{layer}.pre_quant_scale" in multiply.input
 
 
+def test_smoothquant_layers_quantize_their_smoothed_input_to_int8(exported):
+    """Mul(x, pre_quant_scale) -> QuantizeLinear(int8, input_scale) -> DequantizeLinear is the MatMul's input: the
+    smoothing factor and the input scale are both in the graph, with the twin's values. A factor of ones (the MLP's
+    c_proj, left unsmoothed) needs no Mul."""
+    stored, made_by = initializers(exported.model), producers(exported.model)
+    twin_parameters = dict(exported.twin.named_parameters())
+    for layer in block_linears(exported.twin):
+        if layer_quant_mode(exported.twin.config, layer) != "int8-smoothquant":
+            continue
+        (dequantize_weight,) = consumers(exported.model, f"{layer}.weight")
+        (matmul,) = consumers(exported.model, dequantize_weight.output[0])
+        dequantize_input = made_by[matmul.input[0]]
+        quantize = made_by[dequantize_input.input[0]]
+        assert (dequantize_input.op_type, quantize.op_type) == ("DequantizeLinear", "QuantizeLinear"), layer
+        assert stored[quantize.input[2]].data_type == TensorProto.INT8
+        scale = numpy_helper.to_array(stored[quantize.input[1]])
+        np.testing.assert_array_equal(scale, twin_parameters[f"{layer}.input_scale"].detach().numpy())
+        twin_scale = twin_parameters[f"{layer}.pre_quant_scale"].detach()
+        if layer.endswith("mlp.c_proj"):
+            assert torch.all(twin_scale == 1) and f"{layer}.pre_quant_scale" not in stored
+            continue
+        assert not torch.all(twin_scale == 1)  # smoothed: dropping the Mul would change the logits
+        multiply = made_by[quantize.input[0]]
+        assert multiply.op_type == "Mul" and f"{layer}.pre_quant_scale" in multiply.input, layer
+        np.testing.assert_array_equal(numpy_helper.to_array(stored[f"{layer}.pre_quant_scale"]), twin_scale.numpy())
+
+
 def test_lm_head_is_tied_to_wte_unless_quantized(exported):
     stored = initializers(exported.model)
     vocab, embd = exported.twin.config.vocab_size, exported.twin.config.embedding_size
@@ -205,8 +254,8 @@ def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
     - int4 weight: INT4 [in, out] -> DequantizeLinear(scale [in/128, out], axis=0, block_size=128) -> MatMul;
     - float8 weight: FLOAT8E4M3FN [in, out] -> DequantizeLinear(scale []) -> MatMul;
     - float8 activation: QuantizeLinear(x, scale [], zero point FLOAT8E4M3FN 0, saturate=1) -> DequantizeLinear with
-      the same scale -> the MatMul's input, beside its float8 weight; no QuantizeLinear anywhere else (int4 and int8
-      are weight-only);
+      the same scale -> the MatMul's input, beside its float8 weight; int8-smoothquant's likewise in INT8, beside its
+      int8 weight; no QuantizeLinear anywhere else (the weight-only modes have none);
     - each DequantizeLinear of a weight feeds exactly its MatMul, as the MatMul's weight operand;
     - everything else float32; opset 21, the standard domain only, no functions.
     (AWQ's pre_quant_scale row: test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale.)"""
@@ -222,7 +271,7 @@ def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
     dequantized_weights = set()
     for node in model.graph.node:
         if node.op_type == "QuantizeLinear":
-            check_float8_activation(model, stored, node)
+            check_activation_quantize(model, stored, node)
         elif node.op_type == "DequantizeLinear" and node.input[0] in stored:
             check_weight_dequantize(model, stored, node)
             dequantized_weights.add(node.input[0])
@@ -254,18 +303,20 @@ def check_weight_dequantize(model: onnx.ModelProto, stored: dict, node: onnx.Nod
     assert matmul.op_type == "MatMul" and list(matmul.input).index(node.output[0]) == 1, node.input[0]
 
 
-def check_float8_activation(model: onnx.ModelProto, stored: dict, quantize: onnx.NodeProto) -> None:
-    """float8's activation: per-tensor Q/DQ with zero point 0, saturating, into the MatMul of a float8 weight."""
+def check_activation_quantize(model: onnx.ModelProto, stored: dict, quantize: onnx.NodeProto) -> None:
+    """An activation's per-tensor Q/DQ (float8's, or int8-smoothquant's int8) with zero point 0 of its type,
+    saturating in float8, into the MatMul of a weight stored in the same type."""
     scale, zero_point = stored[quantize.input[1]], stored[quantize.input[2]]
-    assert list(scale.dims) == [] and attribute(quantize, "saturate") == 1, quantize.name
-    assert zero_point.data_type == TensorProto.FLOAT8E4M3FN
+    assert list(scale.dims) == [] and zero_point.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.INT8)
+    if zero_point.data_type == TensorProto.FLOAT8E4M3FN:
+        assert attribute(quantize, "saturate") == 1, quantize.name
     assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
     (dequantize,) = consumers(model, quantize.output[0])
     assert dequantize.op_type == "DequantizeLinear" and dequantize.input[1] == quantize.input[1], quantize.name
     (matmul,) = consumers(model, dequantize.output[0])
     assert matmul.op_type == "MatMul" and list(matmul.input).index(dequantize.output[0]) == 0
     weight_dequantize = producers(model)[matmul.input[1]]
-    assert stored[weight_dequantize.input[0]].data_type == TensorProto.FLOAT8E4M3FN, matmul.name
+    assert stored[weight_dequantize.input[0]].data_type == zero_point.data_type, matmul.name
 
 
 def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):
@@ -274,9 +325,4 @@ def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(export
     if layer_quant_mode(exported.twin.config, "lm_head") != "int4-weight-only":
         pytest.skip("the output layer is not stored as int4 blocks in this file")
     assert initializers(exported.model)["transformer.wte.weight"].data_type == TensorProto.FLOAT
-    options = onnxruntime.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
-    onnxruntime.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath)
-    assert producers(optimized)["logits"].op_type == "MatMulNBits"
+    assert producers(optimized_graph(exported.onnx_dir, tmp_path))["logits"].op_type == "MatMulNBits"

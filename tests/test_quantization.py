@@ -18,7 +18,7 @@ from reference import GPT
 from sources.tokenizer import gpt2_tokenizer
 from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf
 
-MODES = ("int8-weight-only", "int4-weight-only", "float8")
+MODES = ("int8-weight-only", "int4-weight-only", "float8", "int8-smoothquant")
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +62,7 @@ def test_float8_twin_layers_match_modelopt(hf_model, quantized, tokens):
 
     Up to single FP8 rounding steps (see the end-to-end test below) in under 0.1% of the outputs; a wrong scale
     would be off everywhere."""
-    seen = {}
-    hooks = [
-        module.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, (args[0], out)))
-        for name, module in quantized["float8"].named_modules()
-        if hasattr(module, "weight_quantizer") and module.weight_quantizer.is_enabled
-    ]
-    quantized["float8"](tokens)
-    for hook in hooks:
-        hook.remove()
+    seen = layer_inputs_and_outputs(quantized["float8"], tokens)
     twin = load_twin(hf_model, "float8", quantized["float8"])
     assert len(seen) == 4 * 2 + 1  # every block linear and lm_head
     for name, (layer_input, expected) in seen.items():
@@ -91,6 +83,87 @@ def test_float8_twin_matches_modelopt_end_to_end(tokens):
     quantization_effect = (expected - hf_model(tokens).logits).abs().max()
     twin_error = (load_twin(hf_model, "float8", quantized)(tokens) - expected).abs().max()
     assert twin_error < 0.1 * quantization_effect
+
+
+def layer_inputs_and_outputs(model, tokens) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each quantized linear's input and output as `model` computes `tokens`, by the layer's name."""
+    seen = {}
+    hooks = [
+        module.register_forward_hook(lambda module, args, out, name=name: seen.__setitem__(name, (args[0], out)))
+        for name, module in model.named_modules()
+        if hasattr(module, "weight_quantizer") and module.weight_quantizer.is_enabled
+    ]
+    with torch.no_grad():
+        model(tokens)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@torch.no_grad()
+def test_smoothquant_twin_layers_match_modelopt(hf_model, quantized, tokens):
+    """Each W8A8 layer of the twin, fed the input ModelOpt's layer saw, gives ModelOpt's output, up to single int8
+    steps of the input: TensorRT (and the twin) divide by the scale, ModelOpt multiplies by its reciprocal, which can
+    round a value the other way. A wrong or missing scale or smoothing factor would be off everywhere."""
+    seen = layer_inputs_and_outputs(quantized["int8-smoothquant"], tokens)
+    twin = load_twin(hf_model, "int8-smoothquant", quantized["int8-smoothquant"])
+    assert len(seen) == 4 * 2  # every block linear, not lm_head
+    for name, (layer_input, expected) in seen.items():
+        difference = (get_submodule(twin, name)(layer_input) - expected).abs()
+        assert (difference > 1e-3 * expected.abs().max()).float().mean() < 2e-2, name
+        assert difference.max() < 2e-2 * expected.abs().max(), name
+
+
+@torch.no_grad()
+def test_smoothquant_twin_matches_modelopt_end_to_end(hf_model, quantized, tokens):
+    """End to end the twin is far closer to ModelOpt's model than ModelOpt's is to its own model with either of the
+    smoothing factor or the input quantization dropped: a twin that dropped either would fail here.
+
+    Single int8 rounding steps apart (see the layer test) carry on through the layers, so the bound is relative to
+    what quantizing changes: a tenth of it."""
+    model = quantized["int8-smoothquant"]
+    expected = model(tokens).logits
+    quantization_effect = (expected - hf_model(tokens).logits).abs().max()
+    twin = load_twin(hf_model, "int8-smoothquant", model)
+    bound = 0.1 * quantization_effect
+    assert (twin(tokens) - expected).abs().max() < bound
+
+    smoothed_layers = [module for module in twin.modules() if hasattr(module, "pre_quant_scale")]
+    for module in smoothed_layers:
+        module.pre_quant_scale.data.fill_(1.0)
+    assert (twin(tokens) - expected).abs().max() > 10 * bound  # the smoothing factor dropped
+
+    input_quantizers = [module.input_quantizer for module in model.modules() if hasattr(module, "input_quantizer")]
+    enabled = [quantizer for quantizer in input_quantizers if quantizer.is_enabled]
+    for quantizer in enabled:
+        quantizer.disable()  # the smoothing factor still applies (ModelOpt multiplies before it quantizes)
+    try:
+        assert (model(tokens).logits - expected).abs().max() > 2 * bound  # the input quantization dropped
+    finally:
+        for quantizer in enabled:
+            quantizer.enable()
+
+
+def test_smoothquant_leaves_the_mlp_c_proj_unsmoothed(quantized):
+    """SmoothQuant's factor sits on c_attn, attn.c_proj and c_fc, where vLLM's layout can fold it exactly; the MLP's
+    c_proj is plain W8A8 max-calibrated: its weight is the model's own, its input amax the largest input seen."""
+    model = quantized["int8-smoothquant"]
+    for block in model.transformer.h:
+        for layer in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc):
+            assert layer.input_quantizer.pre_quant_scale is not None
+            assert layer.input_quantizer.amax.item() == pytest.approx(1.0)  # alpha 1: every feature at most 1
+        assert torch.equal(block.mlp.c_proj.input_quantizer.pre_quant_scale, torch.ones(4 * 256))
+    unsmoothed = quantized["int8-weight-only"].transformer.h[0].mlp.c_proj.weight  # the same weights, max-calibrated
+    torch.testing.assert_close(model.transformer.h[0].mlp.c_proj.weight, unsmoothed)
+
+
+def test_int8_smoothquant_scales_are_amax_over_127(hf_model, quantized):
+    layer = quantized["int8-smoothquant"].transformer.h[1].mlp.c_fc
+    twin_layer = load_twin(hf_model, "int8-smoothquant", quantized["int8-smoothquant"]).transformer.h[1].mlp.c_fc
+    weight = layer.weight.detach()  # [out, in], smoothed
+    torch.testing.assert_close(twin_layer.weight_scale.detach(), weight.abs().amax(dim=1) / 127)
+    torch.testing.assert_close(twin_layer.input_scale.detach(), layer.input_quantizer.amax.detach().float() / 127)
+    torch.testing.assert_close(twin_layer.pre_quant_scale.detach(), layer.input_quantizer.pre_quant_scale.float())
 
 
 def test_float8_weights_differ_from_modelopt_by_at_most_one_step(hf_model, quantized):
@@ -162,6 +235,9 @@ def test_quantizers_only_on_the_linears_tripy_quantizes(quantized):
     names = enabled_quantizers(quantized["float8"])
     linears = rf"({block_linears}|lm_head)\.(weight|input)_quantizer"
     assert all(re.fullmatch(linears, name) for name in names) and len(names) == 2 * (4 * 2 + 1)
+    names = enabled_quantizers(quantized["int8-smoothquant"])
+    assert all(re.fullmatch(rf"{block_linears}\.(weight|input)_quantizer", name) for name in names)
+    assert len(names) == 2 * 4 * 2
 
 
 def test_calibration_is_deterministic():
@@ -173,7 +249,7 @@ def test_calibration_is_deterministic():
 
 
 def test_unknown_quant_mode_lists_the_supported_ones(hf_model):
-    with pytest.raises(ValueError, match="int8-weight-only, int4-weight-only, float8"):
+    with pytest.raises(ValueError, match="int8-weight-only, int4-weight-only, float8, int8-smoothquant"):
         modelopt_quantize(copy.deepcopy(hf_model), "int4", CALIBRATION_TEXT)
 
 

