@@ -141,11 +141,10 @@ def optimized_graph(onnx_dir: str, tmp_path) -> onnx.ModelProto:
     return onnx.load(options.optimized_model_filepath)
 
 
+@pytest.mark.parametrize("exported", ["int8-smoothquant"], indirect=True)
 def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, tmp_path):
     """ONNX Runtime's QDQ fusion turns each Q/DQ'd activation, DQ'd int8 weight and MatMul into MatMulIntegerToFloat:
     int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
-    if exported.mode != "int8-smoothquant":
-        pytest.skip("no int8 activations in this file")
     optimized = optimized_graph(exported.onnx_dir, tmp_path)
     fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(block_linears(exported.twin))
@@ -319,10 +318,10 @@ def check_activation_quantize(model: onnx.ModelProto, stored: dict, quantize: on
     assert stored[weight_dequantize.input[0]].data_type == zero_point.data_type, matmul.name
 
 
+@pytest.mark.parametrize("exported", [INT4_LM_HEAD], indirect=True)
 def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):
     """The output layer stored behind its own blocked DequantizeLinear becomes a MatMulNBits in the graph ONNX
     Runtime runs (docs/benchmark.md: on a CPU it was half of a step in float32), the input embedding a float table."""
-    if layer_quant_mode(exported.twin.config, "lm_head") != "int4-weight-only":
-        pytest.skip("the output layer is not stored as int4 blocks in this file")
+    assert layer_quant_mode(exported.twin.config, "lm_head") == "int4-weight-only"
     assert initializers(exported.model)["transformer.wte.weight"].data_type == TensorProto.FLOAT
     assert producers(optimized_graph(exported.onnx_dir, tmp_path))["logits"].op_type == "MatMulNBits"

@@ -299,7 +299,7 @@ def test_two_runs_writing_one_folder_one_wins_and_the_folder_is_one_export(races
     expected_mode = "int8-weight-only" if winner == "int8" else "float8"
     folder = str(folders[name])
     if flag == "--export-dir":
-        assert read_checked_export(folder, None)[1] == expected_mode
+        assert read_checked_export(folder)[1] == expected_mode
     else:
         metadata = {prop.key: prop.value for prop in onnx.load(os.path.join(folder, "model.onnx")).metadata_props}
         assert json.loads(metadata["gpt2_quantization"])["quant_mode"] == expected_mode
