@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import INT4_BLOCK_SIZE
 from sources.hub import GPT2_HEADS, GPT2_LAYERS, GPT2_VOCAB_SIZE, GPT2_WIDTH, HUB_CONTEXT_LENGTH
 
@@ -58,6 +60,7 @@ class Contender:
     uses_cache: bool
     exact: bool = True  # computes the float32 model: greedy, it must pick transformers' tokens
     torch_memory: bool = True  # allocates through torch, where torch.profiler sees it (ONNX Runtime does not)
+    onnx_dir: str | None = None  # --backend onnx: the folder of the file it runs
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Results:
     ms_per_token: dict[str, dict[int, float]]  # contender -> position -> milliseconds
     same_tokens: bool  # whether all the exact contenders generated the same tokens
     file_mb: dict[str, float] = field(default_factory=dict)  # --backend onnx: contender -> its ONNX file's MB
+    onnx_dirs: dict[str, str] = field(default_factory=dict)  # --backend onnx: contender -> its file's folder
+    llama_cpp: dict[str, dict[int, float]] = field(default_factory=dict)  # llama.cpp format -> batch -> tokens/s
 
 
 def main(argv: list[str] | None = None) -> Results:
@@ -79,8 +84,11 @@ def main(argv: list[str] | None = None) -> Results:
         f"GPT-2, {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, random weights, float32; "
         f"torch {torch.__version__}, {args.threads} threads"
     )
-    results = run_benchmark(args)
-    print_results(results, args)
+    with tempfile.TemporaryDirectory() as onnx_folder:  # --backend onnx: its files, until the profiles are taken
+        results = run_benchmark(args, onnx_folder)
+        print_results(results, args)
+        if args.profile:
+            print_profiles(results, args.threads)
     if args.chart is not None:
         save_chart(results, args.chart)
         print(f"Saved the chart to {args.chart}")
@@ -88,7 +96,37 @@ def main(argv: list[str] | None = None) -> Results:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
+        raise UsageError(
+            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
+            "runs, not how fast Tripy is: add --tiny"
+        )
+    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
+        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
+        args = parser.parse_args(argv)
+    check_sizes(args)
+    if args.profile and args.backend != "onnx":
+        raise UsageError("--profile profiles ONNX Runtime: add --backend onnx")
+    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
+    if args.chart is not None:
+        make_out_dir(args.chart)
+        checks.check_chart(args.chart)
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """benchmark.py's flags, in the order --help lists them."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_measurement_args(parser)
+    add_model_size_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def add_measurement_args(parser: argparse.ArgumentParser) -> None:
+    """What is timed: the prompt, the tokens, the batches and the positions, and how often."""
     parser.add_argument(
         "--prompt-len", metavar="N", type=int, default=32, help="prompt tokens for tokens/s and memory (default: 32)"
     )
@@ -113,6 +151,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", metavar="N", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
     )
+
+
+def add_model_size_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT-2 measured: gpt2's sizes, or --tiny for tests."""
     parser.add_argument(
         "--n-layer",
         metavar="N",
@@ -132,6 +174,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"a tiny GPT-2 and short runs, for tests: {tiny}; an option given on the command line still counts",
     )
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The seed, the chart, and what runs the model."""
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     parser.add_argument(
         "--chart",
@@ -141,49 +187,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"also save a chart of time per token against position, to PNG (without one: {DEFAULT_CHART})",
     )
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="--backend onnx: also print ONNX Runtime's per-operator profile of a decode step of each quantized file",
+    )
+    parser.add_argument(
         "--backend",
         choices=("torch", "tripy", "onnx"),
         default="torch",
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
-        "int8 W8A8, int4, float8) against the twin and transformers, on the CPU (default: torch)",
+        "int8 W8A8, int4; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
+        "llama.cpp when measure/build_llama_cpp.sh has built it, on the CPU (default: torch)",
     )
-    args = parser.parse_args(argv)
-    if args.backend == "tripy" and not tripy_on_gpu() and not args.tiny:
-        raise UsageError(
-            "--backend tripy without a CUDA GPU and TensorRT runs the CPU executor, which shows that the benchmark "
-            "runs, not how fast Tripy is: add --tiny"
-        )
-    if args.tiny:  # tiny sizes become the defaults: an option given on the command line still counts
-        parser.set_defaults(**(TINY_ONNX if args.backend == "onnx" else TINY))
-        args = parser.parse_args(argv)
-    try:
-        args.batch_sizes = [int(size) for size in args.batch_sizes.split(",")]
-        args.positions = [int(position) for position in args.positions.split(",")]
-    except ValueError:
-        raise UsageError("--batch-sizes and --positions take comma-separated integers, such as 1,8") from None
-    if min(args.prompt_len, args.new_tokens, args.repeats, args.threads, args.n_layer, *args.batch_sizes) < 1:
-        raise UsageError("--prompt-len, --new-tokens, --repeats, --threads, --n-layer and --batch-sizes must be >= 1")
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """The counts, lengths and model sizes; --batch-sizes and --positions become lists of integers."""
+    args.batch_sizes = integer_list(args.batch_sizes, "--batch-sizes")
+    args.positions = integer_list(args.positions, "--positions")
+    checks.check_at_least(args, 1, "prompt_len", "new_tokens", "repeats", "threads", "n_layer", "n_head", "n_embd")
+    if min(args.batch_sizes) < 1:
+        raise UsageError(f"--batch-sizes must each be at least 1, got {args.batch_sizes}")
     if len(set(args.batch_sizes)) < len(args.batch_sizes):  # one column per batch size: a repeat would be measured
         raise UsageError(f"--batch-sizes lists a size twice: {args.batch_sizes}")
     if args.prompt_len + args.new_tokens > BLOCK_SIZE:
-        raise UsageError(f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence")
+        raise UsageError(
+            f"--prompt-len + --new-tokens must be at most {BLOCK_SIZE}, GPT-2's longest sequence, got "
+            f"{args.prompt_len} + {args.new_tokens}"
+        )
     if args.positions != sorted(set(args.positions)) or args.positions[0] < 1:
         raise UsageError(f"--positions must be ascending positive integers, got {args.positions}")
     if args.positions[-1] + STEPS_PER_POSITION >= BLOCK_SIZE:
         raise UsageError(f"--positions must stay below {BLOCK_SIZE - STEPS_PER_POSITION}: GPT-2's longest sequence")
     if args.threads > os.cpu_count():
         raise UsageError(f"--threads must be from 1 to {os.cpu_count()}, this machine's cores, got {args.threads}")
-    if args.n_head < 1 or args.n_embd < 1 or args.n_embd % args.n_head:
-        raise UsageError(f"--n-embd ({args.n_embd}) must be a positive multiple of --n-head ({args.n_head})")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if args.backend == "onnx" and args.n_embd % INT4_BLOCK_SIZE:
-        raise UsageError(f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it")
-    checks.check_fits_in_memory("a GPT-2 of these sizes and the batches", benchmark_bytes(args))
-    if args.chart is not None:
-        make_out_dir(args.chart)
-        checks.check_chart(args.chart)
-    return args
+        raise UsageError(
+            f"--backend onnx races int4 in blocks of {INT4_BLOCK_SIZE}: --n-embd must be a multiple of it, got "
+            f"{args.n_embd}"
+        )
+
+
+def integer_list(text: str, flag: str) -> list[int]:
+    """A comma-separated list of integers, such as 1,8."""
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, such as 1,8, got {text!r}") from None
 
 
 def benchmark_bytes(args: argparse.Namespace) -> int:
@@ -293,25 +347,28 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     return run
 
 
-ONNX_MODES = {
-    "float32": None,
-    "int8": "int8-weight-only",
-    "int8 W8A8": "int8-smoothquant",
-    "int4": "int4-weight-only",
-    "float8": "float8",
-}
+# label -> (mode, the output layer's own format or None: tied to the input embedding, float32)
+ONNX_FILES = {
+    "float32": (None, None),
+    "int8": ("int8-weight-only", None),
+    "int8, int8 output layer": ("int8-weight-only", "int8-weight-only"),
+    "int8 W8A8": ("int8-smoothquant", None),
+    "int4": ("int4-weight-only", None),
+    "int4, int4 output layer": ("int4-weight-only", "int4-weight-only"),
+}  # no float8: ONNX Runtime has no CPU kernel for it (it dequantizes every weight at every step); a GPU format
 
 
-def weight_max_twin(twin: GPT, quant_mode: str) -> GPT:
-    """The twin in `quant_mode` with scales from each weight's own largest magnitude (what max calibration gives a
-    weight), AWQ's pre_quant_scale ones and float8's input scale 1: a calibration changes the values, not the time.
-    int8-smoothquant gets a smoothing factor of a quarter where the mode smooths (every layer but the MLP's c_proj,
-    whose factor of ones the ONNX file leaves out) and int8 input scales of 1 / 127: the graph the mode exports."""
+def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None) -> GPT:
+    """The twin in an int8 or int4 `quant_mode` (and its output layer in `lm_head_mode`) with scales from each
+    weight's own largest magnitude (what max calibration gives a weight) and AWQ's pre_quant_scale ones: a
+    calibration changes the values, not the time. int8-smoothquant gets a smoothing factor of a quarter where the
+    mode smooths (every layer but the MLP's c_proj, whose factor of ones the ONNX file leaves out) and int8 input
+    scales of 1 / 127: the graph the mode exports."""
     import torch
 
     from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
-    quantized = GPT(replace(twin.config, quant_mode=quant_mode)).eval()
+    quantized = GPT(replace(twin.config, quant_mode=quant_mode, lm_head_mode=lm_head_mode)).eval()
     state = twin.state_dict()
     for name, layer in quantized.named_modules():
         if not isinstance(layer, (QuantLinear, Int4Linear, SmoothQuantLinear)):
@@ -327,40 +384,50 @@ def weight_max_twin(twin: GPT, quant_mode: str) -> GPT:
             state[f"{name}.input_scale"] = torch.tensor(1.0 / 127)
             smoothed = not name.endswith("mlp.c_proj")
             state[f"{name}.pre_quant_scale"] = torch.full((weight.shape[1],), 0.25 if smoothed else 1.0)
-        elif layer.quant_dtype == torch.int8:
+        else:  # int8, per output channel
             state[f"{name}.weight_scale"] = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
-        else:
-            state[f"{name}.weight_scale"] = weight.abs().max().clamp(min=1e-8) / 448
-            state[f"{name}.input_scale"] = torch.tensor(1.0)
         state[f"{name}.weight"] = weight
     quantized.load_state_dict(state)
     return quantized
 
 
-def onnx_contenders(hf_model: GPT2LMHeadModel, twin: GPT, threads: int) -> tuple[list[Contender], dict[str, float]]:
-    """ONNX Runtime on exports/onnx_export.py's file of each mode (fast kernels: its default accuracy level), int4 also
-    at float32 math; and each file's MB."""
-    import tempfile
-
+def onnx_contenders(
+    hf_model: GPT2LMHeadModel, twin: GPT, threads: int, folder: str
+) -> tuple[list[Contender], dict[str, float]]:
+    """ONNX Runtime on exports/onnx_export.py's file of each of ONNX_FILES, written under `folder` (fast kernels: its
+    default accuracy level), int4 also at float32 math; and each file's MB."""
     from exports import onnx_export, onnx_runtime
 
     contenders, file_mb = [], {}
-    with tempfile.TemporaryDirectory() as folder:
-        for label, quant_mode in ONNX_MODES.items():
-            print(f"Exporting the {label} ONNX file", flush=True)
-            onnx_dir = os.path.join(folder, label)
-            onnx_export.export_onnx(twin if quant_mode is None else weight_max_twin(twin, quant_mode), onnx_dir)
-            name = f"ONNX Runtime {label}" + (" (no CPU kernel)" if quant_mode == "float8" else "")
-            file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
-            maths = ["int8", "float32"] if quant_mode == "int4-weight-only" else ["int8"]
-            for math in maths:
-                session = onnx_runtime.session(onnx_dir, math, threads)
-                contender = name if math == "int8" else f"{name}, float32 math"
-                runner = twin_generate(onnx_runtime.OnnxGPT(session), use_cache=True)  # the twin's loop
-                contenders.append(Contender(contender, runner, True, exact=quant_mode is None, torch_memory=False))
-                if math == "float32":
-                    file_mb[contender] = file_mb[name]
+    for label, (quant_mode, lm_head_mode) in ONNX_FILES.items():
+        print(f"Exporting the {label} ONNX file", flush=True)
+        onnx_dir = os.path.join(folder, label.replace(", ", "-").replace(" ", "_"))
+        quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode)
+        onnx_export.export_onnx(quantized, onnx_dir)
+        name = f"ONNX Runtime {label}"
+        file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
+        maths = ["int8", "float32"] if label == "int4" else ["int8"]
+        for math in maths:
+            # the last position's logits only, ONNX Runtime on `threads`, torch on one while it runs (onnx_runtime)
+            session = onnx_runtime.session(onnx_dir, math, threads, last_position_only=True)
+            contender = name if math == "int8" else f"{name}, float32 math"
+            runner = onnx_generate(onnx_runtime.OnnxGPT(session))
+            exact = quant_mode is None
+            contenders.append(Contender(contender, runner, True, exact, torch_memory=False, onnx_dir=onnx_dir))
+            if math == "float32":
+                file_mb[contender] = file_mb[name]
     return contenders, file_mb
+
+
+def onnx_generate(model) -> Generate:
+    from exports import onnx_runtime
+    from reference import generate
+
+    def run(prompt, new_tokens, on_token):
+        with onnx_runtime.torch_threads(1):
+            return generate(model, prompt, new_tokens, top_k=1, on_token=on_token)
+
+    return run
 
 
 def timed_run(run: Generate, prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, float, list[float]]:
@@ -430,17 +497,16 @@ def measure_throughput(
 def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int]):
     """Milliseconds per token at each position, at batch 1: the median of the steps at positions p .. p + 4.
 
-    With a cache, one run starts from a prompt of positions[0] tokens and goes past the last position, every step
-    timed. Without one, a step costs a full pass over the sequence so far, so each position gets a short run of its
-    own, from a prompt that ends at it. `sequence` [1, positions[-1] + 1] supplies the prompts.
+    Each position gets a short run of its own, from a prompt that ends at it. With a cache, the prompt of p tokens
+    runs once and the five steps after it feed positions p .. p + 4, each on a cache of everything before it: what a
+    long run passing p would time, without generating every token in between. Without one, a step costs a full pass
+    over the sequence so far, from a prompt of p + 1 tokens on. `sequence` [1, positions[-1] + 1] supplies the prompts.
     """
-    first, last = positions[0], positions[-1]
     ms_per_token = {}
     for contender in contenders:
         if contender.uses_cache:
-            new_tokens = last - first + STEPS_PER_POSITION + 1
-            _, _, step_seconds = timed_run(contender.generate, sequence[:, :first], new_tokens)
-            steps_at = {p: step_seconds[p - first + 1 : p - first + 1 + STEPS_PER_POSITION] for p in positions}
+            runs = {p: timed_run(contender.generate, sequence[:, :p], STEPS_PER_POSITION + 1) for p in positions}
+            steps_at = {p: run[2][1:] for p, run in runs.items()}  # run[2][0] is the prompt pass
         else:
             steps_at = {
                 p: timed_run(contender.generate, sequence[:, : p + 1], STEPS_PER_POSITION)[2] for p in positions
@@ -449,7 +515,7 @@ def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, po
     return ms_per_token
 
 
-def run_benchmark(args: argparse.Namespace) -> Results:
+def run_benchmark(args: argparse.Namespace, onnx_folder: str) -> Results:
     import torch
     from tqdm import tqdm
 
@@ -469,7 +535,8 @@ def run_benchmark(args: argparse.Namespace) -> Results:
             Contender("transformers generate", hf_generate(hf_model.to("cuda" if on_gpu else "cpu")), uses_cache=True),
         ]
     elif args.backend == "onnx":
-        onnx_runs, file_mb = onnx_contenders(hf_model, twin, args.threads)
+        print(f"ONNX Runtime: {args.threads} threads; torch on 1 thread while it runs (2 pools on the cores fight)")
+        onnx_runs, file_mb = onnx_contenders(hf_model, twin, args.threads, onnx_folder)
         contenders = [
             Contender("twin, KV cache", twin_generate(twin, use_cache=True), uses_cache=True),
             Contender("transformers generate", hf_generate(hf_model), uses_cache=True),
@@ -501,24 +568,40 @@ def run_benchmark(args: argparse.Namespace) -> Results:
         same_tokens &= all(torch.equal(tokens[name], tokens["transformers generate"]) for name in exact)
     ms_per_token = measure_ms_per_token(contenders, sequence, args.positions)
     progress.close()
-    return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb)
+    onnx_dirs = {contender.name: contender.onnx_dir for contender in contenders if contender.onnx_dir is not None}
+    results = Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb, onnx_dirs)
+    if args.backend == "onnx":
+        results.llama_cpp = llama_cpp_rates(hf_model, args)
+    return results
+
+
+def llama_cpp_rates(hf_model: GPT2LMHeadModel, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """llama.cpp's formats on the same weights, timed the same way, when its tools are built; else a line why not."""
+    from measure import llama_cpp
+
+    folder, reason = llama_cpp.tools_dir()
+    if folder is None:
+        print(reason)
+        return {}
+    print(f"Racing llama.cpp ({', '.join(llama_cpp.FORMATS)}) on the same weights", flush=True)
+    return llama_cpp.race(hf_model, args.threads, args.prompt_len, args.new_tokens, args.batch_sizes)
 
 
 def steps_to_generate(args: argparse.Namespace) -> int:
     """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
 
     Per batch size: the warm-up's 2 tokens and the timed runs of every contender, and a profiled run of those whose
-    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, one long run with a cache, a short run
-    per position without (the torch backend's "twin, no cache").
+    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, a short run per position for each:
+    a prompt and STEPS_PER_POSITION + 1 tokens with a cache, STEPS_PER_POSITION tokens without.
     """
     if args.backend == "tripy":
         cached, uncached, profiled = 2, 0, 2
     elif args.backend == "onnx":  # the twin, transformers, and a file per mode, int4's at two accuracy levels
-        cached, uncached, profiled = 2 + len(ONNX_MODES) + 1, 0, 2
+        cached, uncached, profiled = 2 + len(ONNX_FILES) + 1, 0, 2
     else:
         cached, uncached, profiled = 2, 1, 3
     per_batch = (cached + uncached) * (2 + args.repeats * args.new_tokens) + profiled * args.new_tokens
-    ms_runs = cached * (args.positions[-1] - args.positions[0] + STEPS_PER_POSITION + 1)
+    ms_runs = cached * len(args.positions) * (STEPS_PER_POSITION + 1)
     ms_runs += uncached * len(args.positions) * STEPS_PER_POSITION
     return len(args.batch_sizes) * per_batch + ms_runs
 
@@ -565,6 +648,7 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
     if results.file_mb:
         print_onnx_ratios(results, width)
         print(f"\nThe float32 ones (twin, transformers, ONNX Runtime float32) generated the same tokens: {same}")
+        print_llama_cpp(results, width)
     else:
         print(f"\nAll {len(names)} generated the same tokens: {same}")
 
@@ -586,6 +670,32 @@ def print_onnx_ratios(results: Results, width: int) -> None:
         )
         print(f"{name:<{width}}{speedups}{megabytes:>11.1f} ({megabytes / float32_mb:.2f}x)")
     print("(peak MB -: ONNX Runtime allocates outside torch, where torch.profiler cannot see it)")
+
+
+def print_llama_cpp(results: Results, width: int) -> None:
+    """llama.cpp's tokens/s, and the fastest quantized ONNX Runtime row's as a multiple of llama.cpp Q4_0's."""
+    if not results.llama_cpp:
+        return
+    batches = list(results.tokens_per_second)
+    print("\nllama.cpp (llama-batched-bench) on the same weights, same threads: tokens/s")
+    print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}" for b in batches))
+    for name, rates in results.llama_cpp.items():
+        print(f"{name:<{width}}" + "".join(f"{rates[b]:>16.1f}" for b in batches))
+    quantized = [name for name in results.file_mb if "float32" not in name]
+    for batch in batches:
+        fastest = max(quantized, key=lambda name: results.tokens_per_second[batch][name])
+        ratio = results.tokens_per_second[batch][fastest] / results.llama_cpp["llama.cpp Q4_0"][batch]
+        print(f"batch {batch}: {fastest} makes {ratio:.2f}x llama.cpp Q4_0's tokens/s")
+
+
+def print_profiles(results: Results, threads: int) -> None:
+    """ONNX Runtime's own profile of a decode step, by operator type, for each quantized file at its default math."""
+    from measure.ort_profile import decode_profile, format_profile
+
+    print("\nONNX Runtime's profiler: a decode step at batch 1 after a prompt of 32, by operator type")
+    for name, onnx_dir in results.onnx_dirs.items():
+        if "float32" not in name:
+            print(format_profile(name, decode_profile(onnx_dir, threads)))
 
 
 def save_chart(results: Results, path: str) -> None:
@@ -624,7 +734,8 @@ def save_chart(results: Results, path: str) -> None:
     axes.legend(loc="upper left")
     axes.grid(alpha=0.3, which="both")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

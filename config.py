@@ -18,6 +18,8 @@ LINEAR_QUANTIZERS = {
 }
 # How the keys and values attention reads may be quantized, besides any mode: ModelOpt's k/v_bmm_quantizers.
 KV_CACHE_MODES = ("float8",)
+# How the output layer may be quantized, besides any mode: on a CPU the largest matmul of a step (docs/benchmark.md).
+LM_HEAD_MODES = ("int8-weight-only", "int4-weight-only")
 
 
 def quant_mode_of(num_bits: int | tuple | list, block_wise: bool, input_quantized: bool) -> str | None:
@@ -46,6 +48,9 @@ class GPTConfig:
     layer_quant_modes: dict[str, str | None] | None = None
     # None, or one of KV_CACHE_MODES: the keys and values attention reads are quantized per tensor (k_scale, v_scale).
     kv_cache: str | None = None
+    # None, or one of LM_HEAD_MODES: the output layer quantized in that format whatever the mode, held untied from
+    # the input embedding, which stays as it is (it is a table lookup: nothing to gain from quantizing it).
+    lm_head_mode: str | None = None
 
 
 def check_quant_mode(quant_mode: str) -> None:
@@ -57,7 +62,9 @@ def check_quant_mode(quant_mode: str) -> None:
 def layer_quant_mode(config: GPTConfig, layer: str) -> str | None:
     """The format of the linear layer named `layer` as in Hugging Face's GPT-2 ("transformer.h.0.mlp.c_fc",
     "lm_head"): None (unquantized) or one of QUANT_MODES. One mode for the whole model quantizes lm_head only in
-    float8."""
+    float8, or in the config's lm_head_mode."""
+    if layer == "lm_head" and config.lm_head_mode is not None:
+        return config.lm_head_mode
     if config.quant_mode == AUTO_QUANT_MODE:
         if config.layer_quant_modes is None:
             raise ValueError(f"quant_mode {AUTO_QUANT_MODE!r} needs layer_quant_modes, each layer's format")

@@ -23,13 +23,13 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, QUANT_MODES
+from cli.outputs import output_file
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, LM_HEAD_MODES, QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -76,7 +76,11 @@ SMOOTHQUANT_EVERY_LAYER = "int8-smoothquant-every-layer"
 SMOOTHQUANT_MODES = ("int8-smoothquant", INT8_W8A8_MAX, SMOOTHQUANT_EVERY_LAYER)
 # The rows calibrated with plain "max" instead of their mode's own algorithm, and that mode.
 MAX_CALIBRATED = {INT4_MAX: "int4-weight-only", INT8_W8A8_MAX: "int8-smoothquant"}
-ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES)
+# Rows on request, for a quantized output layer (config.lm_head_mode): the mode with lm_head in the same format,
+# calibrated by ModelOpt with the blocks. On a CPU the output layer is the largest matmul of a step (docs/benchmark.md).
+LM_HEAD_SUFFIX = "-lm-head"
+LM_HEAD_ROWS = tuple(f"{mode}{LM_HEAD_SUFFIX}" for mode in LM_HEAD_MODES)
+ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -128,7 +132,42 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_sizes(args)
+    checks.check_model_type(args.model_type)
+    int4_rows = [mode for mode in args.modes if "int4" in mode or mode == AUTO_QUANT_MODE]
+    if int4_rows:  # before a Hub model is downloaded
+        checks.check_int4_width(args.model_type, f"leave {int4_rows[0]} out of --modes")
+    check_finetuning_args(args)
+    checks.check_text_file(args.eval_data, "--eval-data")
+    check_options_apply(args, parser)
+    if args.calibration_data is not None:
+        checks.check_calibration_data(args.calibration_data)
+    if set(args.modes) - {UNQUANTIZED, FINETUNED}:  # a mode that calibrates
+        checks.check_datasets_cache()
+    if args.chart is not None:
+        make_out_dir(args.chart)
+        checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
+    low, high = EFFECTIVE_BITS_RANGE
+    outside = [bits for bits in args.auto_bits if not low <= bits <= high]
+    if outside:
+        raise UsageError(
+            f"--auto-bits must be between {low:g} (every layer int4) and {high:g} (none quantized), got {outside[0]:g}"
+        )
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """evaluate.py's flags, in the order --help lists them."""
     parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_row_args(parser)
+    add_data_args(parser)
+    return parser
+
+
+def add_row_args(parser: argparse.ArgumentParser) -> None:
+    """The model, the rows measured, and how the QAT rows fine-tune."""
     parser.add_argument(
         "--model-type",
         metavar="NAME_OR_DIR",
@@ -167,6 +206,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=8,
         help="windows of n_positions tokens per QAT step (default: %(default)s)",
     )
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The text evaluated and calibrated on, the auto rows' budgets, and what is written besides the table."""
     parser.add_argument(
         "--eval-data", metavar="FILE", default=DEFAULT_EVAL_DATA, help="held-out text file (default: data/heldout.txt)"
     )
@@ -211,24 +254,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="also export each uniform mode's twin with exports/onnx_export.py and measure it in ONNX Runtime, at its "
         "default accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math",
     )
-    args = parser.parse_args(argv)
 
+
+def check_sizes(args: argparse.Namespace) -> None:
+    """The counts of tokens and samples."""
     if args.max_tokens is not None and args.max_tokens < 2:
         raise UsageError(f"--max-tokens must be at least 2 (one input and one target), got {args.max_tokens}")
     if args.context is not None and args.context < 1:
         raise UsageError(f"--context must be at least 1, got {args.context}")
     if args.num_calibration_samples < 1:
         raise UsageError(f"--num-calibration-samples must be at least 1, got {args.num_calibration_samples}")
-    checks.check_model_type(args.model_type)
-    int4_rows = [mode for mode in args.modes if "int4" in mode or mode == AUTO_QUANT_MODE]
-    if int4_rows:  # before a Hub model is downloaded
-        checks.check_int4_width(args.model_type, f"leave {int4_rows[0]} out of --modes")
-    if min(args.qat_steps, args.qat_batch_size) < 1:
-        raise UsageError("--qat-steps and --qat-batch-size must be at least 1")
-    fine_tuned = set(args.modes) & (set(QAT_MODES) - {INT4_MAX})  # INT4_MAX is calibrated, not trained
-    if fine_tuned:
+
+
+def fine_tuned_modes(modes: Sequence[str]) -> set[str]:
+    """The rows that fine-tune: INT4_MAX is calibrated, not trained."""
+    return set(modes) & (set(QAT_MODES) - {INT4_MAX})
+
+
+def check_finetuning_args(args: argparse.Namespace) -> None:
+    checks.check_at_least(args, 1, "qat_steps", "qat_batch_size")
+    if fine_tuned_modes(args.modes):
         checks.check_finetuning_fits(args.model_type, args.qat_batch_size, "--qat-batch-size")
-    checks.check_text_file(args.eval_data, "--eval-data")
+
+
+def check_options_apply(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """An option given for rows that --modes leaves out would do nothing: refused rather than ignored."""
+    fine_tuned = fine_tuned_modes(args.modes)
     calibrated = set(args.modes) - {UNQUANTIZED, FINETUNED}
     if args.calibration_data is not None and not calibrated:
         raise UsageError(
@@ -247,20 +298,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if ignored:
         options = ", ".join(f"--{name.replace('_', '-')}" for name in ignored)
         raise UsageError(f"{options} would do nothing for --modes {' '.join(args.modes)}")
-    if args.calibration_data is not None:
-        checks.check_calibration_data(args.calibration_data)
-    if calibrated:
-        checks.check_datasets_cache()
-    if args.chart is not None:
-        make_out_dir(args.chart)
-        checks.check_chart(args.chart)  # a text file, --eval-data among them, is not a PNG: it is never replaced
-    low, high = EFFECTIVE_BITS_RANGE
-    outside = [bits for bits in args.auto_bits if not low <= bits <= high]
-    if outside:
-        raise UsageError(
-            f"--auto-bits must be between {low:g} (every layer int4) and {high:g} (none quantized), got {outside[0]:g}"
-        )
-    return args
 
 
 def evaluate(
@@ -297,22 +334,7 @@ def evaluate(
         print(f"Row {row_names.index(name) + 1} of {len(row_names)}: {name}", file=sys.stderr, flush=True)
 
     hf_model = load_hf_model(model_type)
-    width = hf_model.config.n_embd
-    int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
-    if int4_rows and width % INT4_BLOCK_SIZE:
-        raise ValueError(
-            f"{model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: leave {int4_rows[0]} "
-            "out of --modes"
-        )
-    context = context or hf_model.config.n_positions
-    if context > hf_model.config.n_positions:
-        raise ValueError(f"context {context} is longer than the model's n_positions ({hf_model.config.n_positions})")
-    tokens = heldout_tokens(eval_data, max_tokens)
-    if max_tokens is not None and len(tokens) < max_tokens:
-        used = f"{len(tokens):,}"
-        print(f"{eval_data} has only {used} tokens, fewer than the {max_tokens:,} asked for: using {used}")
-    if len(tokens) < context + 1:
-        raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
+    tokens, context = evaluation_tokens(hf_model, model_type, modes, eval_data, max_tokens, context)
 
     def finetuned(model: GPT2LMHeadModel, mode: str) -> tuple[GPT2LMHeadModel, float]:
         return quantization_aware_training(model, qat_steps, qat_lr, qat_batch_size, mode)
@@ -333,21 +355,9 @@ def evaluate(
                 model, training_seconds = finetuned(hf_model, mode)
             twin = load_twin(model, None)
         else:
-            calibrated_mode = mode.removesuffix("-qat")
-            calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
-            if calibrated_mode not in calibrated:
-                algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
-                quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
-                kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
-                calibrated[calibrated_mode] = calibrate(
-                    hf_model,
-                    quant_mode.removesuffix(KV_SUFFIX),
-                    calibration_data,
-                    num_calibration_samples,
-                    algorithm,
-                    kv_cache,
-                )
-            quantized, twin, calibration_seconds = calibrated[calibrated_mode]
+            quantized, twin, calibration_seconds = calibrated_twin(
+                hf_model, mode, calibrated, calibration_data, num_calibration_samples
+            )
             if mode == INT4_WITHOUT_PRE_QUANT_SCALE:
                 twin = drop_pre_quant_scale(copy.deepcopy(twin))
             if mode.endswith("-qat"):
@@ -357,9 +367,60 @@ def evaluate(
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
-        if onnx and mode in (UNQUANTIZED, *QUANT_MODES):
+        if onnx and mode in (UNQUANTIZED, *QUANT_MODES, *LM_HEAD_ROWS):
             rows += onnx_rows(twin, mode, tokens, context, calibration_seconds)
     return rows
+
+
+def evaluation_tokens(
+    hf_model: GPT2LMHeadModel,
+    model_type: str,
+    modes: Sequence[str],
+    eval_data: str,
+    max_tokens: int | None,
+    context: int | None,
+) -> tuple[torch.Tensor, int]:
+    """The held-out tokens [n] and the evaluation window, once the model's config says how wide and long it is."""
+    width = hf_model.config.n_embd
+    int4_rows = [mode for mode in modes if "int4" in mode or mode == AUTO_QUANT_MODE]
+    if int4_rows and width % INT4_BLOCK_SIZE:
+        raise ValueError(
+            f"{model_type} is {width} wide, not a multiple of int4's blocks of {INT4_BLOCK_SIZE}: leave {int4_rows[0]} "
+            "out of --modes"
+        )
+    context = context or hf_model.config.n_positions
+    if context > hf_model.config.n_positions:
+        raise ValueError(f"context {context} is longer than the model's n_positions ({hf_model.config.n_positions})")
+    tokens = heldout_tokens(eval_data, max_tokens)
+    if max_tokens is not None and len(tokens) < max_tokens:
+        used = f"{len(tokens):,}"
+        print(f"{eval_data} has only {used} tokens, fewer than the {max_tokens:,} asked for: using {used}")
+    if len(tokens) < context + 1:
+        raise ValueError(f"{eval_data} gives {len(tokens)} tokens: at least context + 1 = {context + 1} are needed")
+    return tokens, context
+
+
+def calibrated_twin(
+    hf_model: GPT2LMHeadModel,
+    mode: str,
+    calibrated: dict[str, tuple[GPT2LMHeadModel, GPT, float]],
+    calibration_data: str | None,
+    num_calibration_samples: int,
+) -> tuple[GPT2LMHeadModel, GPT, float]:
+    """A quantized row's model, twin and calibration seconds. The rows of one calibration share it: `calibrated`
+    keeps each (the -qat rows and the one without pre_quant_scale start from their mode's)."""
+    calibrated_mode = mode.removesuffix("-qat")
+    calibrated_mode = "int4-weight-only" if calibrated_mode == INT4_WITHOUT_PRE_QUANT_SCALE else calibrated_mode
+    if calibrated_mode not in calibrated:
+        algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
+        quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
+        kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
+        lm_head_mode = quant_mode.removesuffix(LM_HEAD_SUFFIX) if quant_mode.endswith(LM_HEAD_SUFFIX) else None
+        quant_mode = quant_mode.removesuffix(KV_SUFFIX).removesuffix(LM_HEAD_SUFFIX)
+        calibrated[calibrated_mode] = calibrate(
+            hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm, kv_cache, lm_head_mode
+        )
+    return calibrated[calibrated_mode]
 
 
 def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
@@ -376,7 +437,8 @@ def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibrat
         for math_name, label in (("int8", "ONNX Runtime"), ("float32", "ONNX Runtime, float32 math")):
             model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
             start = time.perf_counter()
-            ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
+            with onnx_runtime.torch_threads(1):  # ONNX Runtime on every core, torch's pool idle beside it
+                ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
             seconds = time.perf_counter() - start
             rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
     return rows
@@ -412,9 +474,10 @@ def calibrate(
     num_samples: int,
     algorithm: str | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> tuple[GPT2LMHeadModel, GPT, float]:
-    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too); returns it, its twin
-    and the seconds the calibration took."""
+    """Quantizes a copy of the model with ModelOpt (with `kv_cache`, its keys and values too, with `lm_head_mode` its
+    output layer); returns it, its twin and the seconds the calibration took."""
     from measure.twin import load_twin
     from quantization import modelopt_quantize  # imports ModelOpt, which takes seconds
 
@@ -429,9 +492,10 @@ def calibrate(
             num_samples=num_samples,
             algorithm=algorithm,
             kv_cache=kv_cache,
+            lm_head_mode=lm_head_mode,
         )
     seconds = time.perf_counter() - start
-    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache), seconds
+    return quantized, load_twin(hf_model, quant_mode, quantized, kv_cache=kv_cache, lm_head_mode=lm_head_mode), seconds
 
 
 def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, num_samples: int) -> GPT2LMHeadModel:
@@ -445,9 +509,7 @@ def smooth_every_layer(hf_model: GPT2LMHeadModel, calibration_data: str | None, 
     quantized = copy.deepcopy(hf_model)
     dataset = default_dataset(calibration_data)
     forward_loop = create_forward_loop(quantized, dataset, gpt2_tokenizer(), "cpu", num_samples=num_samples)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"lm_head is not calibrated, skip smoothing")
-        return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
+    return mtq.quantize(quantized, quant_config("int8-smoothquant"), forward_loop)
 
 
 def auto_rows(
@@ -628,7 +690,8 @@ def save_chart(rows: list[Row], path: str, title: str = "") -> None:
         axes.margins(x=0.2, y=0.2)
         axes.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with output_file(path, "--chart", replace=True) as temp:  # an earlier chart is replaced whole, never half
+        figure.savefig(temp, dpi=100)
     plt.close(figure)
 
 

@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_dir is not None:
         from exports.checkpoint import export_step
 
-        export_step(hf_model, args.export_dir)
+        export_step(hf_model, args.export_dir, args.overwrite)
     if args.export_onnx is not None:
         from exports.onnx_export import export_step as export_onnx_step
 
-        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx)
+        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite)
     if args.export_only:
         return
 
@@ -116,7 +116,7 @@ def load_model(args: argparse.Namespace, prompt_len: int) -> tuple[str, GPT2LMHe
         model_type, hf_model = args.model_type, None
         from exports.checkpoint_loader import read_checked_export
 
-        hf_config, quant_mode = read_checked_export(args.model_type, args.quant_mode)
+        hf_config, quant_mode = read_checked_export(args.model_type)
         print(f"Model: {model_type} (a ModelOpt export, {quant_mode}: no calibration)")
     else:
         from sources.hub import load_hf_model_or_bundled

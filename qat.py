@@ -19,6 +19,7 @@ import os
 import time
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, make_out_dir, run
+from cli.outputs import output_file
 from config import QUANT_MODES
 from sources.hub import BUNDLED_MODEL_DIR
 
@@ -77,10 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     minutes = (time.time() - start) / 60
     qat = deployed_perplexity(model, "Evaluating QAT")
     print(f"QAT: {args.steps} steps in {minutes:.1f} min, last loss {losses[-1]:.3f}, perplexity {qat:.2f}")
-    try:
-        save_quantized(model, args.out)
-    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
-        raise UsageError(f"cannot write --out {args.out}: {error}") from None
+    with output_file(args.out, "--out") as temp:  # appears whole, and only if no file is there by then
+        save_quantized(model, temp)
     print(f"saved {args.out}; total time {(time.time() - started) / 60:.1f} min")
 
 
@@ -134,8 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: 0)")
     args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.num_calibration_samples) < 1:
-        raise UsageError("--steps, --batch-size and --num-calibration-samples must be at least 1")
+    checks.check_at_least(args, 1, "steps", "batch_size", "num_calibration_samples")
     checks.check_model_type(args.model_type)
     if args.quant_mode == "int4-weight-only":  # before a Hub model is downloaded
         checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")

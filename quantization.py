@@ -6,24 +6,19 @@ quantized tensor's largest magnitude (amax). weight_loader.py turns those into t
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
+import modelopt.torch.quantization as mtq
 import torch
 from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
-from config import INT4_BLOCK_SIZE, check_quant_mode
+from config import INT4_BLOCK_SIZE, LM_HEAD_MODES, check_quant_mode
 from sources.hub import hub_reachable
 from sources.tokenizer import gpt2_tokenizer
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.quantization as mtq
 
 SHIPPED_CALIBRATION_TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "calibration.txt")
 # The layers the deployed model quantizes, as ModelOpt names their quantizers. Embeddings, LayerNorms and the
@@ -41,15 +36,19 @@ def modelopt_quantize(
     num_samples: int = 64,
     algorithm: str | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> torch.nn.Module:
     """Quantizes a Hugging Face GPT-2 in place with ModelOpt and returns it.
 
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
     the mode's calibration algorithm (see `quant_config`). `kv_cache` "float8" also quantizes the keys and values
-    attention reads, calibrated with the weights (quant/kv_cache.py).
+    attention reads, calibrated with the weights (quant/kv_cache.py). `lm_head_mode` (one of LM_HEAD_MODES) also
+    quantizes the output layer, untied from the input embedding first: calibration may rescale its weight in place.
     """
-    config = quant_config(quant_mode, algorithm)
+    config = quant_config(quant_mode, algorithm, lm_head_mode)
+    if lm_head_mode is not None:
+        untie_lm_head(model_hf)
     if kv_cache is not None:
         from quant.kv_cache import kv_cache_quant_cfg
 
@@ -59,10 +58,7 @@ def modelopt_quantize(
     forward_loop = create_forward_loop(model_hf, dataset_name, gpt2_tokenizer(), device, batch_size, num_samples)
 
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        # SmoothQuant names each quantized linear it leaves alone: lm_head, quantized in no mode but float8.
-        warnings.filterwarnings("ignore", message=r"lm_head is not calibrated, skip smoothing")
-        mtq.quantize(model_hf, config, forward_loop)
+    mtq.quantize(model_hf, config, forward_loop)
     if config["algorithm"] == "smoothquant":
         unsmooth_after_gelu(model_hf)
     seconds = time.perf_counter() - start
@@ -98,12 +94,13 @@ def create_forward_loop(
     return forward_loop
 
 
-def quant_config(quant_mode: str, algorithm: str | None = None) -> dict:
+def quant_config(quant_mode: str, algorithm: str | None = None, lm_head_mode: str | None = None) -> dict:
     """ModelOpt's config for a mode: every quantizer off, then on for exactly the layers Tripy quantizes.
 
     algorithm: how to calibrate, instead of the mode's own ("max" for int8 and float8, AWQ for int4, SmoothQuant for
     int8-smoothquant); "max" for int4 takes each block's largest weight as its amax, without AWQ's search, and for
-    int8-smoothquant is ModelOpt's INT8_DEFAULT_CFG recipe: the same W8A8 layers, unsmoothed.
+    int8-smoothquant is ModelOpt's INT8_DEFAULT_CFG recipe: the same W8A8 layers, unsmoothed. lm_head_mode: the
+    output layer's weights in that format too, calibrated by the same algorithm.
     """
     if algorithm is not None and algorithm not in CALIBRATION_ALGORITHMS:
         raise ValueError(f"Unknown calibration algorithm {algorithm!r}; supported: {', '.join(CALIBRATION_ALGORITHMS)}")
@@ -114,7 +111,27 @@ def quant_config(quant_mode: str, algorithm: str | None = None) -> dict:
         quant_cfg.append({"quantizer_name": f"{layer}.weight_quantizer", "cfg": weight})
         if inputs is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": inputs})
+    if lm_head_mode is not None:
+        check_lm_head_mode(quant_mode, lm_head_mode, algorithm or default_algorithm)
+        quant_cfg.append({"quantizer_name": "lm_head.weight_quantizer", "cfg": layer_format(lm_head_mode)[0]})
     return {"quant_cfg": quant_cfg, "algorithm": algorithm or default_algorithm}
+
+
+def check_lm_head_mode(quant_mode: str, lm_head_mode: str, algorithm: str | dict) -> None:
+    """Raises ValueError for an output-layer format the twin cannot hold beside quant_mode's calibration."""
+    if lm_head_mode not in LM_HEAD_MODES:
+        raise ValueError(f"Unknown lm_head_mode {lm_head_mode!r}; supported: {', '.join(LM_HEAD_MODES)}")
+    if quant_mode == "float8":
+        raise ValueError("float8 quantizes the output layer already, in float8: it takes no lm_head_mode")
+    if lm_head_mode == "int8-weight-only" and algorithm != "max":
+        # AWQ would give the head a pre_quant_scale, which an int8 layer has no place for
+        raise ValueError("an int8 output layer is calibrated with max: beside AWQ's int4 take an int4 one")
+
+
+def untie_lm_head(model_hf: torch.nn.Module) -> None:
+    """Gives GPT-2's output layer a weight of its own instead of the input embedding's, for good."""
+    model_hf.lm_head.weight = torch.nn.Parameter(model_hf.lm_head.weight.detach().clone())
+    model_hf.config.tie_word_embeddings = False
 
 
 def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, run
+from cli.outputs import output_file, output_folder
 from sources.hub import BUNDLED_MODEL_DIR, HELDOUT_PATH
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 # each function imports the torch and transformers code it uses.
 
 DEFAULT_OUT_DIR = os.path.join(OUT_DIR, "model")
+INTEGER = {"metavar": "N", "type": int}  # the flags that count something
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,14 +60,34 @@ def main(argv: list[str] | None = None) -> None:
         train(model, train_tokens, validation_tokens, args, started)
     except TrainingDivergedError as error:
         raise UsageError(f"--lr {args.lr:g} is too high for this model: {error}; nothing was saved") from None
-    save(model, args.out_dir, validation_tokens)
-    # Written with the model, not before training: an interrupted run leaves the pair as it was.
-    heldout.write_text(heldout_text)
+    save(model, args.out_dir, args.overwrite, validation_tokens, heldout_text)
     print(f"total time {(time.time() - started) / 60:.1f} min")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_training_args(args)
+    checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))
+    if os.path.normpath(args.out_dir) == DEFAULT_OUT_DIR:
+        os.makedirs(OUT_DIR, exist_ok=True)  # a fresh clone has no out/; the model's own folder is made as it saves
+    checks.check_output_dir(args.out_dir, "--out-dir", args.overwrite)
+    if not args.overwrite and heldout_path(args.out_dir) == HELDOUT_PATH:
+        raise UsageError(f"--out-dir {args.out_dir} would replace {os.path.relpath(HELDOUT_PATH)}: pass --overwrite")
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """train.py's flags, in the order --help lists them."""
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_output_args(parser)
+    add_training_args(parser)
+    add_model_size_args(parser)
+    return parser
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """Where the checkpoint goes."""
     parser.add_argument(
         "--out-dir",
         metavar="DIR",
@@ -77,13 +99,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="let --out-dir be a folder that is not empty, and replace its files of the same names",
     )
-    number = {"metavar": "N", "type": int}
+
+
+def add_training_args(parser: argparse.ArgumentParser) -> None:
+    """The optimizer, its schedule and its regularization."""
     parser.add_argument(
-        "--steps", **number, default=1000, help="optimizer steps; the LR schedule spans them all (default: %(default)s)"
+        "--steps",
+        **INTEGER,
+        default=1000,
+        help="optimizer steps; the LR schedule spans them all (default: %(default)s)",
     )
     parser.add_argument("--seed", type=checks.seed, default=0, help="0 to 2**64 - 1 (default: %(default)s)")
     parser.add_argument(
-        "--batch-size", **number, default=8, help="windows of --n-positions tokens per step (default: %(default)s)"
+        "--batch-size", **INTEGER, default=8, help="windows of --n-positions tokens per step (default: %(default)s)"
     )
     parser.add_argument(
         "--lr",
@@ -91,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=2e-3,
         help="peak learning rate, above 0 and at most 1 (default: %(default)s)",
     )
-    parser.add_argument("--warmup", **number, default=50, help="warmup steps (default: %(default)s)")
+    parser.add_argument("--warmup", **INTEGER, default=50, help="warmup steps (default: %(default)s)")
     parser.add_argument(
         "--weight-decay",
         metavar="WD",
@@ -106,49 +134,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.1,
         help="the corpus is seen ~7 times: some regularization (default: %(default)s)",
     )
-    parser.add_argument("--n-layer", **number, default=6, help="transformer blocks (default: %(default)s)")
-    parser.add_argument("--n-head", **number, default=4, help="attention heads (default: %(default)s)")
+
+
+def add_model_size_args(parser: argparse.ArgumentParser) -> None:
+    """The GPT-2 trained, and how often the run reports."""
+    parser.add_argument("--n-layer", **INTEGER, default=6, help="transformer blocks (default: %(default)s)")
+    parser.add_argument("--n-head", **INTEGER, default=4, help="attention heads (default: %(default)s)")
     parser.add_argument(
-        "--n-embd", **number, default=128, help="a multiple of 128: int4 quantizes blocks of 128 (default: %(default)s)"
+        "--n-embd",
+        **INTEGER,
+        default=128,
+        help="a multiple of 128: int4 quantizes blocks of 128 (default: %(default)s)",
     )
     parser.add_argument(
         "--n-positions",
-        **number,
+        **INTEGER,
         default=256,
         help="the longest sequence, also the training context (default: %(default)s)",
     )
     parser.add_argument(
-        "--log-interval", **number, default=50, help="print the loss every N steps (default: %(default)s)"
+        "--log-interval", **INTEGER, default=50, help="print the loss every N steps (default: %(default)s)"
     )
     parser.add_argument(
         "--eval-interval",
-        **number,
+        **INTEGER,
         default=500,
         help="validation perplexity every N steps, 0 never (default: %(default)s)",
     )
-    args = parser.parse_args(argv)
-    if min(args.steps, args.batch_size, args.n_layer, args.n_head, args.log_interval) < 1:
-        raise UsageError("--steps, --batch-size, --n-layer, --n-head and --log-interval must be at least 1")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    """The counts, the model's sizes and the optimizer's settings, before any memory is taken."""
+    checks.check_at_least(args, 1, "steps", "batch_size", "n_layer", "n_head", "log_interval")
     if args.log_interval > args.steps:  # the loss is printed every --log-interval steps: it would never be
         raise UsageError(f"--log-interval ({args.log_interval}) must be at most --steps ({args.steps})")
-    if args.n_embd < 128 or args.n_embd % 128 or args.n_embd % args.n_head:
-        raise UsageError(
-            f"--n-embd must be a multiple of 128 (int4's block) and of --n-head: got {args.n_embd} and {args.n_head}"
-        )
-    if args.n_positions < 2 or not 0 <= args.warmup < args.steps or args.eval_interval < 0:
-        raise UsageError("--n-positions must be at least 2, --warmup from 0 to --steps - 1, --eval-interval at least 0")
-    if not 0 <= args.weight_decay <= 1 or not 0 <= args.dropout < 1:  # AdamW shrinks weights by lr * weight_decay
-        raise UsageError(
-            f"--weight-decay must be from 0 to 1 and --dropout from 0 to below 1: got {args.weight_decay} and "
-            f"{args.dropout}"
-        )
-    checks.check_fits_in_memory("training a GPT-2 of these sizes and this batch", training_bytes(args))
-    if os.path.normpath(args.out_dir) == DEFAULT_OUT_DIR:
-        os.makedirs(OUT_DIR, exist_ok=True)  # a fresh clone has no out/; the model's own folder is made as it saves
-    checks.check_output_dir(args.out_dir, "--out-dir", args.overwrite)
-    if not args.overwrite and heldout_path(args.out_dir) == HELDOUT_PATH:
-        raise UsageError(f"--out-dir {args.out_dir} would replace {os.path.relpath(HELDOUT_PATH)}: pass --overwrite")
-    return args
+    if args.n_embd < 128 or args.n_embd % 128:
+        raise UsageError(f"--n-embd must be a multiple of 128 (int4's block), got {args.n_embd}")
+    if args.n_embd % args.n_head:
+        raise UsageError(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
+    checks.check_at_least(args, 2, "n_positions")
+    checks.check_at_least(args, 0, "eval_interval")
+    if not 0 <= args.warmup < args.steps:
+        raise UsageError(f"--warmup must be from 0 to --steps - 1 ({args.steps - 1}), got {args.warmup}")
+    if not 0 <= args.weight_decay <= 1:  # AdamW shrinks weights by lr * weight_decay
+        raise UsageError(f"--weight-decay must be from 0 to 1, got {args.weight_decay}")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be from 0 to below 1, got {args.dropout}")
 
 
 def training_bytes(args: argparse.Namespace) -> int:
@@ -267,16 +298,27 @@ def train(
             interval_start = time.time()
 
 
-def save(model: GPT2LMHeadModel, out_dir: str, validation_tokens: torch.Tensor) -> None:
-    """Saves the checkpoint in float16 and measures it the way consumers load it, in float32."""
+def save(
+    model: GPT2LMHeadModel, out_dir: str, overwrite: bool, validation_tokens: torch.Tensor, heldout_text: str
+) -> None:
+    """Saves the checkpoint in float16 with its held-out text (`heldout_path`), and measures it the way consumers
+    load it, in float32. Both are written after training, into a folder that becomes `out_dir` whole (cli/outputs.py):
+    an interrupted or failed run leaves the pair as it was."""
     import torch
     from transformers import GPT2LMHeadModel
 
-    # float16 halves the file; the 50257 x n_embd embedding table is most of it.
-    model.half().save_pretrained(out_dir, safe_serialization=True)
-    size = sum(path.stat().st_size for path in Path(out_dir).iterdir())
-    saved = GPT2LMHeadModel.from_pretrained(out_dir, dtype=torch.float32)
-    ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
+    heldout = heldout_path(out_dir)
+    with output_folder(out_dir, "--out-dir", overwrite) as folder:
+        # float16 halves the file; the 50257 x n_embd embedding table is most of it.
+        model.half().save_pretrained(folder, safe_serialization=True)
+        size = sum(path.stat().st_size for path in Path(folder).iterdir())
+        saved = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
+        ppl = validation_perplexity(saved, validation_tokens, saved.config.n_positions)
+        if heldout != HELDOUT_PATH:
+            Path(folder, heldout.name).write_text(heldout_text)
+    if heldout == HELDOUT_PATH:  # the bundled model's goes to data/
+        with output_file(str(HELDOUT_PATH), "--out-dir", replace=True) as temp:
+            Path(temp).write_text(heldout_text)
     print(f"validation perplexity {ppl:.2f} (saved checkpoint, float32)")
     print(f"checkpoint {os.path.relpath(out_dir)}: {size:,} bytes")
 

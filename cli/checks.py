@@ -62,6 +62,14 @@ def learning_rate(text: str) -> float:
     return value
 
 
+def check_at_least(args: argparse.Namespace, least: int, *names: str) -> None:
+    """Each of the parsed counts `names` (argparse's names: n_layer for --n-layer) is at least `least`; a refusal
+    names the first that is not, and only it."""
+    for name in names:
+        if getattr(args, name) < least:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+
+
 def check_prompt(text: str, flag: str) -> None:
     if not text.strip():
         raise UsageError(f"{flag} is empty: give a prompt for the model to continue")

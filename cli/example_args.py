@@ -31,11 +31,36 @@ FLOAT8_MIN_CAPABILITY = (8, 9)  # TensorRT runs float8 on Ada (8.9), Hopper (9.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses the command line and checks everything that can be checked without loading a model."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    export = check_model_args(args, parser)
+    check_generation_args(args)
+    check_calibration_args(args, export)
+    check_export_flags(args)
+    check_saved_model_args(args)
+    check_auto_quantize_args(args)
+    check_outputs_apart(args)
+    check_export_only(args, parser)
+    return args
+
+
+def build_parser() -> ArgumentParser:
+    """example.py's flags, in the order --help lists them."""
     parser = ArgumentParser(
         description="Generate text with GPT-2, optionally quantized by NVIDIA ModelOpt, on Tripy (TensorRT) on a GPU, "
         "or on its PyTorch twin on the CPU.",
         epilog="example: python example.py --quant-mode int4-weight-only --input-text 'The meaning of life is'",
     )
+    add_model_args(parser)
+    add_quantization_args(parser)
+    add_generation_args(parser)
+    add_calibration_args(parser)
+    add_output_args(parser)
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The prompt and the model it goes to."""
     parser.add_argument(
         "--input-text", metavar="TEXT", default=DEFAULT_PROMPT, help="the prompt (default: %(default)r)"
     )
@@ -47,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--export-onnx, which ONNX Runtime runs "
         f"(default: {DEFAULT_MODEL}, or the bundled model in bundled_model/ when {DEFAULT_MODEL} cannot be downloaded)",
     )
+
+
+def add_quantization_args(parser: argparse.ArgumentParser) -> None:
+    """How ModelOpt quantizes the model, and AutoQuantize's budget and recipes."""
     parser.add_argument(
         "--quant-mode",
         choices=(*QUANT_MODES, AUTO_QUANT_MODE),
@@ -80,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="FILE",
         help=f"where to save the searched per-layer formats, for --recipe (default: {DEFAULT_RECIPE})",
     )
+
+
+def add_generation_args(parser: argparse.ArgumentParser) -> None:
+    """How the text is sampled, and what runs the model."""
     parser.add_argument("--max-new-tokens", metavar="N", type=int, default=64, help="tokens to generate (default: 64)")
     parser.add_argument(
         "--seed",
@@ -110,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("float16", "float32"),
         help="compute type (default: float16 on tripy; float32 on torch, because float16 matmuls are slow on a CPU)",
     )
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    """The text that calibration runs through the model."""
     parser.add_argument(
         "--calibration-data",
         metavar="NAME_OR_FILE",
@@ -124,6 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one: on 2 CPU cores, 32 of the shipped paragraphs take about 3 s for the bundled model and 40 s for gpt2 "
         f"(default: {DEFAULT_CALIBRATION_SAMPLES})",
     )
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """What a run writes (exports, a saved model) or restores, and what it prints about the quantizers."""
     parser.add_argument(
         "--export-dir",
         metavar="DIR",
@@ -163,8 +204,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--verbose", action="store_true", help="print ModelOpt's summary of the quantized model's quantizers"
     )
-    args = parser.parse_args(argv)
 
+
+def check_model_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> bool:
+    """The model: a Hub name, a checkpoint folder, an export or an ONNX folder, and the flags each takes. Returns
+    whether it is an export (written by --export-dir)."""
     export = is_export(args.model_type)
     if is_onnx_folder(args.model_type):
         check_onnx_folder_args(args, parser)
@@ -175,12 +219,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if export:
         checks.check_path_name(args.model_type, "--model-type")  # safetensors cannot open a path that is not UTF-8
         check_export_args(args)
+    return export
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The prompt and the sampling."""
     checks.check_prompt(args.input_text, "--input-text")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     check_temperature(args.temperature)
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1, got {args.top_k}")
+
+
+def check_calibration_args(args: argparse.Namespace, export: bool) -> None:
+    """What calibration reads, and the K and V quantizers it calibrates: only for a model example.py quantizes."""
     if args.num_calibration_samples is None:
         args.num_calibration_samples = DEFAULT_CALIBRATION_SAMPLES
     elif args.quant_mode is None or args.load_quantized is not None:
@@ -201,6 +254,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or use --export-dir, which keeps it")
     if args.quant_mode is not None and args.load_quantized is None and not export:
         checks.check_datasets_cache()
+
+
+def check_export_flags(args: argparse.Namespace) -> None:
+    """--export-dir, --export-onnx and the flags that need one of them; each folder can be written."""
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
     if args.export_only and args.export_dir is None and args.export_onnx is None:
@@ -211,6 +268,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_export_dir(args.export_dir, args.model_type, args.overwrite)
     if args.export_onnx is not None:
         check_export_dir(args.export_onnx, args.model_type, args.overwrite, "--export-onnx")
+
+
+def check_saved_model_args(args: argparse.Namespace) -> None:
+    """--load-quantized reads a file that exists; --save-quantized writes a new one; --verbose has quantizers to
+    print."""
     if args.load_quantized is not None:
         if os.path.isdir(args.load_quantized):
             raise UsageError(f"--load-quantized {args.load_quantized} is a folder: name a file --save-quantized wrote")
@@ -220,10 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             open(args.load_quantized, "rb").close()
         except OSError as error:
             raise UsageError(f"cannot read --load-quantized {args.load_quantized}: {error.strerror}") from None
-        if args.calibration_data is not None or args.save_quantized is not None:
-            raise UsageError(
-                "--load-quantized restores a calibrated model: --calibration-data and --save-quantized do not apply"
-            )
+        refuse_with_load_quantized(calibration_data=args.calibration_data, save_quantized=args.save_quantized)
     elif args.save_quantized is not None and args.quant_mode is None:
         raise UsageError("--save-quantized needs --quant-mode: it saves the calibrated model")
     if args.save_quantized == SAVE_QUANTIZED_DEFAULT:
@@ -233,14 +292,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         checks.check_output_file(args.save_quantized, "--save-quantized", new=True)
     if args.verbose and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
-    check_auto_quantize_args(args)
-    check_outputs_apart(args)
+
+
+def refuse_with_load_quantized(**values: object) -> None:
+    """What only calibrating takes, given with --load-quantized (argparse's names: recipe for --recipe): the refusal
+    names the first given."""
+    given = next((name for name, value in values.items() if value is not None), None)
+    if given is not None:
+        raise UsageError(f"--load-quantized restores a calibrated model: --{given.replace('_', '-')} does not apply")
+
+
+def check_export_only(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--export-only stops before generating: a generation option given with it would be ignored."""
     if args.export_only:
         changed = [name for name in GENERATION_OPTIONS if getattr(args, name) != parser.get_default(name)]
         if changed:
             options = ", ".join(f"--{name.replace('_', '-')}" for name in changed)
             raise UsageError(f"--export-only stops before generating: {options} would do nothing")
-    return args
 
 
 def check_outputs_apart(args: argparse.Namespace) -> None:
@@ -285,6 +353,22 @@ def check_export_args(args: argparse.Namespace) -> None:
             f"{args.model_type} is an exported checkpoint, calibrated already: {', '.join(given)} "
             f"{'is' if len(given) == 1 else 'are'} for a model that example.py quantizes"
         )
+    from exports.quant_algos import export_modes  # the standard library only: the export's small JSON file
+
+    quant_algo, quant_mode, kv_cache = export_modes(args.model_type)
+    if args.quant_mode is not None and quant_mode is not None and args.quant_mode != quant_mode:
+        raise UsageError(
+            f"--quant-mode {args.quant_mode} conflicts with {args.model_type}, exported in {quant_mode} "
+            f"({quant_algo}); leave --quant-mode out to run an export in the mode it was calibrated in"
+        )
+    if kv_cache is not None and args.export_onnx is not None:
+        raise onnx_kv_cache_refusal(args.model_type, kv_cache)
+
+
+def onnx_kv_cache_refusal(source: str, kv_cache: str) -> UsageError:
+    """--export-onnx of a model that has a quantized KV cache: an export's, seen here, or a restored one's, seen as
+    exports/onnx_export.py reads it."""
+    return UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {source} has a {kv_cache} one: use --export-dir")
 
 
 def is_onnx_folder(model_type: str | None) -> bool:
@@ -314,8 +398,7 @@ def check_auto_quantize_args(args: argparse.Namespace) -> None:
     with --load-quantized, neither: the file holds each layer's format."""
     auto = args.quant_mode == AUTO_QUANT_MODE
     if args.load_quantized is not None:
-        if args.effective_bits is not None or args.recipe is not None:
-            raise UsageError("--load-quantized restores a calibrated model: --effective-bits and --recipe do not apply")
+        refuse_with_load_quantized(effective_bits=args.effective_bits, recipe=args.recipe)
         auto = False  # a restored mix is neither searched nor built from a recipe
     for option, value in (("--effective-bits", args.effective_bits), ("--recipe", args.recipe)):
         if value is not None and not auto:

@@ -21,6 +21,7 @@ import copy
 import json
 import os
 import time
+import warnings
 
 import torch
 from modelopt.torch.export import export_hf_checkpoint
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel
 
 from cli import UsageError
+from cli.outputs import output_folder
 from exports.modelopt_hf import CONV1D_LAYERS, safetensors_files
 from sources.tokenizer import gpt2_tokenizer
 
@@ -52,18 +54,12 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     dtype = next(model.parameters()).dtype
     model.config.dtype = dtype
     _add_identity_pre_quant_scales(model)
-    before = _file_states(export_dir)
-    with torch.inference_mode():
+    with torch.inference_mode(), warnings.catch_warnings():
+        # ModelOpt warns before it re-raises any error (a full disk's too); the caller reports the error once.
+        warnings.filterwarnings("ignore", message="Cannot export model to the model_config")
         export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
     _write_conv1d_layout(export_dir)
     gpt2_tokenizer().save_pretrained(export_dir)
-    # safetensors writes model.safetensors readable by its owner only, next to JSON files that follow the umask:
-    # every file the export wrote gets the mode a new file gets here.
-    umask = os.umask(0)
-    os.umask(umask)
-    for name, state in _file_states(export_dir).items():
-        if before.get(name) != state:
-            os.chmod(os.path.join(export_dir, name), 0o666 & ~umask)
 
 
 def _add_identity_pre_quant_scales(model: GPT2LMHeadModel) -> None:
@@ -138,29 +134,19 @@ def _write_conv1d_layout(export_dir: str) -> None:
         json.dump(config, file, indent=2)
 
 
-def _file_states(folder: str) -> dict[str, tuple[int, int, int]]:
-    """name -> (inode, size, modification time) of each file in `folder`: what tells a rewritten file."""
-    if not os.path.isdir(folder):
-        return {}
-    states = {}
-    for entry in os.scandir(folder):
-        if entry.is_file():
-            stat = entry.stat()
-            states[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    return states
-
-
 def _is_quantized(module: torch.nn.Module) -> bool:
     quantizer = getattr(module, "weight_quantizer", None)
     return quantizer is not None and quantizer.is_enabled
 
 
-def export_step(quantized_model: torch.nn.Module, export_dir: str) -> None:
+def export_step(quantized_model: torch.nn.Module, export_dir: str, overwrite: bool = False) -> None:
     """example.py's --export-dir: writes the quantized model as a unified Hugging Face checkpoint, which TensorRT-LLM
-    and vLLM load; what it cannot export is a UsageError."""
+    and vLLM load, into a new folder that becomes `export_dir` whole (cli/outputs.py); what it cannot export, and
+    what cannot be written, is a UsageError."""
     start = time.perf_counter()
     try:
-        export_checkpoint(quantized_model, export_dir)
-    except (ValueError, RuntimeError, OSError) as error:  # exports/checkpoint.py's documented limitations, a full disk
+        with output_folder(export_dir, "--export-dir", overwrite) as folder:
+            export_checkpoint(quantized_model, folder)
+    except (ValueError, RuntimeError) as error:  # exports/checkpoint.py's documented limitations
         raise UsageError(f"cannot export to {export_dir}: {error}") from None
     print(f"Exported the quantized checkpoint to {export_dir} in {time.perf_counter() - start:.1f} s")

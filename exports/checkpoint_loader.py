@@ -69,9 +69,10 @@ def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
     return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, kv_cache=fmt.kv_cache, **overrides)
 
 
-def read_checked_export(export_dir: str, quant_mode: str | None) -> tuple[Any, str]:
+def read_checked_export(export_dir: str) -> tuple[Any, str]:
     """example.py's --model-type EXPORT_DIR: (its GPT2Config, its quantization mode) of an export, checked down to
-    every tensor's shape; what is wrong with it, or a --quant-mode it was not calibrated in, is a UsageError."""
+    every tensor's shape; what is wrong with it is a UsageError. (A --quant-mode it was not calibrated in is refused
+    with the command line, cli/example_args.py.)"""
     from exports.modelopt_hf import ExportFormatError, check_tensors, read_export
 
     try:
@@ -79,9 +80,4 @@ def read_checked_export(export_dir: str, quant_mode: str | None) -> tuple[Any, s
         check_tensors(export_dir, fmt, hf_config)
     except (ExportFormatError, OSError) as error:
         raise UsageError(str(error)) from None
-    if quant_mode is not None and quant_mode != fmt.quant_mode:
-        raise UsageError(
-            f"--quant-mode {quant_mode} conflicts with {export_dir}, exported in {fmt.quant_mode} ({fmt.quant_algo}); "
-            "leave --quant-mode out to run an export in the mode it was calibrated in"
-        )
     return hf_config, fmt.quant_mode

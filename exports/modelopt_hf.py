@@ -42,16 +42,10 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from exports.quant_algos import KV_CACHE_QUANT_ALGOS, QUANT_ALGOS
 from reference import quantize_dequantize
 from sources.hub import check_config
 
-QUANT_ALGOS = {
-    "W8A16": "int8-weight-only",
-    "W4A16_AWQ": "int4-weight-only",
-    "FP8": "float8",
-    "W8A8_SQ_PER_CHANNEL": "int8-smoothquant",
-}
-KV_CACHE_QUANT_ALGOS = {"FP8": "float8"}  # kv_cache_quant_algo -> config.KV_CACHE_MODES
 WEIGHT_LAYOUTS = ("linear", "conv1d")  # [out, in] (ModelOpt's), [in, out] (GPT-2's Conv1D)
 STORED_DTYPE = {
     "int8-weight-only": torch.int8,

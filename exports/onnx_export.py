@@ -37,7 +37,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE
-from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear, gelu_tanh
+from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
@@ -210,8 +210,14 @@ class ExportBlock(nn.Module):
         att = att.masked_fill(hidden_mask, torch.finfo(att.dtype).min)
         y = torch.softmax(att, dim=-1) @ v  # [batch, heads, seq, head_dim]
         x = x + self.attn.c_proj(y.transpose(1, 2).reshape(batch, seq, embd))
-        x = x + self.mlp.c_proj(gelu_tanh(self.mlp.c_fc(self.ln_2(x))))
+        x = x + self.mlp.c_proj(gelu_tanh_fusable(self.mlp.c_fc(self.ln_2(x))))
         return x, k, v
+
+
+def gelu_tanh_fusable(x: torch.Tensor) -> torch.Tensor:
+    """reference.gelu_tanh in the form ONNX Runtime fuses into one FastGelu kernel (x cubed as a Pow, the half taken
+    of x first): the same function, 8 nodes fewer per layer."""
+    return (0.5 * x) * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3))))
 
 
 class ExportGPT(nn.Module):
@@ -266,26 +272,25 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     if config.kv_cache is not None:
         raise ValueError(f"export_onnx writes a float32 KV cache: a twin with a {config.kv_cache} one is not exported")
     os.makedirs(out_dir, exist_ok=True)
-    steps = tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr)
-    steps.set_postfix_str("tracing")
-    model = onnx_model(twin)
-    stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
-    if stored_bytes >= MAX_FILE_BYTES:
-        steps.close()
-        raise ValueError(
-            f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
-            "quantize the model (int4 or int8) or export a smaller one"
-        )
-    steps.update()
-    steps.set_postfix_str("checking")
-    onnx.checker.check_model(model, full_check=True)
-    steps.update()
-    steps.set_postfix_str("saving")
-    path = os.path.join(out_dir, MODEL_FILE)
-    onnx.save_model(model, path)
-    write_hf_files(config, out_dir)
-    steps.update()
-    steps.close()
+    # Closed however the export ends: a message after it (a full disk, SIGTERM) starts on a line of its own.
+    with tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr) as steps:
+        steps.set_postfix_str("tracing")
+        model = onnx_model(twin)
+        stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
+        if stored_bytes >= MAX_FILE_BYTES:
+            raise ValueError(
+                f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
+                "quantize the model (int4 or int8) or export a smaller one"
+            )
+        steps.update()
+        steps.set_postfix_str("checking")
+        onnx.checker.check_model(model, full_check=True)
+        steps.update()
+        steps.set_postfix_str("saving")
+        path = os.path.join(out_dir, MODEL_FILE)
+        onnx.save_model(model, path)
+        write_hf_files(config, out_dir)
+        steps.update()
     return summary(model, path)
 
 
@@ -295,25 +300,30 @@ def export_step(
     quant_mode: str | None,
     layer_quant_modes: dict[str, str | None] | None,
     out_dir: str,
+    overwrite: bool = False,
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
     from cli import UsageError
-    from cli.example_args import ONNX_KV_CACHE
+    from cli.example_args import onnx_kv_cache_refusal
+    from cli.outputs import output_folder
     from measure.twin import load_export_twin, load_twin
     from quant.kv_cache import kv_cache_in
 
     kv_cache = kv_cache_in(model_type, hf_model)
     if kv_cache is not None:  # restored or exported with one: --kv-cache itself is refused before calibrating
-        raise UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {model_type} has a {kv_cache} one: use --export-dir")
+        raise onnx_kv_cache_refusal(model_type, kv_cache)
     if hf_model is None:
         twin = load_export_twin(model_type)
     else:
         twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
     try:
-        print(export_onnx(twin, out_dir))
+        # Written into a new folder that becomes out_dir whole, and only if no other run's is there by then.
+        with output_folder(out_dir, "--export-onnx", overwrite) as folder:
+            written = export_onnx(twin, folder)
     except ValueError as error:  # a model too large for one file
         raise UsageError(f"--export-onnx: {error}") from None
+    print(written.replace(folder, out_dir))  # the summary names the file where it now is
 
 
 def onnx_model(twin: GPT) -> onnx.ModelProto:

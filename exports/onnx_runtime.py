@@ -13,13 +13,15 @@ import argparse
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 
+import reference
 from exports.onnx_export import MODEL_FILE
 
 # `session.qdq_matmulnbits_accuracy_level`: 4 computes activations in int8 (ONNX Runtime's default), 1 in float32.
@@ -27,9 +29,13 @@ ACCURACY_LEVELS = {"int8": 4, "float32": 1}
 EXACT = "exact"  # no graph optimization at all: every DequantizeLinear and MatMul as the file has them
 
 
-def session(onnx_dir: str, math: str = "int8", threads: int = 0) -> ort.InferenceSession:
+def session(
+    onnx_dir: str, math: str = "int8", threads: int = 0, last_position_only: bool = False, profile: str | None = None
+) -> ort.InferenceSession:
     """An ONNX Runtime CPU session on onnx_dir/model.onnx. `math`: "int8" (the default fused kernels), "float32"
-    (fused, float math) or EXACT (unfused). threads 0 lets ONNX Runtime choose."""
+    (fused, float math) or EXACT (unfused). threads 0 lets ONNX Runtime choose. `last_position_only`: the graph,
+    edited in memory, computes the logits of the last position only (generation: the prompt pass skips the output
+    layer on every other position). `profile`: a file name prefix for ONNX Runtime's per-operator profile."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # warnings about unused initializers and such are not the user's business
@@ -37,7 +43,30 @@ def session(onnx_dir: str, math: str = "int8", threads: int = 0) -> ort.Inferenc
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     else:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ACCURACY_LEVELS[math]))
-    return ort.InferenceSession(os.path.join(onnx_dir, MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile
+    model = os.path.join(onnx_dir, MODEL_FILE)
+    if last_position_only:
+        model = last_position_logits(onnx.load(model)).SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with a Slice of the last position between the final LayerNorm and the output layer's MatMul:
+    logits [batch, 1, vocab], as the twin's forward_with_cache returns them."""
+    graph = model.graph
+    head = next(node for node in graph.node if "logits" in node.output)
+    if head.op_type != "MatMul":
+        raise ValueError(f"the logits come from a {head.op_type}, not the output layer's MatMul")
+    bounds = {"last.starts": -1, "last.ends": np.iinfo(np.int64).max, "last.axes": 1}
+    graph.initializer.extend(onnx.numpy_helper.from_array(np.array([v], np.int64), k) for k, v in bounds.items())
+    sliced = onnx.helper.make_node("Slice", [head.input[0], *bounds], ["last.hidden"], name="last_position")
+    head.input[0] = "last.hidden"
+    graph.node.insert(list(graph.node).index(head), sliced)
+    logits = next(output for output in graph.output if output.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_value = 1  # [batch, 1, vocab]
+    return model
 
 
 def quantization(onnx_dir: str) -> dict:
@@ -48,8 +77,9 @@ def quantization(onnx_dir: str) -> dict:
 
 
 class OnnxGPT:
-    """The ONNX graph behind the twin's calls: `model(idx)` and `forward_with_cache`, numpy in and out of ONNX
-    Runtime, so that reference.generate and measure/perplexity.py run it as they run the twin."""
+    """The ONNX graph behind the twin's calls: `model(idx)` for perplexity and `forward_with_cache` for generation,
+    torch tensors in and out. The keys and values stay in ONNX Runtime's memory between steps, as OrtValues that one
+    call returns and the next one takes, never copied into numpy."""
 
     def __init__(self, sess: ort.InferenceSession):
         self.session = sess
@@ -57,39 +87,54 @@ class OnnxGPT:
         key = inputs["past_key_values.0.key"]
         self.num_layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
         self.num_heads, self.head_dim = key.shape[1], key.shape[3]
+        self.last_position_only = sess.get_outputs()[0].shape[1] == 1  # session(..., last_position_only=True)
+        self.output_names = [output.name for output in sess.get_outputs()]
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [batch, seq] -> logits [batch, seq, vocab] with no past: the twin's forward, for perplexity."""
+        if self.last_position_only:
+            raise ValueError("this session computes the last position's logits only: open it with the default")
         return self.run(idx, None, None)[0]
 
-    def forward_with_cache(
-        self, idx: torch.Tensor, past_keys: torch.Tensor | None = None, past_values: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The twin's forward_with_cache: idx [batch, seq] after a past whose keys and values are past_keys and
-        past_values [layers, batch, heads, past, head_dim] (None: no past). Returns the logits of the last position
-        [batch, 1, vocab] and the keys and values of past + seq."""
+    def forward_with_cache(self, idx: torch.Tensor, past_keys: list | None = None, past_values: list | None = None):
+        """The twin's forward_with_cache: idx [batch, seq] after the past whose keys and values are given (None at
+        the prompt), here one OrtValue per layer [batch, heads, past, head_dim]. Returns the last position's logits
+        [batch, 1, vocab] and the keys and values of past + seq, to pass to the next call."""
         logits, keys, values = self.run(idx, past_keys, past_values)
-        return logits[:, -1:, :], keys, values
+        return logits[:, -1:], keys, values
 
-    def run(
-        self, idx: torch.Tensor, past_keys: torch.Tensor | None, past_values: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One session.run: the logits of every position [batch, seq, vocab], and the keys and values of past + seq."""
+    def run(self, idx: torch.Tensor, past_keys: list | None, past_values: list | None):
+        """One session.run: the logits as torch, the presents as OrtValues."""
         batch, seq = idx.shape
         if past_keys is None:
-            past_keys = past_values = torch.zeros(self.num_layers, batch, self.num_heads, 0, self.head_dim)
-        past_len = past_keys.shape[3]
+            empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.num_heads, 0, self.head_dim), np.float32))
+            past_keys = past_values = [empty] * self.num_layers
+        past_len = past_keys[0].shape()[2]
         feeds = {
             "input_ids": idx.numpy().astype(np.int64),
             "attention_mask": np.ones((batch, past_len + seq), np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)),
+            "position_ids": np.ascontiguousarray(
+                np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+            ),
         }
+        feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = past_keys[i].numpy()
-            feeds[f"past_key_values.{i}.value"] = past_values[i].numpy()
-        logits, *presents = self.session.run(None, feeds)  # presents: key 0, value 0, key 1, ...
-        keys, values = torch.from_numpy(np.stack(presents[0::2])), torch.from_numpy(np.stack(presents[1::2]))
-        return torch.from_numpy(logits), keys, values
+            feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past_keys[i], past_values[i]
+        logits, *presents = self.session.run_with_ort_values(self.output_names, feeds)
+        return torch.from_numpy(logits.numpy()), presents[0::2], presents[1::2]
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads set to `count` inside, restored after. On a small CPU torch's idle threads spin
+    beside ONNX Runtime's and halve its speed (docs/benchmark.md): the generation loop around ONNX Runtime
+    (reference.generate, whose sampling and concatenation are torch ops) runs inside torch_threads(1)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) -> Callable[..., torch.Tensor]:
@@ -98,17 +143,17 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     checking that the prompt and the new tokens fit the model."""
     from transformers import GPT2Config
 
-    import reference
     from cli.example_args import check_model_fits
 
     # quantized already: only the context is checked
     check_model_fits(args, onnx_dir, GPT2Config.from_pretrained(onnx_dir), None, prompt_len)
     start = time.perf_counter()
-    model = OnnxGPT(session(onnx_dir))
+    model = OnnxGPT(session(onnx_dir, last_position_only=True))
     mode = quantization(onnx_dir)["quant_mode"] or "unquantized"
     print(f"Model: {onnx_dir} (ONNX, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
-        return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
+        with torch_threads(1):
+            return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
 
     return run

@@ -16,12 +16,19 @@ def load_twin(
     quantized_model: GPT2LMHeadModel | None = None,
     layer_quant_modes: dict[str, str | None] | None = None,
     kv_cache: str | None = None,
+    lm_head_mode: str | None = None,
 ) -> GPT:
     """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
     scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
-    `quantization.auto_quantize`, which chose the `layer_quant_modes`), and with `kv_cache` its KV-cache scales."""
+    `quantization.auto_quantize`, which chose the `layer_quant_modes`), with `kv_cache` its KV-cache scales, and with
+    `lm_head_mode` its output layer's (modelopt_quantize's lm_head_mode)."""
     config = config_from_hf(
-        hf_model, dtype="float32", quant_mode=quant_mode, layer_quant_modes=layer_quant_modes, kv_cache=kv_cache
+        hf_model,
+        dtype="float32",
+        quant_mode=quant_mode,
+        layer_quant_modes=layer_quant_modes,
+        kv_cache=kv_cache,
+        lm_head_mode=lm_head_mode,
     )
     twin = GPT(config).eval()
     if quant_mode is None:

@@ -11,12 +11,13 @@ import fnmatch
 import json
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
+import modelopt.torch.quantization as mtq
 import torch
 
 from cli import UsageError
+from cli.outputs import output_file
 from config import EFFECTIVE_BITS_RANGE, QUANT_MODES, quant_mode_of
 from quantization import (
     BLOCK_LINEARS,
@@ -27,11 +28,6 @@ from quantization import (
     layer_format,
 )
 from sources.tokenizer import gpt2_tokenizer
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.quantization as mtq
 
 # The bits per weight AutoQuantize counts for each format (it leaves scales out); None: left unquantized.
 # EFFECTIVE_BITS_RANGE (config.py) is the least and the most of these.
@@ -136,10 +132,7 @@ def search_recipes(
     round_scores(state)
     recipes = []
     for bits in budgets:
-        with warnings.catch_warnings():
-            # It warns that its config calibrates with "max" only: the config is read here for its formats only.
-            warnings.filterwarnings("ignore", message=r"get_auto_quantize_config: returned config uses")
-            config = mtq.get_auto_quantize_config(state, {"effective_bits": bits})
+        config = mtq.get_auto_quantize_config(state, {"effective_bits": bits})  # read for its formats only
         enabled = {
             entry["quantizer_name"]: entry.get("cfg", {})
             for entry in config["quant_cfg"]
@@ -226,27 +219,21 @@ def _run_auto_quantize(
     device = next(model_hf.parameters()).device
     texts = calibration_texts(dataset_name, num_samples)
     batches = calibration_batches(model_hf, texts, gpt2_tokenizer(), device, batch_size, max_length=512)
-    with warnings.catch_warnings():
-        # ModelOpt warns that results with custom formats "may not be optimal": these are the example's own modes;
-        # and that it turns on gradient checkpointing, which is turned off again below.
-        warnings.filterwarnings("ignore", message=r"Received custom quantization formats")
-        warnings.filterwarnings("ignore", message=r"AutoQuantize: Huggingface model detected")
-        warnings.filterwarnings("ignore", message=r"`gradient_checkpointing_enable` is deprecated")
-        model_hf, state = mtq.auto_quantize(
-            model_hf,
-            # lm_head (tied to the embedding) stays out of the search and out of the bits' count.
-            constraints={"effective_bits": effective_bits, "cost": {"excluded_module_name_patterns": ["lm_head"]}},
-            quantization_formats=[auto_quantize_format(mode) for mode in SEARCHED_MODES],
-            data_loader=batches,
-            forward_step=lambda model, batch: model(**batch),
-            loss_func=lambda output, batch: output.loss * SCORE_SCALE,
-            disabled_layers=["lm_head", *(unquantized or [])],
-            module_search_spaces=search_spaces,
-            num_calib_steps=len(batches),
-            num_score_steps=score_steps or len(batches),
-            verbose=False,
-        )
-    model_hf.gradient_checkpointing_disable()
+    model_hf, state = mtq.auto_quantize(
+        model_hf,
+        # lm_head (tied to the embedding) stays out of the search and out of the bits' count.
+        constraints={"effective_bits": effective_bits, "cost": {"excluded_module_name_patterns": ["lm_head"]}},
+        quantization_formats=[auto_quantize_format(mode) for mode in SEARCHED_MODES],
+        data_loader=batches,
+        forward_step=lambda model, batch: model(**batch),
+        loss_func=lambda output, batch: output.loss * SCORE_SCALE,
+        disabled_layers=["lm_head", *(unquantized or [])],
+        module_search_spaces=search_spaces,
+        num_calib_steps=len(batches),
+        num_score_steps=score_steps or len(batches),
+        verbose=False,
+    )
+    model_hf.activation_checkpointing_disable()  # AutoQuantize turned it on, for the search's backward passes
     return model_hf.eval(), state, len(texts)
 
 
@@ -287,9 +274,11 @@ def format_recipe(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
-def save_recipe(recipe: Recipe, path: str) -> None:
+def save_recipe(recipe: Recipe, path: str, replace: bool = False) -> None:
+    """Writes the recipe as JSON into a new file that becomes `path` whole (cli/outputs.py): only if nothing is
+    there by then, or with `replace` over the last one."""
     layers = {layer: mode or UNQUANTIZED for layer, mode in recipe.layers.items()}
-    with open(path, "w", encoding="utf-8") as file:
+    with output_file(path, "--recipe-out", replace) as temp, open(temp, "w", encoding="utf-8") as file:
         json.dump({"effective_bits": round(recipe.effective_bits, 4), "layers": layers}, file, indent=2)
         file.write("\n")
 
@@ -347,10 +336,7 @@ def auto_quantize_step(
     print(format_recipe(recipe))
     if args.recipe is None:
         replaced = " (replacing the last search's)" if os.path.exists(recipe_out) else ""
-        try:
-            save_recipe(recipe, recipe_out)
-        except OSError as error:
-            raise UsageError(f"cannot write --recipe-out {recipe_out}: {error.strerror}") from None
+        save_recipe(recipe, recipe_out, replace=args.recipe_out is None)  # the default file is the last search's
         print(
             f"Saved the per-layer formats to {recipe_out}{replaced}: "
             f"--recipe {recipe_out} reuses them without searching"

@@ -4,22 +4,19 @@ calibrated scales and the weights, so that a later run (or qat.py's fine-tuned m
 example.py imports this module only for --save-quantized and --load-quantized.
 """
 
+import io
 import os
 import time
-import warnings
 from collections import Counter
 
+import modelopt.torch.opt as mto
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from cli import UsageError
+from cli.outputs import output_file
 from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
 from weight_loader import MAXBOUND
-
-with warnings.catch_warnings():
-    # ModelOpt warns on import that it was not tested with this transformers version; this project's tests are.
-    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
-    import modelopt.torch.opt as mto
 
 
 class QuantizedCheckpointError(ValueError):
@@ -57,7 +54,12 @@ def save_quantized(model: torch.nn.Module, path: str) -> None:
             tensor = halves.setdefault(tensor.data_ptr(), tensor.half())
         weights[key] = tensor
     checkpoint = {"modelopt_state": mto.modelopt_state(model), "model_state_dict": weights}
-    torch.save({**checkpoint, "quantized_weights": quantized_weights}, path)
+    # Serialized in memory, then written by Python: a failed write (a full disk) is an OSError that says why, where
+    # torch's own writer stops at a short write with "unexpected pos".
+    buffer = io.BytesIO()
+    torch.save({**checkpoint, "quantized_weights": quantized_weights}, buffer)
+    with open(path, "wb") as file:
+        file.write(buffer.getbuffer())
 
 
 def integer_weights(module: torch.nn.Module, quant_mode: str) -> torch.Tensor:
@@ -208,9 +210,8 @@ def restore_step(
 
 
 def save_step(hf_model: torch.nn.Module, path: str) -> None:
-    """example.py's --save-quantized: `save_quantized`, a file it cannot write a UsageError."""
-    try:
-        save_quantized(hf_model, path)
-    except (OSError, RuntimeError) as error:  # torch.save reports a file it cannot open as a RuntimeError
-        raise UsageError(f"cannot write --save-quantized {path}: {error}") from None
+    """example.py's --save-quantized: `save_quantized` into a new file that becomes `path` whole, and only if nothing
+    is there by then (cli/outputs.py); a file it cannot write is a UsageError."""
+    with output_file(path, "--save-quantized") as temp:
+        save_quantized(hf_model, temp)
     print(f"Saved the quantized model to {path} ({os.path.getsize(path) / 1e6:.1f} MB)")

@@ -57,6 +57,21 @@ def make_gpt2(
     return model
 
 
+# `python -c RUN_BEFORE_TORCH [example.py's arguments]` runs example.py, then fails if torch, transformers, ModelOpt
+# or datasets were imported: what --help and a mistake on the command line must answer without (they take seconds).
+RUN_BEFORE_TORCH = """
+import runpy, sys
+sys.argv = ['example.py', *sys.argv[1:]]
+try:
+    runpy.run_path('example.py', run_name='__main__')
+except SystemExit as exit:
+    status = exit.code
+heavy = sorted({'torch', 'transformers', 'modelopt', 'datasets'} & set(sys.modules))
+assert not heavy, f'imported {heavy}'
+sys.exit(status)
+"""
+
+
 def usage_error(main: Callable[[list[str]], object], argv: list[str], prog: str, capsys) -> str:
     """Runs a script's `main(argv)` the way its command line does (cli.run); checks that it stops with exit status 2
     and one line `prog: error: ...` on stderr, no traceback; returns that line."""

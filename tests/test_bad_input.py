@@ -10,6 +10,7 @@ the cases point at, bundled_model/ and data/.
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -374,7 +375,7 @@ CASES = [
     ("evaluate.py", ["--modes", "int3"], "argument --modes: invalid choice: 'int3'"),
     ("evaluate.py", ["--modes", "float8-kv8"], "argument --modes: invalid choice: 'float8-kv8'"),
     ("evaluate.py", ["--max-tokens", "1"], "--max-tokens must be at least 2"),
-    ("evaluate.py", ["--qat-steps", "0"], "--qat-steps and --qat-batch-size must be at least 1"),
+    ("evaluate.py", ["--qat-steps", "0"], "--qat-steps must be at least 1, got 0"),
     ("evaluate.py", ["--eval-data", "missing.txt"], "--eval-data: missing.txt not found: expected a text file"),
     ("evaluate.py", ["--eval-data", "{w}/data/folder.txt"], "folder.txt not found (it is a folder)"),
     ("evaluate.py", ["--modes", "unquantized", "--auto-bits", "5"], "--auto-bits would do nothing for --modes unq"),
@@ -395,13 +396,14 @@ CASES = [
     ("evaluate.py", ["--model-type", "{w}/data"], "is not a Hugging Face GPT-2 checkpoint"),
     # benchmark.py
     ("benchmark.py", ["--seed", "-1"], "--seed: expected an integer from 0 to 2**64 - 1"),
-    ("benchmark.py", ["--threads", "0"], "must be >= 1"),
+    ("benchmark.py", ["--threads", "0"], "--threads must be at least 1, got 0"),
     ("benchmark.py", ["--threads", "100000"], "--threads must be from 1 to "),
-    ("benchmark.py", ["--n-embd", "0"], "--n-embd (0) must be a positive multiple of --n-head (12)"),
-    ("benchmark.py", ["--n-embd", "-768"], "--n-embd (-768) must be a positive multiple"),
+    ("benchmark.py", ["--n-embd", "0"], "--n-embd must be at least 1, got 0"),
+    ("benchmark.py", ["--n-embd", "-768"], "--n-embd must be at least 1, got -768"),
+    ("benchmark.py", ["--n-embd", "100"], "--n-embd (100) must be a multiple of --n-head (12)"),
     ("benchmark.py", ["--n-layer", "100000"], "a GPT-2 of these sizes and the batches need about"),
     ("benchmark.py", ["--batch-sizes", "1,100000"], "more than this machine's"),
-    ("benchmark.py", ["--positions", ""], "comma-separated integers"),
+    ("benchmark.py", ["--positions", ""], "--positions takes comma-separated integers, such as 1,8, got ''"),
     ("benchmark.py", ["--batch-sizes", "1,1"], "--batch-sizes lists a size twice: [1, 1]"),
     ("benchmark.py", ["--tiny", "--chart", "{w}/no-such-folder/chart.png"], "no-such-folder does not exist"),
     ("benchmark.py", ["--backend", "onnx", "--n-embd", "96"], "--backend onnx races int4 in blocks of 128: --n-embd"),
@@ -410,9 +412,9 @@ CASES = [
     ("train.py", ["--out-dir", "{w}/new", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1"),
     ("train.py", ["--out-dir", "{w}/new", "--lr", "1e30"], "--lr: expected a learning rate above 0 and at most 1"),
     ("train.py", ["--out-dir", "{w}/dangling"], "--out-dir {w}/dangling is a symbolic link to {w}/nowhere"),
-    ("train.py", ["--out-dir", "{w}/new", "--dropout", "1.5"], "--dropout from 0 to below 1"),
-    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay must be from 0 to 1"),
-    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "1e300"], "--weight-decay must be from 0 to 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--dropout", "1.5"], "--dropout must be from 0 to below 1, got 1.5"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "-1"], "--weight-decay must be from 0 to 1, got -1.0"),
+    ("train.py", ["--out-dir", "{w}/new", "--weight-decay", "1e300"], "--weight-decay must be from 0 to 1, got 1e+300"),
     ("train.py", ["--out-dir", "{w}/new", "--seed", str(2**64)], "expected an integer from 0 to 2**64 - 1"),
     ("train.py", ["--out-dir", "{w}/new", "--n-positions", "1000000"], "training a GPT-2 of these sizes"),
     ("train.py", ["--out-dir", "{w}/new", "--batch-size", "100000"], "more than this machine's"),
@@ -426,13 +428,23 @@ CASES = [
         "is longer than the held-out",
     ),
     ("train.py", ["--out-dir", BUNDLED_MODEL_DIR], "bundled_model is not empty: choose a new or empty folder, or pass"),
-    ("train.py", ["--out-dir", "{w}/new", "--steps", "0"], "--steps, --batch-size, --n-layer, --n-head and --log-"),
-    ("train.py", ["--out-dir", "{w}/new", "--n-embd", "130"], "--n-embd must be a multiple of 128 (int4's block)"),
-    ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "of --n-head: got 128 and 3"),
-    ("train.py", ["--out-dir", "{w}/new", "--warmup", "1000"], "--warmup from 0 to --steps - 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (
+        "train.py",
+        ["--out-dir", "{w}/new", "--n-embd", "130"],
+        "--n-embd must be a multiple of 128 (int4's block), got 130",
+    ),
+    ("train.py", ["--out-dir", "{w}/new", "--n-head", "3"], "--n-embd (128) must be a multiple of --n-head (3)"),
+    (
+        "train.py",
+        ["--out-dir", "{w}/new", "--warmup", "1000"],
+        "--warmup must be from 0 to --steps - 1 (999), got 1000",
+    ),
+    ("train.py", ["--out-dir", "{w}/new", "--n-positions", "1"], "--n-positions must be at least 2, got 1"),
+    ("train.py", ["--out-dir", "{w}/new", "--eval-interval", "-1"], "--eval-interval must be at least 0, got -1"),
     ("train.py", ["--out-dir", "{w}/new", "--steps", "20", "--warmup", "1"], "--log-interval (50) must be at most"),
     # qat.py
-    ("qat.py", ["--out", "{w}/qat.pt", "--steps", "0"], "--steps, --batch-size and --num-calibration-samples must"),
+    ("qat.py", ["--out", "{w}/qat.pt", "--steps", "0"], "--steps must be at least 1, got 0"),
     ("qat.py", ["--out", "{w}/qat.pt", "--lr", "0"], "--lr: expected a learning rate above 0 and at most 1, got '0'"),
     ("qat.py", ["--out", "{w}/qat.pt", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
     ("qat.py", ["--out", "{w}/qat.pt", "--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
@@ -473,6 +485,11 @@ CASES = [
     ),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/users-folder"], "is a folder: name"),
     ("example.py", ["--quant-mode", "int8-weight-only", "--save-quantized", "{w}/no-such-folder/q.pt"], "not exist"),
+    (
+        "example.py",
+        ["--load-quantized", "{w}/data/good.txt", "--save-quantized", "{w}/q.pt"],
+        "--load-quantized restores a calibrated model: --save-quantized does not apply",
+    ),
     ("example.py", ["--load-quantized", "{w}/users-folder"], "users-folder is a folder: name a file --save-quantized"),
     (
         "example.py",
@@ -495,6 +512,43 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(workspace, capsys, scr
     line = usage_error(SCRIPTS[script], argv, script, capsys)
     assert expected.replace("{w}", str(workspace)) in line
     assert tree_hash(*watched) == before
+
+
+# Every count each script takes, and what else its command line needs to get that far.
+COUNTS = {
+    "benchmark.py": (
+        [],
+        [
+            "--prompt-len",
+            "--new-tokens",
+            "--repeats",
+            "--threads",
+            "--n-layer",
+            "--n-head",
+            "--n-embd",
+            "--batch-sizes",
+        ],
+    ),
+    "train.py": (["--out-dir", "{w}/new"], ["--steps", "--batch-size", "--n-layer", "--n-head", "--log-interval"]),
+    "evaluate.py": (
+        ["--modes", "int4-weight-only-qat"],
+        ["--qat-steps", "--qat-batch-size", "--num-calibration-samples"],
+    ),
+    "qat.py": (["--out", "{w}/qat.pt"], ["--steps", "--batch-size", "--num-calibration-samples"]),
+    "example.py": (["--quant-mode", "int8-weight-only"], ["--max-new-tokens", "--top-k", "--num-calibration-samples"]),
+}
+
+
+@pytest.mark.parametrize(
+    "script, flag", [(script, flag) for script, (_, flags) in COUNTS.items() for flag in flags], ids=" ".join
+)
+def test_a_count_of_0_is_refused_naming_only_its_flag(workspace, capsys, script, flag):
+    """A refusal names the one value that is wrong and what it got, never a list of flags that might be."""
+    needed, _ = COUNTS[script]
+    argv = [argument.replace("{w}", str(workspace)) for argument in needed] + [flag, "0"]
+    line = usage_error(SCRIPTS[script], argv, script, capsys)
+    assert re.findall(r"--[a-z][a-z-]+", line) == [flag], line
+    assert line.endswith(("got 0", "got [0]")), line
 
 
 UNREADABLE_CASES = [

@@ -93,8 +93,8 @@ def test_peak_memory_counts_the_most_held_at_once():
         (["--positions", "32,1020"], "--positions must stay below"),
         (["--batch-sizes", "1,x"], "comma-separated integers"),
         (["--prompt-len", "1000", "--new-tokens", "100"], "must be at most 1024"),
-        (["--new-tokens", "0"], "must be >= 1"),
-        (["--n-embd", "100", "--n-head", "12"], "must be a positive multiple of --n-head"),
+        (["--new-tokens", "0"], "--new-tokens must be at least 1, got 0"),
+        (["--n-embd", "100", "--n-head", "12"], "--n-embd (100) must be a multiple of --n-head (12)"),
         (["--chart", "chart.jpg"], "--chart must name a .png file"),
     ],
 )
@@ -119,9 +119,12 @@ def test_tripy_backend_on_the_cpu_executor_needs_tiny(monkeypatch, capsys, gpu):
     assert "add --tiny" in usage_error(benchmark.main, ["--backend", "tripy"], "benchmark.py", capsys)
 
 
-def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, restore_torch_threads):
+def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
+    capsys, restore_torch_threads, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path))  # no llama.cpp tools there: its rows are skipped, saying why
     argv = ["--tiny", "--backend", "onnx", "--threads", "1", "--n-layer", "1"]
-    argv += ["--batch-sizes", "1,2", "--positions", "8"]
+    argv += ["--batch-sizes", "1,2", "--positions", "8", "--profile"]
     results = benchmark.main(argv)
     captured = capsys.readouterr()
     printed = captured.out
@@ -131,10 +134,11 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, rest
     onnx_names = [
         "ONNX Runtime float32",
         "ONNX Runtime int8",
+        "ONNX Runtime int8, int8 output layer",
         "ONNX Runtime int8 W8A8",
         "ONNX Runtime int4",
         "ONNX Runtime int4, float32 math",
-        "ONNX Runtime float8 (no CPU kernel)",
+        "ONNX Runtime int4, int4 output layer",
     ]
     assert list(results.tokens_per_second[2]) == ["twin, KV cache", "transformers generate", *onnx_names]
     assert results.same_tokens  # ONNX Runtime's float32 file picks transformers' greedy tokens
@@ -144,3 +148,8 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(capsys, rest
     assert sizes["ONNX Runtime int8"] < sizes["ONNX Runtime int8 W8A8"] < sizes["ONNX Runtime float32"]  # + factors
     assert "ONNX Runtime: tokens/s as a multiple of transformers generate's" in printed
     assert list(results.peak_memory_mb[1]) == ["twin, KV cache", "transformers generate"]  # torch's allocations only
+    assert (
+        f"llama.cpp rows skipped: no llama-batched-bench, llama-quantize, convert_hf_to_gguf.py in {tmp_path}"
+        in printed
+    )
+    assert "ONNX Runtime int4, int4 output layer:" in printed and "MatMulNBits" in printed  # --profile

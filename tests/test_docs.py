@@ -8,10 +8,8 @@
 - The README's example prints, as its first line, what the command prints on a fresh machine without nvtripy.
 - CI (.ci/run) runs the README's test line verbatim.
 - docs/development.md's break-it run of the Tripy API check shows what the check reports today, line number included.
-- No module imports another in a circle, and none imports a command-line script.
 """
 
-import ast
 import glob
 import importlib
 import os
@@ -201,40 +199,3 @@ def test_development_page_shows_what_the_tripy_api_check_reports():
     broken = source.replace(old, new)
     errors, _ = check_source(broken, "model.py", NvtripyApi(package_dir))
     assert errors == [shown]
-
-
-def local_imports() -> dict[str, set[str]]:
-    """module -> the repository's modules it imports, for every module at the root."""
-    modules = {os.path.basename(path)[:-3] for path in glob.glob(os.path.join(REPO, "*.py"))}
-    graph = {}
-    for module in modules:
-        with open(os.path.join(REPO, f"{module}.py")) as file:
-            tree = ast.parse(file.read())
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names.update(alias.name.split(".")[0] for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module.split(".")[0])
-        graph[module] = names & modules
-    return graph
-
-
-def test_no_import_cycles_and_no_script_imports_a_script():
-    graph = local_imports()
-    for module, imported in graph.items():
-        assert not imported & set(SCRIPTS), f"{module}.py imports the script(s) {imported & set(SCRIPTS)}"
-    done, in_progress = set(), []
-
-    def visit(module: str) -> None:
-        assert module not in in_progress, f"import cycle: {' -> '.join([*in_progress, module])}"
-        if module in done:
-            return
-        in_progress.append(module)
-        for imported in sorted(graph[module]):
-            visit(imported)
-        in_progress.pop()
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module)

@@ -25,7 +25,7 @@ import serve_vllm
 from config import AUTO_QUANT_MODE, INT4_BLOCK_SIZE, QUANT_MODES
 from evaluate import weight_bytes
 from exports import modelopt_hf
-from exports.checkpoint import export_checkpoint
+from exports.checkpoint import export_checkpoint, export_step
 from measure.twin import load_export_twin, load_twin
 from quant.auto_quantize import Recipe, quantize_with_recipe
 from quantization import modelopt_quantize
@@ -98,7 +98,7 @@ def exported(request, calibration_file, tmp_path_factory) -> Exported:
     with torch.no_grad():
         logits_before = twin(IDX)
         export_dir = str(tmp_path_factory.mktemp(f"export-{mode}"))
-        export_checkpoint(quantized_model, export_dir)
+        export_step(quantized_model, export_dir)  # as --export-dir writes it: export_checkpoint via cli/outputs.py
         logits_after = load_twin(quantized_model, mode, quantized_model)(IDX)
     return Exported(mode, export_dir, twin, logits_before, logits_after)
 
@@ -132,11 +132,13 @@ def test_hf_quant_config_names_the_algorithm_and_the_excluded_modules(exported):
 
 
 def test_every_exported_file_has_the_mode_the_umask_gives(exported):
-    """safetensors writes model.safetensors for its owner only (0600); the JSON files follow the umask (0644)."""
+    """safetensors writes model.safetensors for its owner only (0600), the JSON files follow the umask (0644), and
+    the temporary folder the export is written in is its owner's (0700): cli/outputs.py gives each the umask's mode."""
     umask = os.umask(0)
     os.umask(umask)
     modes = {entry.name: entry.stat().st_mode & 0o777 for entry in os.scandir(exported.export_dir)}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask) and "model.safetensors" in modes
+    assert os.stat(exported.export_dir).st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_config_loads_with_transformers(exported):

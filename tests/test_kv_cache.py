@@ -356,8 +356,9 @@ def test_example_calibrates_the_kv_cache_and_verbose_lists_its_quantizers(exampl
 
 
 def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(example_runs):
-    """The same greedy text three ways, and it is the twin's with the export's KV cache: the export's k_scale and
-    v_scale are in the model that ran."""
+    """The same greedy text three ways, and the twin loaded from the export generates it. (Whether the K and V
+    rounding is in the model that ran: the next test, which compares logits, since these 8 greedy tokens are the
+    same with the rounding and without.)"""
     import reference
     from sources.tokenizer import gpt2_encoding
 
@@ -370,6 +371,28 @@ def test_example_runs_the_export_and_the_saved_model_as_it_ran_calibrated(exampl
     encoding = gpt2_encoding()
     idx = torch.tensor([encoding.encode("The town council voted")])
     assert texts[1].strip("\n") == encoding.decode(reference.generate(twin, idx, 8, top_k=1)[0].tolist())
+
+
+def test_the_model_example_runs_from_an_export_rounds_keys_and_values_as_modelopt(
+    exported, modelopt, tokens, monkeypatch, capsys
+):
+    """example.py --model-type EXPORT, run in this process: the twin that generates is caught on its way into
+    reference.generate (which still runs), and its logits are ModelOpt's with its K and V quantizers, within the
+    float8 parity's bound, which the K and V rounding's own effect exceeds tenfold: the export's k_scale and v_scale
+    are in the model that ran, and are used."""
+    export_dir, _ = exported("int8-weight-only")
+    generated_by, generate = [], reference.generate
+
+    def generate_and_keep_the_model(twin, *args, **kwargs):
+        generated_by.append(twin)
+        return generate(twin, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "generate", generate_and_keep_the_model)
+    example.main(["--model-type", export_dir, "--backend", "torch", "--max-new-tokens", "2", "--top-k", "1"])
+    assert "a ModelOpt export, int8-weight-only: no calibration" in capsys.readouterr().out
+    (twin,) = generated_by
+    with torch.no_grad():
+        assert_matches_modelopt(twin(tokens), modelopt, "int8-weight-only", tokens)
 
 
 def test_onnx_export_refuses_a_float8_kv_cache_it_would_drop(exported, tmp_path):

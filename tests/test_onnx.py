@@ -47,17 +47,26 @@ class Exported:
     model: onnx.ModelProto
 
 
-@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE])
+INT4_LM_HEAD = "int4-weight-only, int4 lm_head"  # the output layer quantized too (config.lm_head_mode)
+
+
+@pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE, INT4_LM_HEAD])
 def exported(request, calibration_file, tmp_path_factory) -> Exported:
     mode = request.param
-    if mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
+    if mode == INT4_LM_HEAD:
+        int4 = "int4-weight-only"
+        quantized = modelopt_quantize(
+            make_gpt2(), int4, dataset_name=calibration_file, num_samples=4, batch_size=4, lm_head_mode=int4
+        )
+        twin = load_twin(quantized, int4, quantized, lm_head_mode=int4)
+    elif mode == AUTO_QUANT_MODE:  # every format and an unquantized layer, as AutoQuantize mixes them
         recipe = Recipe(MIXED_LAYER_QUANT_MODES, effective_bits=0.0)
         quantized = quantize_with_recipe(make_gpt2(), recipe, calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
     else:
         quantized = modelopt_quantize(make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4)
         twin = load_twin(quantized, mode, quantized)
-    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode}"))
+    onnx_dir = str(tmp_path_factory.mktemp(f"onnx-{mode.replace(', ', '-').replace(' ', '_')}"))
     onnx_export.export_onnx(twin, onnx_dir)
     return Exported(mode, onnx_dir, twin, onnx.load(os.path.join(onnx_dir, onnx_export.MODEL_FILE)))
 
@@ -70,20 +79,26 @@ def block_linears(twin: GPT) -> list[str]:
     return [f"transformer.h.{i}.{layer}" for i in range(twin.config.num_layers) for layer in BLOCK_LINEARS]
 
 
-def logits_of(model: GPT | onnx_runtime.OnnxGPT) -> list[torch.Tensor]:
-    """The logits for the prompt [2, 7, vocab] (the full forward), then for each cached step [2, 1, vocab]: the same
-    calls on the twin and on ONNX Runtime's model."""
+def logits_of(model: GPT | onnx_runtime.OnnxGPT, cached: GPT | onnx_runtime.OnnxGPT | None = None):
+    """The logits for the prompt [2, 7, vocab] (the full forward), its last position [2, 1, vocab] and each cached
+    step's [2, 1, vocab] (forward_with_cache of `cached`, by default `model`): the same calls on the twin and on
+    ONNX Runtime's model."""
+    cached = cached or model
     with torch.no_grad():
-        logits = [model(PROMPT)]
-        _, keys, values = model.forward_with_cache(PROMPT)
+        prompt_logits, keys, values = cached.forward_with_cache(PROMPT)
+        logits = [model(PROMPT), prompt_logits]
         for step in STEPS.split(1, dim=1):
-            step_logits, keys, values = model.forward_with_cache(step, keys, values)
+            step_logits, keys, values = cached.forward_with_cache(step, keys, values)
             logits.append(step_logits)
     return logits
 
 
 def onnx_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    return logits_of(onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1)))
+    """The same calls through ONNX Runtime, forward_with_cache on a session with the last position's logits only."""
+    full = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
+    return logits_of(
+        full, onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
+    )
 
 
 def max_error(onnx_dir: str, twin: GPT, math: str) -> float:
@@ -117,24 +132,29 @@ def test_onnx_runtimes_fast_path_error_is_measured(exported):
         assert EXACT_TOLERANCE < error < 0.1 * largest
 
 
+def optimized_graph(onnx_dir: str, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs after its optimizations (fusions included), as it saves it."""
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(os.path.join(onnx_dir, onnx_export.MODEL_FILE), options, providers=["CPUExecutionProvider"])
+    return onnx.load(options.optimized_model_filepath)
+
+
 def test_onnx_runtime_runs_smoothquant_layers_on_its_integer_kernels(exported, tmp_path):
     """ONNX Runtime's QDQ fusion turns each Q/DQ'd activation, DQ'd int8 weight and MatMul into MatMulIntegerToFloat:
     int8 times int8, accumulated in int32 (as TensorRT's int8 GEMM does), then scaled back to float."""
     if exported.mode != "int8-smoothquant":
-        return
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    model_path = os.path.join(exported.onnx_dir, onnx_export.MODEL_FILE)
-    ort.InferenceSession(model_path, options, providers=["CPUExecutionProvider"])
-    optimized = onnx.load(options.optimized_model_filepath)
+        pytest.skip("no int8 activations in this file")
+    optimized = optimized_graph(exported.onnx_dir, tmp_path)
     fused = [node for node in optimized.graph.node if node.op_type == "MatMulIntegerToFloat"]
     assert len(fused) == len(block_linears(exported.twin))
 
 
 def test_onnx_runtime_generates_the_twins_greedy_tokens(exported):
-    model = onnx_runtime.OnnxGPT(onnx_runtime.session(exported.onnx_dir, "float32", threads=1))
-    ours = reference.generate(model, PROMPT, 8, top_k=1)
+    session = onnx_runtime.session(exported.onnx_dir, "float32", threads=1, last_position_only=True)
+    with onnx_runtime.torch_threads(1):
+        ours = reference.generate(onnx_runtime.OnnxGPT(session), PROMPT, 8, top_k=1)
     assert torch.equal(ours, reference.generate(exported.twin, PROMPT, 8, top_k=1))
 
 
@@ -208,7 +228,7 @@ def test_smoothquant_layers_quantize_their_smoothed_input_to_int8(exported):
 def test_lm_head_is_tied_to_wte_unless_quantized(exported):
     stored = initializers(exported.model)
     vocab, embd = exported.twin.config.vocab_size, exported.twin.config.embedding_size
-    vocab_sized = [name for name, tensor in stored.items() if vocab in tensor.dims]
+    vocab_sized = [name for name, tensor in stored.items() if vocab in tensor.dims and name.endswith(".weight")]
     if layer_quant_mode(exported.twin.config, "lm_head") is None:
         assert vocab_sized == ["transformer.wte.weight"]
     else:
@@ -229,38 +249,80 @@ def attribute(node: onnx.NodeProto, name: str):
 
 
 def test_graph_follows_tensorrts_explicit_quantization_rules(exported):
-    """onnx-tensorrt's rules (TensorRT 10): DequantizeLinear on INT8/FP8/INT4 with zero points 0; a DQ between each
-    quantized weight and its MatMul; INT4 weight-only; a block scale of the input's rank, blocked on one of its last
-    two dims; and nothing outside the standard ONNX domain."""
+    """Each row of docs/onnx.md's table of onnx-tensorrt's rules (TensorRT 10), as the page writes it:
+    - int8 weight: INT8 [in, out] -> DequantizeLinear(scale [out], axis=1), zero point 0 or none -> MatMul;
+    - int4 weight: INT4 [in, out] -> DequantizeLinear(scale [in/128, out], axis=0, block_size=128) -> MatMul;
+    - float8 weight: FLOAT8E4M3FN [in, out] -> DequantizeLinear(scale []) -> MatMul;
+    - float8 activation: QuantizeLinear(x, scale [], zero point FLOAT8E4M3FN 0, saturate=1) -> DequantizeLinear with
+      the same scale -> the MatMul's input, beside its float8 weight; int8-smoothquant's likewise in INT8, beside its
+      int8 weight; no QuantizeLinear anywhere else (the weight-only modes have none);
+    - each DequantizeLinear of a weight feeds exactly its MatMul, as the MatMul's weight operand;
+    - everything else float32; opset 21, the standard domain only, no functions.
+    (AWQ's pre_quant_scale row: test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale.)"""
     model, stored = exported.model, initializers(exported.model)
     made_by = producers(model)
-    quantized_types = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
-    assert [opset.domain for opset in model.opset_import] == [""] and not model.functions
+    assert [(opset.domain, opset.version) for opset in model.opset_import] == [("", 21)] and not model.functions
     assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
-    for name, tensor in stored.items():  # each quantized weight feeds one DequantizeLinear, which feeds a MatMul
-        if tensor.data_type in quantized_types and name.endswith(".weight"):  # not the Q/DQ zero points
-            (dequantize,) = consumers(model, name)
-            assert dequantize.op_type == "DequantizeLinear" and dequantize.input[0] == name
-            assert [node.op_type for node in consumers(model, dequantize.output[0])] == ["MatMul"], name
+    quantized_types = {TensorProto.INT8, TensorProto.INT4, TensorProto.FLOAT8E4M3FN}
+    weights = {
+        name for name, tensor in stored.items() if tensor.data_type in quantized_types and name.endswith(".weight")
+    }
+    assert weights, "no quantized weight in the graph"
+    dequantized_weights = set()
     for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":  # activations, in float8 or int8 (int4 is weight-only), zero point 0
-            zero_point = stored[node.input[2]]
-            assert zero_point.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.INT8)
-            assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
-        if node.op_type != "DequantizeLinear":
-            continue
-        if node.input[0] in stored:
-            weight = stored[node.input[0]]
-            assert weight.data_type in quantized_types
-        else:  # an activation's Q/DQ pair
-            assert made_by[node.input[0]].op_type == "QuantizeLinear"
-        if len(node.input) > 2 and node.input[2]:
-            assert not numpy_helper.to_array(stored[node.input[2]]).astype(np.float32).any()
-        block_size = attribute(node, "block_size")
-        if block_size:
-            weight = stored[node.input[0]]
-            scale = stored[node.input[1]]
-            axis = attribute(node, "axis") % len(weight.dims)
-            assert weight.data_type == TensorProto.INT4 and len(scale.dims) == len(weight.dims)
-            assert axis in (len(weight.dims) - 2, len(weight.dims) - 1)
-            assert scale.dims[axis] * block_size == weight.dims[axis]
+        if node.op_type == "QuantizeLinear":
+            check_activation_quantize(model, stored, node)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in stored:
+            check_weight_dequantize(model, stored, node)
+            dequantized_weights.add(node.input[0])
+        elif node.op_type == "DequantizeLinear":  # an activation's: made by the QuantizeLinear checked above
+            assert made_by[node.input[0]].op_type == "QuantizeLinear", node.name
+    assert dequantized_weights == weights
+    for name, tensor in stored.items():  # the rest is float32 (and int64 shapes and indices)
+        zero_point = name in {node.input[2] for node in model.graph.node if node.op_type == "QuantizeLinear"}
+        if name not in weights and not zero_point:
+            assert tensor.data_type in (TensorProto.FLOAT, TensorProto.INT64), (name, tensor.data_type)
+
+
+def check_weight_dequantize(model: onnx.ModelProto, stored: dict, node: onnx.NodeProto) -> None:
+    """A stored weight's DequantizeLinear: the scale layout of its type's row, zero point 0, feeding only its MatMul
+    as the weight operand."""
+    weight, scale = stored[node.input[0]], stored[node.input[1]]
+    rows, columns = weight.dims  # [in, out]
+    axis, block_size = attribute(node, "axis"), attribute(node, "block_size") or None  # 0 is none, as unset
+    if weight.data_type == TensorProto.INT8:
+        assert (list(scale.dims), axis, block_size) == ([columns], 1, None), node.input[0]
+    elif weight.data_type == TensorProto.INT4:
+        expected = ([rows // INT4_BLOCK_SIZE, columns], 0, INT4_BLOCK_SIZE)
+        assert (list(scale.dims), axis, block_size) == expected, node.input[0]
+    else:
+        assert weight.data_type == TensorProto.FLOAT8E4M3FN and list(scale.dims) == [] and not block_size
+    if len(node.input) > 2 and node.input[2]:
+        assert not numpy_helper.to_array(stored[node.input[2]]).astype(np.float32).any()
+    (matmul,) = consumers(model, node.output[0])
+    assert matmul.op_type == "MatMul" and list(matmul.input).index(node.output[0]) == 1, node.input[0]
+
+
+def check_activation_quantize(model: onnx.ModelProto, stored: dict, quantize: onnx.NodeProto) -> None:
+    """An activation's per-tensor Q/DQ (float8's, or int8-smoothquant's int8) with zero point 0 of its type,
+    saturating in float8, into the MatMul of a weight stored in the same type."""
+    scale, zero_point = stored[quantize.input[1]], stored[quantize.input[2]]
+    assert list(scale.dims) == [] and zero_point.data_type in (TensorProto.FLOAT8E4M3FN, TensorProto.INT8)
+    if zero_point.data_type == TensorProto.FLOAT8E4M3FN:
+        assert attribute(quantize, "saturate") == 1, quantize.name
+    assert not numpy_helper.to_array(zero_point).astype(np.float32).any()
+    (dequantize,) = consumers(model, quantize.output[0])
+    assert dequantize.op_type == "DequantizeLinear" and dequantize.input[1] == quantize.input[1], quantize.name
+    (matmul,) = consumers(model, dequantize.output[0])
+    assert matmul.op_type == "MatMul" and list(matmul.input).index(dequantize.output[0]) == 0
+    weight_dequantize = producers(model)[matmul.input[1]]
+    assert stored[weight_dequantize.input[0]].data_type == zero_point.data_type, matmul.name
+
+
+def test_onnx_runtime_fuses_a_quantized_output_layer_into_its_int4_kernel(exported, tmp_path):
+    """The output layer stored behind its own blocked DequantizeLinear becomes a MatMulNBits in the graph ONNX
+    Runtime runs (docs/benchmark.md: on a CPU it was half of a step in float32), the input embedding a float table."""
+    if layer_quant_mode(exported.twin.config, "lm_head") != "int4-weight-only":
+        pytest.skip("the output layer is not stored as int4 blocks in this file")
+    assert initializers(exported.model)["transformer.wte.weight"].data_type == TensorProto.FLOAT
+    assert producers(optimized_graph(exported.onnx_dir, tmp_path))["logits"].op_type == "MatMulNBits"

@@ -13,7 +13,7 @@ from helpers import make_gpt2
 
 from measure.twin import load_twin
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
-from quantization import create_forward_loop, modelopt_quantize
+from quantization import create_forward_loop, modelopt_quantize, quant_config
 from reference import GPT
 from sources.tokenizer import gpt2_tokenizer
 from weight_loader import config_from_hf, get_submodule, load_quant_weights_from_hf
@@ -325,3 +325,41 @@ class TestForwardLoop:
         modelopt_quantize(copy.deepcopy(small_model), "int8-weight-only", num_samples=2)
         out = capsys.readouterr().out
         assert "Hugging Face Hub unreachable: calibrating on the shipped data/calibration.txt" in out
+
+
+@pytest.mark.parametrize("mode, lm_head_mode", [("int4-weight-only", "int4-weight-only"), ("int8-weight-only", None)])
+@torch.no_grad()
+def test_quantized_output_layer_twin_matches_modelopt(hf_model, quantized, tokens, mode, lm_head_mode):
+    """ModelOpt calibrates lm_head with the blocks (int4: AWQ, int8: max); the twin holds it untied and quantized,
+    and the input embedding stays the model's own (AWQ rescales the head's weight in place: tied, it would rescale
+    the embedding too)."""
+    lm_head_mode = lm_head_mode or mode
+    with_head = modelopt_quantize(
+        copy.deepcopy(hf_model), mode, CALIBRATION_TEXT, batch_size=4, num_samples=4, lm_head_mode=lm_head_mode
+    )
+    expected = with_head(tokens).logits
+    assert (expected - quantized[mode](tokens).logits).abs().max() > 1e-3  # the head's quantization is visible
+    twin = load_twin(hf_model, mode, with_head, lm_head_mode=lm_head_mode)
+    assert type(twin.lm_head).__name__ == ("Int4Linear" if lm_head_mode == "int4-weight-only" else "QuantLinear")
+    # Each input feature through both heads: the dequantized weights [in, vocab], AWQ's input scale included. Of the
+    # head's 12.9 million weights a few are rounding ties that ModelOpt's arithmetic and the twin's round apart.
+    eye = torch.eye(hf_model.config.n_embd)
+    apart = (twin.lm_head(eye) - with_head.lm_head(eye)).abs() > 1e-5
+    assert apart.float().mean() < 1e-5
+    # which moves those few vocabulary columns' logits (by about 0.02 here); every other logit matches
+    far = ~torch.isclose(twin(tokens), expected, atol=1e-4, rtol=1e-4)  # [batch, seq, vocab]
+    assert far.float().mean() < 1e-3
+    assert torch.equal(twin.transformer.wte.weight, hf_model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize(
+    "mode, lm_head_mode, message",
+    [
+        ("float8", "int4-weight-only", "takes no lm_head_mode"),
+        ("int4-weight-only", "int8-weight-only", "calibrated with max"),
+        ("int8-weight-only", "float8", "supported: int8-weight-only, int4-weight-only"),
+    ],
+)
+def test_an_output_layer_format_the_twin_cannot_hold_is_refused(mode, lm_head_mode, message):
+    with pytest.raises(ValueError, match=message):
+        quant_config(mode, lm_head_mode=lm_head_mode)

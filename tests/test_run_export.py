@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from helpers import CALIBRATION_PARAGRAPHS, REPO, assert_usage_error, make_gpt2, usage_error
+from helpers import CALIBRATION_PARAGRAPHS, REPO, RUN_BEFORE_TORCH, assert_usage_error, make_gpt2, usage_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -151,6 +151,39 @@ def test_running_an_export_uses_its_weights(runs, exports):
 )
 def test_bad_export_is_one_line_and_exit_status_2(runs, name, expected):
     assert_usage_error(runs[name].result(), "example.py", expected)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["--quant-mode", "float8"],
+            "--quant-mode float8 conflicts with {export}, exported in int8-weight-only (W8A16)",
+        ),
+        (
+            ["--quant-mode", "auto", "--recipe", "{tmp}/r.json"],
+            "--quant-mode auto conflicts with {export}, exported in int8",
+        ),
+        (
+            ["--export-onnx", "{tmp}/onnx"],
+            "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values, "
+            "and {export} has a float8 one: use --export-dir",
+        ),
+    ],
+)
+def test_a_flag_the_exports_json_conflicts_with_is_refused_before_torch_and_stdout(exports, tmp_path, argv, expected):
+    """What hf_quant_config.json says (the mode, a float8 KV cache) is checked with the command line: one line on
+    stderr, nothing on stdout, torch never imported, let alone the model loaded."""
+    export = tmp_path / "export"
+    shutil.copytree(exports["good"], export)
+    edit_json(export / "hf_quant_config.json", lambda config: config["quantization"].update(kv_cache_quant_algo="FP8"))
+    (tmp_path / "r.json").write_text("{}")
+    argv = ["--model-type", str(export), *(arg.replace("{tmp}", str(tmp_path)) for arg in argv)]
+    result = subprocess.run(
+        [sys.executable, "-c", RUN_BEFORE_TORCH, *argv], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert_usage_error(result, "example.py", expected.format(export=export, tmp=tmp_path))
+    assert result.stdout == ""
 
 
 @pytest.mark.parametrize(

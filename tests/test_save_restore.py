@@ -265,7 +265,7 @@ def test_restore_an_autoquantize_mix_then_generate_prints_what_the_search_printe
         ("missing file", "--load-quantized: no such file: no/such/file.pt"),
         ("save without quantizing", "--save-quantized needs --quant-mode"),
         ("verbose without quantizing", "--verbose prints the quantizers: it needs --quant-mode or --load-quantized"),
-        ("search and restore", "--load-quantized restores a calibrated model: --effective-bits and --recipe do not"),
+        ("search and restore", "--load-quantized restores a calibrated model: --effective-bits does not apply"),
     ],
 )
 def test_bad_load_quantized_is_one_line_and_exit_status_2(
