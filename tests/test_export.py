@@ -268,16 +268,25 @@ def test_transformers_layers_compute_the_twins_weights(exported):
             torch.testing.assert_close(weight, expected, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def logits_bound(mode: str) -> float:
+    """How far two computations of one quantized model may differ, as a fraction of the largest logit, when they order
+    some float32 sums differently: 1e-5 for weight-only modes. int8-smoothquant rounds every layer's input to an int8
+    step of 1/127 of its amax, and a last-bit difference on a rounding boundary moves a value by a whole step, and
+    every later logit a little with it (seen: 0.012 of a largest logit of 1.5): 2%. Dropping SmoothQuant's factor or
+    its input quantization moves the logits by many times that (tests/test_quantization.py)."""
+    return 2e-2 if mode == "int8-smoothquant" else 1e-5
+
+
 def test_transformers_logits_equal_the_twins(exported):
-    """float8 bit for bit; int8 and int4 within 1e-5 of the largest logit (transformers' GPT-2 and the twin order
-    some float32 sums differently)."""
+    """float8 bit for bit; the other modes within logits_bound (transformers' GPT-2 and the twin order some float32
+    sums differently)."""
     with torch.no_grad():
         logits = load_with_transformers(exported.export_dir)(IDX).logits
     if exported.mode == "float8":
         assert torch.equal(logits, exported.logits_before)
     else:
         gap = (logits - exported.logits_before).abs().max()
-        assert gap <= 1e-5 * exported.logits_before.abs().max()
+        assert gap <= logits_bound(exported.mode) * exported.logits_before.abs().max()
 
 
 def test_transformers_generates_the_twins_greedy_tokens(exported):
@@ -311,8 +320,9 @@ def test_transformers_reads_modelopts_own_layout_too(exported, tmp_path):
         logits = load_with_transformers(str(linear_dir))(IDX).logits
         exported_logits = load_with_transformers(exported.export_dir)(IDX).logits
     # The same weights; a transposed copy can change the order of float32 sums in the matmul (seen on CI: 1.5e-6 with
-    # a largest logit of 1.5), so the bound of the transformers-vs-twin test: 1e-5 of the largest logit.
-    torch.testing.assert_close(logits, exported_logits, rtol=0, atol=1e-5 * exported_logits.abs().max().item())
+    # a largest logit of 1.5), so the bound of the transformers-vs-twin test.
+    atol = logits_bound(exported.mode) * exported_logits.abs().max().item()
+    torch.testing.assert_close(logits, exported_logits, rtol=0, atol=atol)
 
 
 def test_twin_loaded_from_the_export_computes_the_exporting_runs_logits(exported):
