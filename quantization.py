@@ -16,7 +16,7 @@ from datasets import load_dataset
 from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
-from config import INT4_BLOCK_SIZE, LM_HEAD_MODES, check_quant_mode
+from config import INT4_BLOCK_SIZE, check_quant_mode
 from sources.hub import hub_reachable
 from sources.tokenizer import gpt2_tokenizer
 
@@ -48,6 +48,8 @@ def modelopt_quantize(
     """
     config = quant_config(quant_mode, algorithm, lm_head_mode)
     if lm_head_mode is not None:
+        from quant.lm_head import untie_lm_head
+
         untie_lm_head(model_hf)
     if kv_cache is not None:
         from quant.kv_cache import kv_cache_quant_cfg
@@ -112,26 +114,11 @@ def quant_config(quant_mode: str, algorithm: str | None = None, lm_head_mode: st
         if inputs is not None:
             quant_cfg.append({"quantizer_name": f"{layer}.input_quantizer", "cfg": inputs})
     if lm_head_mode is not None:
+        from quant.lm_head import check_lm_head_mode
+
         check_lm_head_mode(quant_mode, lm_head_mode, algorithm or default_algorithm)
         quant_cfg.append({"quantizer_name": "lm_head.weight_quantizer", "cfg": layer_format(lm_head_mode)[0]})
     return {"quant_cfg": quant_cfg, "algorithm": algorithm or default_algorithm}
-
-
-def check_lm_head_mode(quant_mode: str, lm_head_mode: str, algorithm: str | dict) -> None:
-    """Raises ValueError for an output-layer format the twin cannot hold beside quant_mode's calibration."""
-    if lm_head_mode not in LM_HEAD_MODES:
-        raise ValueError(f"Unknown lm_head_mode {lm_head_mode!r}; supported: {', '.join(LM_HEAD_MODES)}")
-    if quant_mode == "float8":
-        raise ValueError("float8 quantizes the output layer already, in float8: it takes no lm_head_mode")
-    if lm_head_mode == "int8-weight-only" and algorithm != "max":
-        # AWQ would give the head a pre_quant_scale, which an int8 layer has no place for
-        raise ValueError("an int8 output layer is calibrated with max: beside AWQ's int4 take an int4 one")
-
-
-def untie_lm_head(model_hf: torch.nn.Module) -> None:
-    """Gives GPT-2's output layer a weight of its own instead of the input embedding's, for good."""
-    model_hf.lm_head.weight = torch.nn.Parameter(model_hf.lm_head.weight.detach().clone())
-    model_hf.config.tie_word_embeddings = False
 
 
 def layer_format(quant_mode: str) -> tuple[dict, dict | None, str | dict]:
