@@ -20,6 +20,7 @@ outputs logits, present.N.key/.value. lm_head, when unquantized, is GPT-2's tied
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -142,7 +143,7 @@ class StoredLinear(nn.Module):
             blocks = scale.repeat_interleave(layer.block_size, dim=0)  # [in, out]
             self.weight = nn.Parameter(torch.round(weight / blocks).clamp(-8, 7).to(torch.int8), requires_grad=False)
             self.weight_scale = nn.Parameter(scale.clone(), requires_grad=False)
-            self.pre_quant_scale = nn.Parameter(layer.pre_quant_scale.detach().clone(), requires_grad=False)
+            self.pre_quant_scale = pre_quant_scale_or_none(layer.pre_quant_scale)
             self.dequantize = dequantize_blocks
         elif isinstance(layer, SmoothQuantLinear) or (
             isinstance(layer, QuantLinear) and layer.quant_dtype == torch.int8
@@ -153,9 +154,7 @@ class StoredLinear(nn.Module):
             self.weight_scale = nn.Parameter(scale.clone(), requires_grad=False)
             self.dequantize = dequantize_per_channel
             if isinstance(layer, SmoothQuantLinear):
-                pre_quant_scale = layer.pre_quant_scale.detach()
-                if not torch.all(pre_quant_scale == 1):  # x * 1 is x: the unsmoothed MLP c_proj needs no Mul
-                    self.pre_quant_scale = nn.Parameter(pre_quant_scale.clone(), requires_grad=False)
+                self.pre_quant_scale = pre_quant_scale_or_none(layer.pre_quant_scale)
                 self.input_scale = nn.Parameter(layer.input_scale.detach().clone(), requires_grad=False)
                 self.quantize_input = quantize_dequantize_int8
         elif isinstance(layer, QuantLinear) and layer.quant_dtype == torch.float8_e4m3fn:  # scale []
@@ -172,6 +171,28 @@ class StoredLinear(nn.Module):
         else:
             raise TypeError(f"no ONNX form for a {type(layer).__name__}")
 
+    def take_awq_scale(self) -> torch.Tensor | None:
+        """AWQ's pre_quant_scale [in], removed from the layer for the caller to fold elsewhere; None for a layer that
+        has none, or SmoothQuant's factor: it comes before a rounding to int8 that a fold could move."""
+        scale = self.pre_quant_scale
+        if scale is None or self.quantize_input is not None:
+            return None
+        self.pre_quant_scale = None
+        return scale.detach()
+
+    def scales_output_columns(self) -> bool:
+        """Whether each output column has a scale of its own (or no scale at all) for a fold to multiply."""
+        return self.dequantize in (None, dequantize_per_channel, dequantize_blocks)
+
+    def scale_output_columns(self, columns: slice, factor: torch.Tensor) -> None:
+        """Multiplies the outputs in `columns` by factor [len(columns)]: their scales (or float weights) and bias.
+        The stored integers stay as they are."""
+        with torch.no_grad():
+            target = self.weight if self.dequantize is None else self.weight_scale
+            target[..., columns] *= factor  # [in, out], [in / 128, out] or [out]
+            if self.bias is not None:
+                self.bias[columns] *= factor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pre_quant_scale is not None:
             x = x * self.pre_quant_scale  # AWQ's or SmoothQuant's factor: the input features scaled before the matmul
@@ -182,16 +203,49 @@ class StoredLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
+def pre_quant_scale_or_none(pre_quant_scale: torch.Tensor) -> nn.Parameter | None:
+    """The factor as the file's parameter, or None where it is all ones (x * 1 is x: no Mul in the graph)."""
+    if torch.all(pre_quant_scale == 1):
+        return None
+    return nn.Parameter(pre_quant_scale.detach().clone(), requires_grad=False)
+
+
+def stored_block(block: nn.Module) -> tuple[nn.LayerNorm, nn.LayerNorm, dict[str, StoredLinear]]:
+    """A twin block's LayerNorms and linear layers as the files store them, AWQ's pre_quant_scale folded wherever
+    that is exact, so that the graph multiplies by it only before mlp.c_proj (after the GELU no fold is exact):
+    c_attn's into ln_1's weight and bias (LayerNorm(x) * s is a LayerNorm with weight * s and bias * s), c_fc's
+    into ln_2's, and attn.c_proj's into the value columns of c_attn (attention mixes positions, not features:
+    (P @ V) * s = P @ (V * s)), whose per-column scales and bias take it while the stored integers stay the same."""
+    ln_1, ln_2 = copy.deepcopy(block.ln_1), copy.deepcopy(block.ln_2)
+    linears = {
+        "attn.c_attn": StoredLinear(block.attn.c_attn),
+        "attn.c_proj": StoredLinear(block.attn.c_proj),
+        "mlp.c_fc": StoredLinear(block.mlp.c_fc),
+        "mlp.c_proj": StoredLinear(block.mlp.c_proj),
+    }
+    with torch.no_grad():
+        for norm, name in ((ln_1, "attn.c_attn"), (ln_2, "mlp.c_fc")):
+            scale = linears[name].take_awq_scale()
+            if scale is not None:
+                norm.weight *= scale
+                norm.bias *= scale
+    c_attn = linears["attn.c_attn"]
+    if c_attn.scales_output_columns():
+        scale = linears["attn.c_proj"].take_awq_scale()
+        if scale is not None:
+            embd = scale.shape[0]
+            c_attn.scale_output_columns(slice(2 * embd, 3 * embd), scale)  # [q | k | v]: the values' columns
+    return ln_1, ln_2, linears
+
+
 class ExportBlock(nn.Module):
     def __init__(self, block: nn.Module, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.ln_1, self.ln_2 = block.ln_1, block.ln_2
+        self.ln_1, self.ln_2, linears = stored_block(block)
         # ModuleDicts keep the twin's (and Hugging Face's) names in the file: transformer.h.0.attn.c_attn.weight
-        self.attn = nn.ModuleDict(
-            {"c_attn": StoredLinear(block.attn.c_attn), "c_proj": StoredLinear(block.attn.c_proj)}
-        )
-        self.mlp = nn.ModuleDict({"c_fc": StoredLinear(block.mlp.c_fc), "c_proj": StoredLinear(block.mlp.c_proj)})
+        self.attn = nn.ModuleDict({"c_attn": linears["attn.c_attn"], "c_proj": linears["attn.c_proj"]})
+        self.mlp = nn.ModuleDict({"c_fc": linears["mlp.c_fc"], "c_proj": linears["mlp.c_proj"]})
 
     def forward(self, x, past_key, past_value, hidden_mask):
         """x [batch, seq, embd]; past_key/past_value [batch, heads, past, head_dim]; hidden_mask [batch, 1, seq,

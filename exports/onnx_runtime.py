@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -22,6 +23,7 @@ import onnxruntime as ort
 import torch
 
 import reference
+from exports import onnx_fused
 from exports.onnx_export import MODEL_FILE
 
 # `session.qdq_matmulnbits_accuracy_level`: 4 computes activations in int8 (ONNX Runtime's default), 1 in float32.
@@ -46,19 +48,29 @@ def session(
     if profile is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile
-    model = os.path.join(onnx_dir, MODEL_FILE)
+    model = onnx.load(os.path.join(onnx_dir, MODEL_FILE))
     if last_position_only:
-        model = last_position_logits(onnx.load(model)).SerializeToString()
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        last_position_logits(model)
+    if metadata(model).get("gpt2_flavor") == onnx_fused.FLAVOR:  # MatMulNBits in the file: their attribute decides
+        set_accuracy_level(model, ACCURACY_LEVELS["float32" if math == EXACT else math])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> None:
+    """The ONNX Runtime flavor's MatMulNBits nodes at `level` (4: int8 activations, 1: float32)."""
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = level
 
 
 def last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph with a Slice of the last position between the final LayerNorm and the output layer's MatMul:
+    """The graph with a Slice of the last position between the final LayerNorm and the output layer's matmul:
     logits [batch, 1, vocab], as the twin's forward_with_cache returns them."""
     graph = model.graph
     head = next(node for node in graph.node if "logits" in node.output)
-    if head.op_type != "MatMul":
-        raise ValueError(f"the logits come from a {head.op_type}, not the output layer's MatMul")
+    if head.op_type not in ("MatMul", "MatMulNBits", "FusedMatMul"):
+        raise ValueError(f"the logits come from a {head.op_type}, not the output layer's matmul")
     bounds = {"last.starts": -1, "last.ends": np.iinfo(np.int64).max, "last.axes": 1}
     graph.initializer.extend(onnx.numpy_helper.from_array(np.array([v], np.int64), k) for k, v in bounds.items())
     sliced = onnx.helper.make_node("Slice", [head.input[0], *bounds], ["last.hidden"], name="last_position")
@@ -72,21 +84,37 @@ def last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
 def quantization(onnx_dir: str) -> dict:
     """What onnx_export recorded: {"quant_mode": ..., "layer_quant_modes": ...}."""
     model = onnx.load(os.path.join(onnx_dir, MODEL_FILE), load_external_data=False)
-    props = {prop.key: prop.value for prop in model.metadata_props}
-    return json.loads(props["gpt2_quantization"])
+    return json.loads(metadata(model)["gpt2_quantization"])
+
+
+def metadata(model: onnx.ModelProto) -> dict[str, str]:
+    """The file's metadata_props: gpt2_quantization, and gpt2_flavor in the ONNX Runtime flavor (onnx_fused.py)."""
+    return {prop.key: prop.value for prop in model.metadata_props}
+
+
+@dataclass
+class SharedCache:
+    """The ONNX Runtime flavor's keys and values (onnx_fused.py): per layer a key and a value buffer [batch, heads,
+    n_positions, head_dim] that GroupQueryAttention reads and writes in place, and how many positions are filled.
+    A step writes into the buffers of the cache it is given: that cache is used up, the one it returns is current."""
+
+    buffers: list[ort.OrtValue]  # layer 0's key, layer 0's value, layer 1's key, ...
+    length: int
 
 
 class OnnxGPT:
     """The ONNX graph behind the twin's calls: `model(idx)` for perplexity and `forward_with_cache` for generation,
-    torch tensors in and out. The keys and values stay in ONNX Runtime's memory between steps, as OrtValues that one
-    call returns and the next one takes, never copied into numpy."""
+    torch tensors in and out. The keys and values stay in ONNX Runtime's memory between steps: in the standard file
+    as OrtValues that one call returns and the next one takes, in the ONNX Runtime flavor as buffers that every step
+    fills further in place (SharedCache)."""
 
     def __init__(self, sess: ort.InferenceSession):
         self.session = sess
         inputs = {node.name: node for node in sess.get_inputs()}
         key = inputs["past_key_values.0.key"]
         self.num_layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
-        self.num_heads, self.head_dim = key.shape[1], key.shape[3]
+        self.num_heads, self.capacity, self.head_dim = key.shape[1:]  # capacity: n_positions in the ORT flavor
+        self.shared_cache = "seqlens_k" in inputs  # the ONNX Runtime flavor
         self.last_position_only = sess.get_outputs()[0].shape[1] == 1  # session(..., last_position_only=True)
         self.output_names = [output.name for output in sess.get_outputs()]
 
@@ -94,17 +122,21 @@ class OnnxGPT:
         """idx [batch, seq] -> logits [batch, seq, vocab] with no past: the twin's forward, for perplexity."""
         if self.last_position_only:
             raise ValueError("this session computes the last position's logits only: open it with the default")
-        return self.run(idx, None, None)[0]
+        return self.run_shared(idx, None)[0] if self.shared_cache else self.run(idx, None, None)[0]
 
-    def forward_with_cache(self, idx: torch.Tensor, past_keys: list | None = None, past_values: list | None = None):
+    def forward_with_cache(self, idx: torch.Tensor, past_keys=None, past_values=None):
         """The twin's forward_with_cache: idx [batch, seq] after the past whose keys and values are given (None at
-        the prompt), here one OrtValue per layer [batch, heads, past, head_dim]. Returns the last position's logits
-        [batch, 1, vocab] and the keys and values of past + seq, to pass to the next call."""
+        the prompt): one OrtValue per layer [batch, heads, past, head_dim], or in the ONNX Runtime flavor one
+        SharedCache, given and returned as both. Returns the last position's logits [batch, 1, vocab] and the keys
+        and values of past + seq, to pass to the next call."""
+        if self.shared_cache:
+            logits, cache = self.run_shared(idx, past_keys)
+            return logits[:, -1:], cache, cache
         logits, keys, values = self.run(idx, past_keys, past_values)
         return logits[:, -1:], keys, values
 
     def run(self, idx: torch.Tensor, past_keys: list | None, past_values: list | None):
-        """One session.run: the logits as torch, the presents as OrtValues."""
+        """One session.run of the standard file: the logits as torch, the presents as OrtValues."""
         batch, seq = idx.shape
         if past_keys is None:
             empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((batch, self.num_heads, 0, self.head_dim), np.float32))
@@ -113,15 +145,46 @@ class OnnxGPT:
         feeds = {
             "input_ids": idx.numpy().astype(np.int64),
             "attention_mask": np.ones((batch, past_len + seq), np.int64),
-            "position_ids": np.ascontiguousarray(
-                np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
-            ),
+            "position_ids": position_ids(batch, past_len, seq),
         }
         feeds = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in feeds.items()}
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"] = past_keys[i], past_values[i]
         logits, *presents = self.session.run_with_ort_values(self.output_names, feeds)
         return torch.from_numpy(logits.numpy()), presents[0::2], presents[1::2]
+
+    def run_shared(self, idx: torch.Tensor, cache: SharedCache | None) -> tuple[torch.Tensor, SharedCache]:
+        """One run of the ONNX Runtime flavor: each cache buffer bound as both the past and the present, so that
+        GroupQueryAttention writes the new keys and values where they belong and nothing is copied."""
+        batch, seq = idx.shape
+        if cache is None:  # zeros from the system, one page at a time as positions fill
+            shape = (batch, self.num_heads, self.capacity, self.head_dim)
+            buffers = [
+                ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.num_layers)
+            ]
+            cache = SharedCache(buffers, 0)
+        total = cache.length + seq
+        if total > self.capacity:
+            raise ValueError(f"{total} positions do not fit the model's {self.capacity}")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", idx.numpy().astype(np.int64))
+        binding.bind_cpu_input("position_ids", position_ids(batch, cache.length, seq))
+        binding.bind_cpu_input("seqlens_k", np.full(batch, total - 1, np.int32))  # GroupQueryAttention's convention
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        binding.bind_output("logits")
+        for name, buffer in zip(
+            self.output_names[1:], cache.buffers, strict=True
+        ):  # present.0.key, present.0.value, ...
+            binding.bind_ortvalue_input(name.replace("present.", "past_key_values."), buffer)
+            binding.bind_ortvalue_output(name, buffer)
+        self.session.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+        return torch.from_numpy(logits), SharedCache(cache.buffers, total)
+
+
+def position_ids(batch: int, past: int, seq: int) -> np.ndarray:
+    """[batch, seq]: positions past .. past + seq - 1 in every row."""
+    return np.ascontiguousarray(np.broadcast_to(np.arange(past, past + seq, dtype=np.int64), (batch, seq)))
 
 
 @contextmanager
