@@ -12,7 +12,7 @@ weight_loader, so nothing is downloaded; random weights take exactly as long to 
     python benchmark.py --tiny                            # a 2-layer, 64-wide GPT-2: seconds
     python benchmark.py --backend tripy                   # on a GPU: the Tripy engine against transformers on CUDA
     python benchmark.py --backend tripy --tiny            # without one: the CPU executor, a smoke test, not speed
-    python benchmark.py --backend onnx                    # ONNX Runtime on exports/onnx_export.py's files, per mode
+    python benchmark.py --backend onnx                    # ONNX Runtime on the ONNX files of each mode and flavor
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
         help="torch: the twin with and without its cache against transformers, on the CPU; tripy: model.py "
         "compiled against transformers, with TensorRT on a CUDA GPU, or without one on the CPU executor (tripy_cpu/), "
         "only with --tiny, as a smoke test; onnx: ONNX Runtime on exports/onnx_export.py's files (float32, int8, "
-        "int8 W8A8, int4; int8 and int4 also with the output layer quantized) against the twin and transformers, and "
-        "llama.cpp when measure/build_llama_cpp.sh has built it, on the CPU (default: torch)",
+        "int8 W8A8, int4; int8 and int4 also with the output layer quantized) and exports/onnx_fused.py's (int4, "
+        "with and without), against the twin and transformers, and llama.cpp when measure/build_llama_cpp.sh has "
+        "built it, on the CPU (default: torch)",
     )
 
 
@@ -347,14 +348,17 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     return run
 
 
-# label -> (mode, the output layer's own format or None: tied to the input embedding, float32)
+# label -> (mode, the output layer's own format or None: tied to the input embedding, float32; the file's flavor:
+# "standard" from exports/onnx_export.py, "ort" from exports/onnx_fused.py, ONNX Runtime's fused operators)
 ONNX_FILES = {
-    "float32": (None, None),
-    "int8": ("int8-weight-only", None),
-    "int8, int8 output layer": ("int8-weight-only", "int8-weight-only"),
-    "int8 W8A8": ("int8-smoothquant", None),
-    "int4": ("int4-weight-only", None),
-    "int4, int4 output layer": ("int4-weight-only", "int4-weight-only"),
+    "float32": (None, None, "standard"),
+    "int8": ("int8-weight-only", None, "standard"),
+    "int8, int8 output layer": ("int8-weight-only", "int8-weight-only", "standard"),
+    "int8 W8A8": ("int8-smoothquant", None, "standard"),
+    "int4": ("int4-weight-only", None, "standard"),
+    "int4, int4 output layer": ("int4-weight-only", "int4-weight-only", "standard"),
+    "int4, ORT flavor": ("int4-weight-only", None, "ort"),
+    "int4, int4 output layer, ORT flavor": ("int4-weight-only", "int4-weight-only", "ort"),
 }  # no float8: ONNX Runtime has no CPU kernel for it (it dequantizes every weight at every step); a GPU format
 
 
@@ -394,16 +398,17 @@ def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None)
 def onnx_contenders(
     hf_model: GPT2LMHeadModel, twin: GPT, threads: int, folder: str
 ) -> tuple[list[Contender], dict[str, float]]:
-    """ONNX Runtime on exports/onnx_export.py's file of each of ONNX_FILES, written under `folder` (fast kernels: its
-    default accuracy level), int4 also at float32 math; and each file's MB."""
-    from exports import onnx_export, onnx_runtime
+    """ONNX Runtime on the file of each of ONNX_FILES, written under `folder` (fast kernels: its default accuracy
+    level), the standard int4 also at float32 math; and each file's MB."""
+    from exports import onnx_export, onnx_fused, onnx_runtime
 
     contenders, file_mb = [], {}
-    for label, (quant_mode, lm_head_mode) in ONNX_FILES.items():
+    for label, (quant_mode, lm_head_mode, flavor) in ONNX_FILES.items():
         print(f"Exporting the {label} ONNX file", flush=True)
         onnx_dir = os.path.join(folder, label.replace(", ", "-").replace(" ", "_"))
         quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode)
-        onnx_export.export_onnx(quantized, onnx_dir)
+        export = onnx_fused.export_fused_onnx if flavor == onnx_fused.FLAVOR else onnx_export.export_onnx
+        export(quantized, onnx_dir)
         name = f"ONNX Runtime {label}"
         file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
         maths = ["int8", "float32"] if label == "int4" else ["int8"]

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.export_onnx is not None:
         from exports.onnx_export import export_step as export_onnx_step
 
-        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite)
+        export_onnx_step(
+            model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite, args.onnx_flavor
+        )
     if args.export_only:
         return
 

@@ -355,9 +355,11 @@ def export_step(
     layer_quant_modes: dict[str, str | None] | None,
     out_dir: str,
     overwrite: bool = False,
+    flavor: str | None = None,
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
-    or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir."""
+    or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir
+    as the standard file, or with flavor "ort" as exports/onnx_fused.py's."""
     from cli import UsageError
     from cli.example_args import onnx_kv_cache_refusal
     from cli.outputs import output_folder
@@ -371,10 +373,19 @@ def export_step(
         twin = load_export_twin(model_type)
     else:
         twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
+    export = export_onnx
+    if flavor == "ort":
+        from exports.onnx_fused import check_fusable, export_fused_onnx
+
+        export = export_fused_onnx
+        try:
+            check_fusable(twin)  # a mix or a restored model in formats it cannot hold, seen before writing
+        except ValueError as error:
+            raise UsageError(f"--onnx-flavor ort: {error}") from None
     try:
         # Written into a new folder that becomes out_dir whole, and only if no other run's is there by then.
         with output_folder(out_dir, "--export-onnx", overwrite) as folder:
-            written = export_onnx(twin, folder)
+            written = export(twin, folder)
     except ValueError as error:  # a model too large for one file
         raise UsageError(f"--export-onnx: {error}") from None
     print(written.replace(folder, out_dir))  # the summary names the file where it now is

@@ -157,11 +157,11 @@ class OnnxGPT:
         """One run of the ONNX Runtime flavor: each cache buffer bound as both the past and the present, so that
         GroupQueryAttention writes the new keys and values where they belong and nothing is copied."""
         batch, seq = idx.shape
-        if cache is None:  # zeros from the system, one page at a time as positions fill
+        if cache is None:
+            # Left as allocated: attention reads only the positions filled. ONNX Runtime's allocator, not numpy's,
+            # whose large arrays ask for huge pages that the kernel must clear whole (seconds at batch 8).
             shape = (batch, self.num_heads, self.capacity, self.head_dim)
-            buffers = [
-                ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for _ in range(2 * self.num_layers)
-            ]
+            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32) for _ in self.output_names[1:]]
             cache = SharedCache(buffers, 0)
         total = cache.length + seq
         if total > self.capacity:

@@ -1,6 +1,7 @@
 """example.py --export-onnx writes an ONNX folder from every route a model takes (calibration, an AutoQuantize mix, a
-restored --save-quantized file, an export), and example.py --model-type ONNX_DIR runs it in ONNX Runtime with no
-calibration, giving the greedy text the exporting run gave (or, from an export, the twin of that export).
+restored --save-quantized file, an export; int4 also as ONNX Runtime's flavor, --onnx-flavor ort), and example.py
+--model-type ONNX_DIR runs it in ONNX Runtime with no calibration, giving the greedy text the exporting run gave (or,
+from an export, the twin of that export).
 
 The runs are subprocesses, as users run them, two at a time.
 """
@@ -44,7 +45,7 @@ def runs(tmp_path_factory):
     generate = ["--input-text", PROMPT, "--max-new-tokens", str(NEW_TOKENS), "--top-k", "1"]
     calibrate = ["--calibration-data", str(calibration), "--num-calibration-samples", "4"]
     model = ["--model-type", str(checkpoint)]
-    folders = {name: str(tmp / f"onnx-{name}") for name in ("int4", "auto", "restored", "export")}
+    folders = {name: str(tmp / f"onnx-{name}") for name in ("int4", "int4-ort", "auto", "restored", "export")}
 
     def run(*arguments: str) -> subprocess.CompletedProcess:
         command = [sys.executable, "example.py", *arguments]
@@ -59,6 +60,17 @@ def runs(tmp_path_factory):
             "int4": pool.submit(
                 export_then_run, "int4", *model, "--quant-mode", "int4-weight-only", *calibrate, *generate
             ),
+            "int4-ort": pool.submit(
+                export_then_run,
+                "int4-ort",
+                *model,
+                "--quant-mode",
+                "int4-weight-only",
+                *calibrate,
+                *generate,
+                "--onnx-flavor",
+                "ort",
+            ),  # fmt: skip
             "auto": pool.submit(
                 export_then_run, "auto", *model, "--quant-mode", "auto", "--recipe", recipe, *calibrate, *generate
             ),
@@ -73,7 +85,7 @@ def generated_text(result: subprocess.CompletedProcess) -> str:
     return result.stdout.split(example.SEPARATOR)[1]
 
 
-@pytest.mark.parametrize("name", ["int4", "auto", "restored"])
+@pytest.mark.parametrize("name", ["int4", "int4-ort", "auto", "restored"])
 def test_onnx_folder_generates_the_exporting_runs_greedy_text(runs, name):
     futures, folders, _ = runs
     exporting, running = futures[name].result()
