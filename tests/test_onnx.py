@@ -179,17 +179,52 @@ def test_stored_weights_dequantize_to_the_twins_weights(exported):
             scale = np.repeat(scale, INT4_BLOCK_SIZE, axis=0)
         expected = twin_layer.dequantized_weight
         expected = expected if isinstance(twin_layer, reference.Int4Linear) else expected.t()  # [in, out]
-        np.testing.assert_array_equal(weight * scale, expected.numpy())
+        expected = expected_with_value_fold(exported.twin, layer, expected).numpy()
+        np.testing.assert_allclose(weight * scale, expected, rtol=1e-6, atol=0)  # (q * s) * f against q * (s * f)
 
 
-def test_int4_layers_multiply_their_input_by_awqs_pre_quant_scale(exported):
-    """x * pre_quant_scale is the MatMul's input: the step that makes AWQ's int4 weights right."""
+def value_fold(twin: GPT, layer: str) -> torch.Tensor | None:
+    """attn.c_proj's AWQ pre_quant_scale [embd] where the export folds it into c_attn's value columns (a c_proj in
+    int4, a c_attn with a scale per output column or none, not float8's one per tensor); None elsewhere."""
+    layers = dict(twin.named_modules())
+    block = layer.rsplit(".", 2)[0]  # transformer.h.N
+    c_attn, c_proj = layers[f"{block}.attn.c_attn"], layers[f"{block}.attn.c_proj"]
+    per_tensor = isinstance(c_attn, reference.QuantLinear) and c_attn.weight_scale.dim() == 0
+    return c_proj.pre_quant_scale.detach() if isinstance(c_proj, reference.Int4Linear) and not per_tensor else None
+
+
+def expected_with_value_fold(twin: GPT, layer: str, weight: torch.Tensor) -> torch.Tensor:
+    """The twin's weight [in, out] of `layer` as the file holds it: c_attn's value columns times value_fold."""
+    factor = value_fold(twin, layer) if layer.endswith("attn.c_attn") else None
+    if factor is None:
+        return weight
+    embd = factor.shape[0]
+    return torch.cat([weight[:, : 2 * embd], weight[:, 2 * embd :] * factor], dim=1)
+
+
+def test_awqs_pre_quant_scale_is_folded_where_exact_and_multiplied_elsewhere(exported):
+    """x * pre_quant_scale is what an int4 layer multiplies: the step that makes AWQ's int4 weights right. Where an
+    exact fold exists the file has no Mul: c_attn's and c_fc's factors are in ln_1's and ln_2's weight and bias,
+    attn.c_proj's in c_attn's value columns (test_stored_weights_dequantize_to_the_twins_weights); mlp.c_proj,
+    after the GELU, multiplies its input by it."""
     stored, made_by = initializers(exported.model), producers(exported.model)
+    parameters = {name: p.detach() for name, p in exported.twin.named_parameters()}
     for layer in block_linears(exported.twin):
         if layer_quant_mode(exported.twin.config, layer) != "int4-weight-only":
             continue
-        twin_scale = dict(exported.twin.named_parameters())[f"{layer}.pre_quant_scale"].detach()
-        assert not torch.all(twin_scale == 1)  # AWQ scaled the outliers: dropping the Mul would change the logits
+        twin_scale = parameters[f"{layer}.pre_quant_scale"]
+        assert not torch.all(twin_scale == 1)  # AWQ scaled the outliers: dropping the factor would change the logits
+        block, name = layer.split(".", 3)[:3], layer.split(".", 3)[3]
+        norm = {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"}.get(name)
+        if norm is not None or (name == "attn.c_proj" and value_fold(exported.twin, layer) is not None):
+            assert f"{layer}.pre_quant_scale" not in stored, layer
+            if norm is not None:
+                prefix = f"{'.'.join(block)}.{norm}"
+                (layer_norm,) = consumers(exported.model, f"{prefix}.weight")  # its bias may be stored under any name
+                for kind, stored_name in zip(("weight", "bias"), layer_norm.input[1:], strict=True):
+                    expected = (parameters[f"{prefix}.{kind}"] * twin_scale).numpy()
+                    np.testing.assert_array_equal(numpy_helper.to_array(stored[stored_name]), expected)
+            continue
         np.testing.assert_array_equal(numpy_helper.to_array(stored[f"{layer}.pre_quant_scale"]), twin_scale.numpy())
         (dequantize,) = consumers(exported.model, f"{layer}.weight")
         (matmul,) = consumers(exported.model, dequantize.output[0])
