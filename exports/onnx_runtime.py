@@ -213,7 +213,8 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     start = time.perf_counter()
     model = OnnxGPT(session(onnx_dir, last_position_only=True))
     mode = quantization(onnx_dir)["quant_mode"] or "unquantized"
-    print(f"Model: {onnx_dir} (ONNX, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
+    kind = "ONNX, ONNX Runtime flavor" if model.shared_cache else "ONNX"
+    print(f"Model: {onnx_dir} ({kind}, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
         with torch_threads(1):

@@ -232,6 +232,13 @@ CASES = [
         "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
     ),
     ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
+    ("example.py", ["--onnx-flavor", "ort"], "--onnx-flavor needs --export-onnx: it chooses the file that writes"),
+    ("example.py", ["--onnx-flavor", "trt"], "argument --onnx-flavor: invalid choice: 'trt'"),
+    (
+        "example.py",
+        ["--quant-mode", "int8-smoothquant", "--export-onnx", "{w}/empty-folder", "--onnx-flavor", "ort"],
+        "--onnx-flavor ort holds int8 and int4 weights, and int8-smoothquant quantizes activations too: export it",
+    ),
     (
         "example.py",
         ["--load-quantized", "{w}/data/good.txt", "--kv-cache", "float8"],
