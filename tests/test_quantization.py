@@ -355,7 +355,7 @@ def test_quantized_output_layer_twin_matches_modelopt(hf_model, quantized, token
 @pytest.mark.parametrize(
     "mode, lm_head_mode, message",
     [
-        ("float8", "int4-weight-only", "takes no lm_head_mode"),
+        ("float8", "int4-weight-only", "takes no other format for it"),
         ("int4-weight-only", "int8-weight-only", "calibrated with max"),
         ("int8-weight-only", "float8", "supported: int8-weight-only, int4-weight-only"),
     ],
