@@ -232,6 +232,46 @@ CASES = [
         "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
     ),
     ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
+    # --lm-head: beside one mode's calibration, in a format the twin can hold beside it and the outputs can store
+    ("example.py", ["--lm-head", "int8-weight-only"], "--lm-head needs --quant-mode: the output layer is calibrated"),
+    (
+        "example.py",
+        ["--quant-mode", "float8", "--lm-head", "int8-weight-only"],
+        "float8 quantizes the output layer already, in float8: it takes no other format for it",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "int4-weight-only", "--lm-head", "int8-weight-only"],
+        "an int8 output layer is calibrated with max, and int4-weight-only with awq_lite: take an int4 one",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "int8-smoothquant", "--lm-head", "int8-weight-only"],
+        "calibrated with max, and int8-smoothquant with smoothquant: take an int4 one",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "auto", "--effective-bits", "6", "--lm-head", "int4-weight-only"],
+        "--quant-mode auto searches the block linears only, and leaves the output layer unquantized",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "int8-weight-only", "--lm-head", "int4-weight-only", "--export-dir", "{w}/empty-folder"],
+        "two output rows to a byte, and an output layer of an odd number of rows (GPT-2's 50257) cannot be packed",
+    ),
+    (
+        "example.py",
+        ["--load-quantized", "{w}/data/good.txt", "--lm-head", "int4-weight-only"],
+        "--load-quantized restores the output layer as it was saved: --lm-head does not apply",
+    ),
+    ("example.py", ["--model-type", "{w}/export", "--lm-head", "int8-weight-only"], "already: --lm-head is for a"),
+    ("example.py", ["--model-type", "{w}/onnx-folder", "--lm-head", "int8-weight-only"], "--lm-head does not apply"),
+    (
+        "example.py",
+        ["--quant-mode", "int8-weight-only", "--lm-head", "int4-weight-only", "--model-type", "{w}/narrow"],
+        "narrow is 64 wide, not a multiple of int4's blocks of 128: use --lm-head int8-weight-only",
+    ),
+    ("example.py", ["--quant-mode", "int8-weight-only", "--lm-head", "float8"], "--lm-head: invalid choice: 'float8'"),
     (
         "example.py",
         ["--load-quantized", "{w}/data/good.txt", "--kv-cache", "float8"],
@@ -648,6 +688,10 @@ def test_good_inputs_pass_the_same_checks(workspace):
     example.parse_args([*good, "--seed", str(2**64 - 1), "--export-dir", str(workspace / "empty-folder")])
     example.parse_args([*good, "--export-dir", str(workspace / "users-folder"), "--overwrite"])
     example.parse_args([*good, "--export-dir", str(workspace / "new" / "nested")])
+    int8 = ["--quant-mode", "int8-weight-only", "--lm-head"]
+    example.parse_args([*int8, "int8-weight-only", "--export-dir", str(workspace / "empty-folder")])
+    example.parse_args([*int8, "int4-weight-only", "--model-type", "gpt2", "--export-onnx", str(workspace / "new")])
+    example.parse_args(["--quant-mode", "int4-weight-only", "--lm-head", "int4-weight-only", "--model-type", "gpt2"])
     assert not (workspace / "new").exists()  # checking that it can be created does not create it
     train.parse_args(["--out-dir", str(workspace / "users-folder"), "--overwrite"])
     evaluate.parse_args(["--eval-data", str(workspace / "data" / "good.txt"), "--chart", str(workspace / "q.png")])
