@@ -11,7 +11,9 @@ import pytest
 import torch
 from helpers import make_gpt2
 
+from config import QUANT_MODES
 from measure.twin import load_twin
+from quant.lm_head import DEFAULT_CALIBRATION
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import create_forward_loop, modelopt_quantize, quant_config
 from reference import GPT
@@ -350,6 +352,14 @@ def test_quantized_output_layer_twin_matches_modelopt(hf_model, quantized, token
     far = ~torch.isclose(twin(tokens), expected, atol=1e-4, rtol=1e-4)  # [batch, seq, vocab]
     assert far.float().mean() < 1e-3
     assert torch.equal(twin.transformer.wte.weight, hf_model.transformer.wte.weight)
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_the_calibration_names_the_command_line_checks_are_quant_configs(mode):
+    """cli/example_args.py checks --lm-head with quant/lm_head.py's names for each mode's calibration, without
+    importing ModelOpt: they must be the ones quant_config gives."""
+    algorithm = quant_config(mode)["algorithm"]
+    assert DEFAULT_CALIBRATION[mode] == (algorithm["method"] if isinstance(algorithm, dict) else algorithm)
 
 
 @pytest.mark.parametrize(
