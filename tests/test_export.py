@@ -468,6 +468,12 @@ def test_an_int8_output_layer_loads_into_transformers_and_the_twin_as_calibrated
     assert torch.equal(generated, reference.generate(twin, IDX, 8, top_k=1))
 
 
+def test_serve_vllm_refuses_an_output_layer_quantized_by_lm_head_saying_why(exported_head, capsys):
+    line = usage_error(serve_vllm.main, [exported_head[0]], "serve_vllm.py", capsys)
+    assert "is a int8-weight-only export (W8A16)" in line
+    assert "none with an output layer quantized by --lm-head: vLLM's CPU build computes int8 only as W8A8" in line
+
+
 def test_an_int4_output_layer_is_not_exported(calibration_file, tmp_path):
     """ModelOpt packs int4 two output rows to a byte: GPT-2's 50257 rows cannot be; refused before ModelOpt tries."""
     quantized_model = modelopt_quantize(
