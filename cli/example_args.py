@@ -96,9 +96,10 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
         "--lm-head",
         choices=LM_HEAD_MODES,
         help="with --quant-mode: also quantize the output layer (lm_head, untied from the input embedding, which stays "
-        "as it is) in this format, calibrated with the block linears: on a CPU it is the largest matmul of a step. "
-        "int8 needs int8-weight-only's max calibration; --export-dir takes int8 only, vLLM neither. Off by default: "
-        "what it costs in perplexity is in docs/quality.md (default: lm_head unquantized, but float8's)",
+        "as it is) in this format, calibrated with the block linears; on a CPU it is the largest matmul of a step. "
+        "int8 goes with int8-weight-only only (max calibration); --export-dir stores int8 only, vLLM serves neither. "
+        "Its perplexity cost: docs/quality.md#a-quantized-output-layer (default: off; float8 quantizes lm_head in "
+        "float8 anyway)",
     )
     parser.add_argument(
         "--effective-bits",
