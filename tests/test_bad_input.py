@@ -232,46 +232,6 @@ CASES = [
         "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
     ),
     ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
-    # --lm-head: beside one mode's calibration, in a format the twin can hold beside it and the outputs can store
-    ("example.py", ["--lm-head", "int8-weight-only"], "--lm-head needs --quant-mode: the output layer is calibrated"),
-    (
-        "example.py",
-        ["--quant-mode", "float8", "--lm-head", "int8-weight-only"],
-        "float8 quantizes the output layer already, in float8: it takes no other format for it",
-    ),
-    (
-        "example.py",
-        ["--quant-mode", "int4-weight-only", "--lm-head", "int8-weight-only"],
-        "an int8 output layer is calibrated with max, and int4-weight-only with awq_lite: take an int4 one",
-    ),
-    (
-        "example.py",
-        ["--quant-mode", "int8-smoothquant", "--lm-head", "int8-weight-only"],
-        "calibrated with max, and int8-smoothquant with smoothquant: take an int4 one",
-    ),
-    (
-        "example.py",
-        ["--quant-mode", "auto", "--effective-bits", "6", "--lm-head", "int4-weight-only"],
-        "--quant-mode auto searches the block linears only, and leaves the output layer unquantized",
-    ),
-    (
-        "example.py",
-        ["--quant-mode", "int8-weight-only", "--lm-head", "int4-weight-only", "--export-dir", "{w}/empty-folder"],
-        "two output rows to a byte, and an output layer of an odd number of rows (GPT-2's 50257) cannot be packed",
-    ),
-    (
-        "example.py",
-        ["--load-quantized", "{w}/data/good.txt", "--lm-head", "int4-weight-only"],
-        "--load-quantized restores the output layer as it was saved: --lm-head does not apply",
-    ),
-    ("example.py", ["--model-type", "{w}/export", "--lm-head", "int8-weight-only"], "already: --lm-head is for a"),
-    ("example.py", ["--model-type", "{w}/onnx-folder", "--lm-head", "int8-weight-only"], "--lm-head does not apply"),
-    (
-        "example.py",
-        ["--quant-mode", "int8-weight-only", "--lm-head", "int4-weight-only", "--model-type", "{w}/narrow"],
-        "narrow is 64 wide, not a multiple of int4's blocks of 128: use --lm-head int8-weight-only",
-    ),
-    ("example.py", ["--quant-mode", "int8-weight-only", "--lm-head", "float8"], "--lm-head: invalid choice: 'float8'"),
     (
         "example.py",
         ["--load-quantized", "{w}/data/good.txt", "--kv-cache", "float8"],
@@ -536,6 +496,28 @@ CASES = [
         ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", "{w}/users-folder"],
         "--recipe-out {w}/users-folder is a folder: name a file",
     ),
+]
+
+
+# --lm-head: beside one mode's calibration, in a format the twin can hold beside it and the outputs can store.
+# (--quant-mode, --lm-head, more arguments, what the error line says)
+INT4, INT8 = "int4-weight-only", "int8-weight-only"
+LM_HEAD_CASES = [
+    (None, INT8, [], "--lm-head needs --quant-mode: the output layer is calibrated with the block linears"),
+    ("float8", INT8, [], "float8 quantizes the output layer already, in float8: it takes no other format for it"),
+    (INT4, INT8, [], "an int8 output layer is calibrated with max, and int4-weight-only with awq_lite: take an int4"),
+    ("int8-smoothquant", INT8, [], "calibrated with max, and int8-smoothquant with smoothquant: take an int4 one"),
+    ("auto", INT4, ["--effective-bits", "6"], "--quant-mode auto searches the block linears only, and leaves the"),
+    (INT8, INT4, ["--export-dir", "{w}/empty-folder"], "an output layer of an odd number of rows (GPT-2's 50257)"),
+    (INT8, INT4, ["--model-type", "{w}/narrow"], "64 wide, not a multiple of int4's blocks of 128: use --lm-head int8"),
+    (INT8, "float8", [], "argument --lm-head: invalid choice: 'float8'"),
+    (None, INT4, ["--load-quantized", "{w}/data/good.txt"], "restores the output layer as it was saved: --lm-head"),
+    (None, INT8, ["--model-type", "{w}/export"], "calibrated already: --lm-head is for a model that example.py"),
+    (None, INT8, ["--model-type", "{w}/onnx-folder"], "which ONNX Runtime runs as it was exported: --lm-head does not"),
+]
+CASES += [
+    ("example.py", [*(["--quant-mode", mode] if mode else []), "--lm-head", head, *more], expected)
+    for mode, head, more, expected in LM_HEAD_CASES
 ]
 
 
