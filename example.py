@@ -14,7 +14,7 @@ The steps, top to bottom in `main`:
 Only the standard library is imported up here: torch, transformers and ModelOpt take seconds to import, and a
 mistake on the command line should be reported at once (cli/example_args.py). Each step imports what it needs; a
 feature is imported where its flag asks for it (quant/auto_quantize.py, quant/save_restore.py, exports/checkpoint.py,
-exports/checkpoint_loader.py).
+exports/checkpoint_loader.py); quant/kv_cache.py and quant/lm_head.py import torch only where they use it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from cli import UsageError, run
 from cli.example_args import check_float8_gpu, check_model_fits, choose_backend, is_export, parse_args, recipe_out_path
 from config import AUTO_QUANT_MODE, GPTConfig, config_from_hf_config
 from quant.kv_cache import kv_cache_in
+from quant.lm_head import lm_head_in
 
 if TYPE_CHECKING:
     import tiktoken
@@ -98,8 +99,10 @@ def main(argv: list[str] | None = None) -> None:
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     # The Tripy model's (and the twin's) config: the checkpoint's shape, its modes, and the sequence to generate.
     kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
+    lm_head_mode = lm_head_in(model_type, hf_model)  # --lm-head's, or restored or exported with one
     shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
-    modes = {"quant_mode": quant_mode, "layer_quant_modes": layer_quant_modes, "kv_cache": kv_cache}
+    modes = {"quant_mode": quant_mode, "layer_quant_modes": layer_quant_modes}
+    modes.update(kv_cache=kv_cache, lm_head_mode=lm_head_mode)
     config = config_from_hf_config(hf_config, **modes, **shape)
     if backend == "tripy" and "float8" in {quant_mode, kv_cache, *(layer_quant_modes or {}).values()}:
         check_float8_gpu()  # again: an export, a saved model or AutoQuantize's search has said what runs
@@ -147,7 +150,8 @@ def quantize(hf_model: GPT2LMHeadModel, quant_mode: str, args: argparse.Namespac
     hf_model.to(device)
     try:
         samples = args.num_calibration_samples  # with --kv-cache, the keys and values are calibrated with the weights
-        modelopt_quantize(hf_model, quant_mode, args.calibration_data, num_samples=samples, kv_cache=args.kv_cache)
+        extras = {"kv_cache": args.kv_cache, "lm_head_mode": args.lm_head}  # and with --lm-head, the output layer
+        modelopt_quantize(hf_model, quant_mode, args.calibration_data, num_samples=samples, **extras)
     except (OSError, ValueError) as error:  # calibration data that cannot be read
         raise UsageError(str(error)) from None
     hf_model.to("cpu")

@@ -65,6 +65,7 @@ def modelopt_quantize(
         unsmooth_after_gelu(model_hf)
     seconds = time.perf_counter() - start
     described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    described += "" if lm_head_mode is None else f" with an {lm_head_mode} output layer"
     print(f"Calibrated {described} on {forward_loop.num_samples} samples in {seconds:.1f} s")
     return model_hf
 

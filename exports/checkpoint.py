@@ -31,6 +31,7 @@ from transformers import GPT2LMHeadModel
 from cli import UsageError
 from cli.outputs import output_folder
 from exports.modelopt_hf import CONV1D_LAYERS, safetensors_files
+from quant.lm_head import INT4_HEAD_NOT_EXPORTED, lm_head_mode_of
 from sources.tokenizer import gpt2_tokenizer
 
 
@@ -43,6 +44,8 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
     """
     if not any(_is_quantized(module) for module in quantized_model.modules()):
         raise ValueError("export_checkpoint needs a GPT-2 quantized by modelopt_quantize; this model has no quantizers")
+    if lm_head_mode_of(quantized_model) == "int4-weight-only" and quantized_model.lm_head.out_features % 2:
+        raise ValueError(INT4_HEAD_NOT_EXPORTED)
     # ModelOpt's export replaces every quantized layer's weight with its int8/float8/packed-int4 form in place.
     model = copy.deepcopy(quantized_model)
     # ModelOpt reads the architectures to tell language models from multimodal ones; a model built from a bare
@@ -125,7 +128,7 @@ def _write_conv1d_layout(export_dir: str) -> None:
     with open(config_path) as file:
         config = json.load(file)
     config["quantization_config"]["weight_layout"] = "conv1d"
-    # float8 quantizes lm_head and exports it as its own tensor: loaders that tie it to wte would drop it.
+    # float8 and --lm-head quantize lm_head, exported as its own tensor: loaders that tie it to wte would drop it.
     if lm_head_quantized:
         config["tie_word_embeddings"] = False
     if "group_size" in hf_quant_config["quantization"]:

@@ -61,12 +61,13 @@ def load_weights_from_export(model: Any, export_dir: str, dtype: Any) -> None:
 
 
 def config_from_export(export_dir: str, **overrides: Any) -> GPTConfig:
-    """The GPTConfig of an exports/checkpoint.py checkpoint, in its quantization mode and KV cache; `overrides`
-    sets seq_len, dtype, ..."""
+    """The GPTConfig of an exports/checkpoint.py checkpoint, in its quantization mode, KV cache and output layer's
+    format; `overrides` sets seq_len, dtype, ..."""
     from exports.modelopt_hf import read_export
 
     fmt, hf_config = read_export(export_dir)
-    return config_from_hf_config(hf_config, quant_mode=fmt.quant_mode, kv_cache=fmt.kv_cache, **overrides)
+    modes = {"quant_mode": fmt.quant_mode, "kv_cache": fmt.kv_cache, "lm_head_mode": fmt.lm_head_mode}
+    return config_from_hf_config(hf_config, **modes, **overrides)
 
 
 def read_checked_export(export_dir: str) -> tuple[Any, str]:

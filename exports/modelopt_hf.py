@@ -42,6 +42,7 @@ from transformers.quantizers.auto import register_quantization_config, register_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from config import LM_HEAD_MODES
 from exports.quant_algos import KV_CACHE_QUANT_ALGOS, QUANT_ALGOS
 from reference import quantize_dequantize
 from sources.hub import check_config
@@ -80,6 +81,12 @@ class ExportFormat:
     def kv_cache(self) -> str | None:
         """The KV cache's mode (GPTConfig.kv_cache): None or "float8"."""
         return KV_CACHE_QUANT_ALGOS.get(self.kv_cache_quant_algo)
+
+    @property
+    def lm_head_mode(self) -> str | None:
+        """The output layer's format beside the mode (GPTConfig.lm_head_mode): the mode's own when lm_head is stored
+        quantized in int8 or int4 (--lm-head), None when it is tied to wte, or float8's, part of that mode."""
+        return self.quant_mode if self.is_quantized("lm_head") and self.quant_mode in LM_HEAD_MODES else None
 
     def is_quantized(self, layer_name: str) -> bool:
         """Whether a linear layer ("transformer.h.0.attn.c_proj", "lm_head") is stored quantized."""
@@ -412,7 +419,7 @@ class ModelOptHfQuantizer(HfQuantizer):
             for block in model.transformer.h:
                 block.attn.attn = KVCacheScales(dtype, model.config._attn_implementation)
             model.config._attn_implementation = FLOAT8_KV_ATTENTION
-        if fmt.is_quantized("lm_head"):  # float8 stores lm_head quantized: it can no longer share wte's matrix
+        if fmt.is_quantized("lm_head"):  # float8 or --lm-head store lm_head quantized: it cannot share wte's matrix
             model.config.tie_word_embeddings = False
             model.all_tied_weights_keys.pop("lm_head.weight", None)
 

@@ -6,6 +6,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from exports.checkpoint_loader import config_from_export, load_weights_from_export
+from quant.lm_head import lm_head_mode_of
 from reference import GPT
 from weight_loader import config_from_hf, load_quant_weights_from_hf, load_weights_from_hf
 
@@ -21,7 +22,9 @@ def load_twin(
     """A float32 PyTorch twin, in eval mode, holding `hf_model`'s weights, or with a `quant_mode`, the weights and
     scales of `quantized_model` (hf_model quantized by `modelopt_quantize`, or with AUTO_QUANT_MODE by
     `quantization.auto_quantize`, which chose the `layer_quant_modes`), with `kv_cache` its KV-cache scales, and with
-    `lm_head_mode` its output layer's (modelopt_quantize's lm_head_mode)."""
+    `lm_head_mode` its output layer's (modelopt_quantize's lm_head_mode; by default the one quantized_model holds)."""
+    if lm_head_mode is None and quantized_model is not None:
+        lm_head_mode = lm_head_mode_of(quantized_model)  # so that every caller's twin holds the head it was given
     config = config_from_hf(
         hf_model,
         dtype="float32",

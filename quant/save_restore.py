@@ -15,7 +15,8 @@ from transformers.pytorch_utils import Conv1D
 
 from cli import UsageError
 from cli.outputs import output_file
-from config import AUTO_QUANT_MODE, QUANT_MODES, quant_mode_of
+from config import AUTO_QUANT_MODE, LM_HEAD_MODES, QUANT_MODES, quant_mode_of
+from quant.lm_head import lm_head_mode_of, untie_lm_head
 from weight_loader import MAXBOUND
 
 
@@ -132,6 +133,8 @@ def load_quantized(model: torch.nn.Module, path: str, quant_mode: str | None = N
             raise QuantizedCheckpointError(
                 f"{path} was saved for another model: its {name} is {found}, the model's is {shape}"
             )
+    if _saved_lm_head_mode(checkpoint["modelopt_state"]) is not None:
+        untie_lm_head(model)  # saved apart from wte (--lm-head): tied, restoring it would overwrite the embedding
     # As mto.restore does: the quantizers first, then the weights, the integer ones once their scales are in place.
     model = mto.restore_from_modelopt_state(model, checkpoint["modelopt_state"])
     model.load_state_dict(saved, strict=False)
@@ -150,17 +153,8 @@ def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
         raise QuantizedCheckpointError(
             f"{path} holds no quantized model (its ModelOpt state has no quantize or auto_quantize mode)"
         )
-    # The last entry (calibration updates it) describes the quantizers as they were saved.
-    quantizers = entries[-1][1]["metadata"]["quantizer_state"]
-    found = {
-        quant_mode_of(
-            state["_num_bits"],
-            bool(state["_block_sizes"]),
-            not quantizers[name.replace(".weight_quantizer", ".input_quantizer")]["_disabled"],
-        )
-        for name, state in quantizers.items()
-        if name.endswith(".weight_quantizer") and not state["_disabled"]
-    }
+    # The output layer's own format (--lm-head) is not the mode's: float8's lm_head is float8, the mode's anyway.
+    found = {mode for name, mode in _saved_layer_modes(modelopt_state).items() if name != "lm_head"}
     if None not in found:
         # A mix stays a mix even when it happens to hold one format: lm_head stays out of it, unlike float8's.
         if "auto_quantize" in applied:
@@ -171,6 +165,29 @@ def _saved_quant_mode(modelopt_state: dict, path: str) -> str:
         f"{path} holds a model quantized in none of this example's modes ({', '.join(QUANT_MODES)}, "
         f"or a per-layer mix of them: {AUTO_QUANT_MODE})"
     )
+
+
+def _saved_layer_modes(modelopt_state: dict) -> dict[str, str | None]:
+    """Each quantized linear layer of a saved ModelOpt state, by name, and its mode as its weight quantizer's bits and
+    blocks and its input quantizer show it (as weight_loader does), None for a format of none of QUANT_MODES."""
+    # The last entry (calibration updates it) describes the quantizers as they were saved.
+    quantizers = modelopt_state["modelopt_state_dict"][-1][1]["metadata"]["quantizer_state"]
+    return {
+        name.removesuffix(".weight_quantizer"): quant_mode_of(
+            state["_num_bits"],
+            bool(state["_block_sizes"]),
+            not quantizers[name.replace(".weight_quantizer", ".input_quantizer")]["_disabled"],
+        )
+        for name, state in quantizers.items()
+        if name.endswith(".weight_quantizer") and not state["_disabled"]
+    }
+
+
+def _saved_lm_head_mode(modelopt_state: dict) -> str | None:
+    """The format of a saved output layer quantized apart from the mode (--lm-head), as `lm_head_mode_of` reads it
+    from a model: one of LM_HEAD_MODES, or None."""
+    mode = _saved_layer_modes(modelopt_state).get("lm_head")
+    return mode if mode in LM_HEAD_MODES else None
 
 
 def _quantized_shapes(model: torch.nn.Module) -> dict[str, list[int]]:
@@ -200,7 +217,9 @@ def restore_step(
     except QuantizedCheckpointError as error:
         raise UsageError(f"--load-quantized: {error}") from None
     kv_cache = kv_cache_of(hf_model)  # the K and V quantizers it was calibrated with, if any (quant/kv_cache.py)
+    lm_head_mode = lm_head_mode_of(hf_model)
     described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    described += "" if lm_head_mode is None else f" with an {lm_head_mode} output layer"
     print(f"Restored {described} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
     if quant_mode != AUTO_QUANT_MODE:
         return hf_model, quant_mode, None

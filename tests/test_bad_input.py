@@ -506,6 +506,28 @@ CASES = [
 ]
 
 
+# --lm-head: beside one mode's calibration, in a format the twin can hold beside it and the outputs can store.
+# (--quant-mode, --lm-head, more arguments, what the error line says)
+INT4, INT8 = "int4-weight-only", "int8-weight-only"
+LM_HEAD_CASES = [
+    (None, INT8, [], "--lm-head needs --quant-mode: the output layer is calibrated with the block linears"),
+    ("float8", INT8, [], "float8 quantizes the output layer already, in float8: it takes no other format for it"),
+    (INT4, INT8, [], "an int8 output layer is calibrated with max, and int4-weight-only with awq_lite: take an int4"),
+    ("int8-smoothquant", INT8, [], "calibrated with max, and int8-smoothquant with smoothquant: take an int4 one"),
+    ("auto", INT4, ["--effective-bits", "6"], "--quant-mode auto searches the block linears only, and leaves the"),
+    (INT8, INT4, ["--export-dir", "{w}/empty-folder"], "an output layer of an odd number of rows (GPT-2's 50257)"),
+    (INT8, INT4, ["--model-type", "{w}/narrow"], "64 wide, not a multiple of int4's blocks of 128: use --lm-head int8"),
+    (INT8, "float8", [], "argument --lm-head: invalid choice: 'float8'"),
+    (None, INT4, ["--load-quantized", "{w}/data/good.txt"], "restores the output layer as it was saved: --lm-head"),
+    (None, INT8, ["--model-type", "{w}/export"], "calibrated already: --lm-head is for a model that example.py"),
+    (None, INT8, ["--model-type", "{w}/onnx-folder"], "which ONNX Runtime runs as it was exported: --lm-head does not"),
+]
+CASES += [
+    ("example.py", [*(["--quant-mode", mode] if mode else []), "--lm-head", head, *more], expected)
+    for mode, head, more, expected in LM_HEAD_CASES
+]
+
+
 def case_id(case: tuple) -> str:
     script, arguments, _ = case
     return f"{script} {' '.join(arguments)}".replace("{w}/", "")
@@ -655,6 +677,10 @@ def test_good_inputs_pass_the_same_checks(workspace):
     example.parse_args([*good, "--seed", str(2**64 - 1), "--export-dir", str(workspace / "empty-folder")])
     example.parse_args([*good, "--export-dir", str(workspace / "users-folder"), "--overwrite"])
     example.parse_args([*good, "--export-dir", str(workspace / "new" / "nested")])
+    int8 = ["--quant-mode", "int8-weight-only", "--lm-head"]
+    example.parse_args([*int8, "int8-weight-only", "--export-dir", str(workspace / "empty-folder")])
+    example.parse_args([*int8, "int4-weight-only", "--model-type", "gpt2", "--export-onnx", str(workspace / "new")])
+    example.parse_args(["--quant-mode", "int4-weight-only", "--lm-head", "int4-weight-only", "--model-type", "gpt2"])
     assert not (workspace / "new").exists()  # checking that it can be created does not create it
     train.parse_args(["--out-dir", str(workspace / "users-folder"), "--overwrite"])
     evaluate.parse_args(["--eval-data", str(workspace / "data" / "good.txt"), "--chart", str(workspace / "q.png")])

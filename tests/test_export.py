@@ -414,3 +414,71 @@ def test_serve_vllm_refuses_what_it_cannot_serve_in_one_line(exported, capsys):
     if importlib.util.find_spec("vllm") is None:
         line = usage_error(serve_vllm.main, [exported.export_dir], "serve_vllm.py", capsys)
         assert "vLLM is not installed in this environment" in line
+
+
+@pytest.fixture(scope="module")
+def exported_head(calibration_file, tmp_path_factory) -> tuple[str, torch.nn.Module, GPT]:
+    """int8-weight-only with its output layer in int8 too (--lm-head int8-weight-only): the export, ModelOpt's
+    fake-quantized model and its twin."""
+    mode = "int8-weight-only"
+    quantized_model = modelopt_quantize(
+        make_gpt2(), mode, dataset_name=calibration_file, num_samples=4, batch_size=4, lm_head_mode=mode
+    )
+    export_dir = str(tmp_path_factory.mktemp("export-lm-head"))
+    export_step(quantized_model, export_dir)
+    return export_dir, quantized_model, load_twin(quantized_model, mode, quantized_model, lm_head_mode=mode)
+
+
+def test_an_int8_output_layer_is_stored_int8_with_the_twins_scales(exported_head):
+    export_dir, _, twin = exported_head
+    with open(os.path.join(export_dir, "hf_quant_config.json")) as f:
+        quantization = json.load(f)["quantization"]
+    assert quantization["quant_algo"] == "W8A16" and "lm_head" not in quantization["exclude_modules"]
+    assert AutoConfig.from_pretrained(export_dir).tie_word_embeddings is False  # a loader must not tie it back
+    tensors = read_tensors(export_dir)
+    weight, weight_scale = tensors["lm_head.weight"], tensors["lm_head.weight_scale"]  # nn.Linear's [out, in]
+    assert weight.dtype == torch.int8 and weight.shape == twin.lm_head.weight.shape
+    # the hand-computed scale: each output row's largest weight over int8's 127
+    hand_scale = twin.lm_head.weight.detach().abs().amax(dim=1) / 127
+    torch.testing.assert_close(weight_scale, hand_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(weight_scale, twin.lm_head.weight_scale.detach(), rtol=0, atol=0)
+    dequantized = weight.float() * weight_scale[:, None]
+    torch.testing.assert_close(dequantized, twin.lm_head.dequantized_weight, rtol=1e-6, atol=1e-7)
+    # the input embedding stays the model's own, unquantized
+    assert torch.equal(tensors["transformer.wte.weight"], twin.transformer.wte.weight.detach())
+
+
+def test_an_int8_output_layer_loads_into_transformers_and_the_twin_as_calibrated(exported_head):
+    """transformers (through the HfQuantizer) and example.py --model-type EXPORT compute the calibrated twin's logits,
+    which are ModelOpt's fake-quantized model's but for a few rounding ties (tests/test_quantization.py)."""
+    export_dir, quantized_model, twin = exported_head
+    with torch.no_grad():
+        expected = twin(IDX)
+        modelopt_logits = quantized_model(IDX).logits
+        model = load_with_transformers(export_dir)
+        logits = model(IDX).logits
+        export_twin = load_export_twin(export_dir)
+        export_logits = export_twin(IDX)
+    assert isinstance(model.lm_head, modelopt_hf.ModelOptLinear) and model.lm_head.weight.dtype == torch.int8
+    assert (logits - expected).abs().max() <= logits_bound("int8-weight-only") * expected.abs().max()
+    assert isinstance(export_twin.lm_head, QuantLinear)
+    assert torch.equal(export_logits, expected)
+    assert torch.isclose(expected, modelopt_logits, atol=1e-4, rtol=1e-4).float().mean() > 0.999
+    generated = model.generate(IDX, max_new_tokens=8, do_sample=False, pad_token_id=50256)
+    assert torch.equal(generated, reference.generate(twin, IDX, 8, top_k=1))
+
+
+def test_serve_vllm_refuses_an_output_layer_quantized_by_lm_head_saying_why(exported_head, capsys):
+    line = usage_error(serve_vllm.main, [exported_head[0]], "serve_vllm.py", capsys)
+    assert "is a int8-weight-only export (W8A16)" in line
+    assert "none with an output layer quantized by --lm-head: vLLM's CPU build computes int8 only as W8A8" in line
+
+
+def test_an_int4_output_layer_is_not_exported(calibration_file, tmp_path):
+    """ModelOpt packs int4 two output rows to a byte: GPT-2's 50257 rows cannot be; refused before ModelOpt tries."""
+    quantized_model = modelopt_quantize(
+        make_gpt2(), "int8-weight-only", calibration_file, num_samples=4, lm_head_mode="int4-weight-only"
+    )
+    with pytest.raises(ValueError, match="an output layer of an odd number of rows"):
+        export_checkpoint(quantized_model, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()

@@ -11,7 +11,9 @@ import pytest
 import torch
 from helpers import make_gpt2
 
+from config import QUANT_MODES
 from measure.twin import load_twin
+from quant.lm_head import DEFAULT_CALIBRATION
 from quantization import SHIPPED_CALIBRATION_TEXT as CALIBRATION_TEXT
 from quantization import create_forward_loop, modelopt_quantize, quant_config
 from reference import GPT
@@ -352,10 +354,18 @@ def test_quantized_output_layer_twin_matches_modelopt(hf_model, quantized, token
     assert torch.equal(twin.transformer.wte.weight, hf_model.transformer.wte.weight)
 
 
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_the_calibration_names_the_command_line_checks_are_quant_configs(mode):
+    """cli/example_args.py checks --lm-head with quant/lm_head.py's names for each mode's calibration, without
+    importing ModelOpt: they must be the ones quant_config gives."""
+    algorithm = quant_config(mode)["algorithm"]
+    assert DEFAULT_CALIBRATION[mode] == (algorithm["method"] if isinstance(algorithm, dict) else algorithm)
+
+
 @pytest.mark.parametrize(
     "mode, lm_head_mode, message",
     [
-        ("float8", "int4-weight-only", "takes no lm_head_mode"),
+        ("float8", "int4-weight-only", "takes no other format for it"),
         ("int4-weight-only", "int8-weight-only", "calibrated with max"),
         ("int8-weight-only", "float8", "supported: int8-weight-only, int4-weight-only"),
     ],

@@ -19,6 +19,7 @@ import example
 from config import AUTO_QUANT_MODE, QUANT_MODES
 from measure.twin import load_twin
 from quant.auto_quantize import Recipe, format_recipe, load_recipe, quantize_with_recipe, recipe_from_model
+from quant.lm_head import lm_head_mode_of
 from quant.save_restore import QuantizedCheckpointError, load_quantized, save_quantized
 from quantization import modelopt_quantize
 
@@ -103,6 +104,40 @@ def test_restored_mix_has_the_saved_formats_scales_and_logits(base, saved_mix):
         twin = load_twin(base, AUTO_QUANT_MODE, restored, layer_quant_modes=layers)
         calibrated_twin = load_twin(base, AUTO_QUANT_MODE, calibrated, layer_quant_modes=MIXED_LAYER_QUANT_MODES)
         assert torch.equal(twin(idx), calibrated_twin(idx))
+
+
+@pytest.mark.parametrize(
+    "mode, lm_head_mode",
+    [
+        ("int8-weight-only", "int8-weight-only"),
+        ("int8-weight-only", "int4-weight-only"),
+        ("int4-weight-only", "int4-weight-only"),
+        ("int8-smoothquant", "int4-weight-only"),
+    ],
+)
+def test_a_quantized_output_layer_is_restored_apart_from_the_embedding(
+    base, calibration_file, tmp_path, mode, lm_head_mode
+):
+    """--lm-head: the file holds the output layer in its own format, untied; restored onto GPT-2 (whose lm_head is
+    wte), it is untied again first, so the embedding stays the model's and the logits are the saved model's."""
+    calibrated = modelopt_quantize(
+        copy.deepcopy(base), mode, calibration_file, num_samples=4, lm_head_mode=lm_head_mode
+    )
+    path = str(tmp_path / "with-head.pt")
+    save_quantized(calibrated, path)
+    restored, restored_mode = load_quantized(copy.deepcopy(base), path)
+    assert (restored_mode, lm_head_mode_of(restored)) == (mode, lm_head_mode)
+    assert_same_quantizer_buffers(restored, calibrated, awq=mode == "int4-weight-only")
+    assert torch.equal(restored.transformer.wte.weight, base.transformer.wte.weight)
+    idx = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(restored(idx).logits, calibrated(idx).logits)
+        # The twin holds the head ModelOpt rounded (a twin of the calibrated model rounds its 6.4 million weights
+        # itself, and a few ties apart: tests/test_quantization.py)
+        head = load_twin(base, mode, restored).lm_head
+        fake_quantized = calibrated.lm_head.weight_quantizer(calibrated.lm_head.weight)  # [vocab, in]
+        twin_head = head.dequantized_weight.t() if lm_head_mode == "int4-weight-only" else head.dequantized_weight
+        torch.testing.assert_close(twin_head, fake_quantized, rtol=1e-6, atol=1e-7)
 
 
 def test_a_mix_and_a_single_mode_are_not_mistaken_for_each_other(base, saved, saved_mix):
@@ -231,6 +266,24 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
     summary = [line for line in restored.stdout.splitlines() if "transformer.h.0.attn.c_attn.weight_quantizer" in line]
     assert len(summary) == 1 and "4 bit" in summary[0] and "block_sizes" in summary[0], restored.stdout
     assert "TensorQuantizers found in model" in restored.stdout
+
+
+def test_an_output_layer_calibrated_saved_exported_and_restored_generates_one_text(
+    checkpoint, calibration_file, tmp_path
+):
+    """example.py --lm-head int8-weight-only with --save-quantized and --export-dir, then --load-quantized and
+    --model-type EXPORT: the same text three times, the output layer quantized each time."""
+    path, export_dir = str(tmp_path / "head.pt"), str(tmp_path / "export")
+    calibrate = ["--model-type", checkpoint, "--quant-mode", "int8-weight-only", "--lm-head", "int8-weight-only"]
+    calibrate += ["--calibration-data", calibration_file, "--num-calibration-samples", "4"]
+    calibrated = run_example([*calibrate, "--save-quantized", path, "--export-dir", export_dir], tmp_path)
+    assert "Calibrated int8-weight-only with an int8-weight-only output layer" in calibrated.stdout
+    restored = run_example(["--model-type", checkpoint, "--load-quantized", path], tmp_path)
+    assert f"Restored int8-weight-only with an int8-weight-only output layer from {path}" in restored.stdout
+    from_export = run_example(["--model-type", export_dir], tmp_path)
+    assert generated_text(restored) == generated_text(calibrated) == generated_text(from_export)
+    unquantized_head = run_example([*calibrate[:4], "--calibration-data", calibration_file], tmp_path)
+    assert generated_text(unquantized_head) != generated_text(calibrated)  # the flag reached the model
 
 
 def test_restore_an_autoquantize_mix_then_generate_prints_what_the_search_printed(
