@@ -28,6 +28,7 @@ import os
 import sys
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import ml_dtypes
@@ -355,11 +356,11 @@ def export_step(
     layer_quant_modes: dict[str, str | None] | None,
     out_dir: str,
     overwrite: bool = False,
-    flavor: str | None = None,
+    write: Callable[[GPT, str], str] = export_onnx,
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir
-    as the standard file, or with flavor "ort" as exports/onnx_fused.py's."""
+    by `write`: export_onnx (the default) or exports/onnx_fused.py's export_fused_onnx."""
     from cli import UsageError
     from cli.example_args import onnx_kv_cache_refusal
     from cli.outputs import output_folder
@@ -373,20 +374,11 @@ def export_step(
         twin = load_export_twin(model_type)
     else:
         twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
-    export = export_onnx
-    if flavor == "ort":
-        from exports.onnx_fused import check_fusable, export_fused_onnx
-
-        export = export_fused_onnx
-        try:
-            check_fusable(twin)  # a mix or a restored model in formats it cannot hold, seen before writing
-        except ValueError as error:
-            raise UsageError(f"--onnx-flavor ort: {error}") from None
     try:
         # Written into a new folder that becomes out_dir whole, and only if no other run's is there by then.
         with output_folder(out_dir, "--export-onnx", overwrite) as folder:
-            written = export(twin, folder)
-    except ValueError as error:  # a model too large for one file
+            written = write(twin, folder)
+    except ValueError as error:  # a model too large for one file, or in a format the writer does not hold
         raise UsageError(f"--export-onnx: {error}") from None
     print(written.replace(folder, out_dir))  # the summary names the file where it now is
 
