@@ -100,6 +100,7 @@ class SharedCache:
 
     buffers: list[ort.OrtValue]  # layer 0's key, layer 0's value, layer 1's key, ...
     length: int
+    binding: ort.IOBinding | None = None  # the buffers bound as past and present by the first step, kept
 
 
 class OnnxGPT:
@@ -166,20 +167,21 @@ class OnnxGPT:
         total = cache.length + seq
         if total > self.capacity:
             raise ValueError(f"{total} positions do not fit the model's {self.capacity}")
-        binding = self.session.io_binding()
+        binding = cache.binding
+        if binding is None:  # the buffers stay bound from step to step: only the inputs change
+            binding = self.session.io_binding()
+            binding.bind_output("logits")  # first: get_outputs()[0]
+            for name, buffer in zip(self.output_names[1:], cache.buffers, strict=True):  # present.0.key, ...
+                binding.bind_ortvalue_input(name.replace("present.", "past_key_values."), buffer)
+                binding.bind_ortvalue_output(name, buffer)
         binding.bind_cpu_input("input_ids", idx.numpy().astype(np.int64))
         binding.bind_cpu_input("position_ids", position_ids(batch, cache.length, seq))
         binding.bind_cpu_input("seqlens_k", np.full(batch, total - 1, np.int32))  # GroupQueryAttention's convention
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        binding.bind_output("logits")
-        for name, buffer in zip(
-            self.output_names[1:], cache.buffers, strict=True
-        ):  # present.0.key, present.0.value, ...
-            binding.bind_ortvalue_input(name.replace("present.", "past_key_values."), buffer)
-            binding.bind_ortvalue_output(name, buffer)
+        binding.bind_output("logits")  # a new array: the last step's logits stay the caller's
         self.session.run_with_iobinding(binding)
         logits = binding.get_outputs()[0].numpy()
-        return torch.from_numpy(logits), SharedCache(cache.buffers, total)
+        return torch.from_numpy(logits), SharedCache(cache.buffers, total, binding)
 
 
 def position_ids(batch: int, past: int, seq: int) -> np.ndarray:
