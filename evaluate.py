@@ -252,7 +252,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         "--onnx",
         action="store_true",
         help="also export each uniform mode's twin with exports/onnx_export.py and measure it in ONNX Runtime, at its "
-        "default accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math",
+        "default accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math, and the weight-only "
+        "modes' ONNX Runtime flavor (exports/onnx_fused.py) at the default level",
     )
 
 
@@ -425,22 +426,29 @@ def calibrated_twin(
 
 def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
     """The twin exported by exports/onnx_export.py and run by ONNX Runtime at its default accuracy level and at float32
-    math. Weight MB counts the format as the twin's row does (the file itself keeps float32 where Tripy has float16)."""
+    math, and for a weight-only mode by exports/onnx_fused.py at the default level. Weight MB counts the format as
+    the twin's row does (the file itself keeps float32 where Tripy has float16)."""
     import tempfile
 
-    from exports import onnx_export, onnx_runtime
+    from cli.example_args import ACTIVATION_QUANT_MODES
+    from exports import onnx_export, onnx_fused, onnx_runtime
     from measure.perplexity import perplexity
 
+    # each file, and the accuracy levels it is measured at with their rows' labels
+    files = {onnx_export.export_onnx: {"int8": "ONNX Runtime", "float32": "ONNX Runtime, float32 math"}}
+    if twin.config.quant_mode not in ACTIVATION_QUANT_MODES:  # the ONNX Runtime flavor holds weight-only layers
+        files[onnx_fused.export_fused_onnx] = {"int8": "ONNX Runtime flavor"}
     rows = []
-    with tempfile.TemporaryDirectory() as onnx_dir:
-        onnx_export.export_onnx(twin, onnx_dir)
-        for math_name, label in (("int8", "ONNX Runtime"), ("float32", "ONNX Runtime, float32 math")):
-            model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
-            start = time.perf_counter()
-            with onnx_runtime.torch_threads(1):  # ONNX Runtime on every core, torch's pool idle beside it
-                ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
-            seconds = time.perf_counter() - start
-            rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
+    for export, labels in files.items():
+        with tempfile.TemporaryDirectory() as onnx_dir:
+            export(twin, onnx_dir)
+            for math_name, label in labels.items():
+                model = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math_name))
+                start = time.perf_counter()
+                with onnx_runtime.torch_threads(1):  # ONNX Runtime on every core, torch's pool idle beside it
+                    ppl = perplexity(model, tokens, context, desc=f"Evaluating {mode}, {label}")
+                seconds = time.perf_counter() - start
+                rows.append(Row(f"{mode}, {label}", ppl, weight_bytes(twin), calibration_seconds, seconds))
     return rows
 
 
