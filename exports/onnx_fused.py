@@ -4,7 +4,7 @@ fastest generation on a CPU (`--export-onnx DIR --onnx-flavor ort`).
 The standard file (onnx_export.py) is made of standard operators, so TensorRT and every ONNX runtime read it; ONNX
 Runtime fuses what it can of it when it loads, and runs about 40 small nodes per block beside the weights' kernels,
 with a cache that every step copies whole (optimum's layout: present = Concat(past, new)). This file is written
-directly in the `com.microsoft` operators those fusions would aim at, six nodes per block:
+directly in the `com.microsoft` operators those fusions would aim at, eight nodes per block:
 
     SkipLayerNormalization   the residual add and ln_1 (AWQ's pre_quant_scale for c_attn folded into its weight)
     MatMulNBits              c_attn: the int4 or int8 weights as stored, the bias added in the kernel
@@ -64,8 +64,10 @@ class Graph:
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def node(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list:
-        """Adds a node named `name`; its outputs are named name.0, name.1, ... and returned."""
+    def node(
+        self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs
+    ) -> list[str]:
+        """Adds a node named `name`; its outputs are named name.0, name.1, ... and returned as a list."""
         names = [f"{name}.{i}" for i in range(outputs)]
         self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
         return names

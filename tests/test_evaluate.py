@@ -224,7 +224,8 @@ def test_a_held_out_file_shorter_than_max_tokens_says_how_many_it_used(tmp_path,
 
 def test_onnx_rows_measure_onnx_runtime_on_each_modes_file():
     """--onnx: the exported file in ONNX Runtime at float32 math gives the twin's perplexity; at its default level
-    the int8 activations cost a measured, small change (here: int4, the mode whose fast kernels ONNX Runtime fuses)."""
+    the int8 activations cost a measured, small change (here: int4, the mode whose fast kernels ONNX Runtime fuses),
+    and the ONNX Runtime flavor, the same kernels on the same integers, costs about what the standard file does."""
     require_bundled_model()
     report = evaluate.evaluate(
         BUNDLED_MODEL,
@@ -239,11 +240,15 @@ def test_onnx_rows_measure_onnx_runtime_on_each_modes_file():
         evaluate.UNQUANTIZED,
         f"{evaluate.UNQUANTIZED}, ONNX Runtime",
         f"{evaluate.UNQUANTIZED}, ONNX Runtime, float32 math",
+        f"{evaluate.UNQUANTIZED}, ONNX Runtime flavor",
         "int4-weight-only",
         "int4-weight-only, ONNX Runtime",
         "int4-weight-only, ONNX Runtime, float32 math",
+        "int4-weight-only, ONNX Runtime flavor",
     ]
     for mode in (evaluate.UNQUANTIZED, "int4-weight-only"):
         assert rows[f"{mode}, ONNX Runtime, float32 math"].perplexity == pytest.approx(rows[mode].perplexity, rel=1e-5)
     fast = rows["int4-weight-only, ONNX Runtime"].perplexity / rows["int4-weight-only"].perplexity - 1
     assert fast != pytest.approx(0, abs=1e-6) and abs(fast) < 0.05
+    flavor = rows["int4-weight-only, ONNX Runtime flavor"].perplexity / rows["int4-weight-only"].perplexity - 1
+    assert flavor != pytest.approx(0, abs=1e-6) and abs(flavor - fast) < 0.001  # its fast kernels ran, as the file's
