@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     from training.finetune import TrainingDivergedError
 
     transformers_logging.disable_progress_bar()  # loading a checkpoint takes a moment; its progress bar is noise
+    if args.onnx:
+        print(
+            "ONNX Runtime: its default threads (one per physical core); torch on 1 thread while it runs (2 pools fight)"
+        )
     try:
         rows = evaluate(
             args.model_type,
