@@ -182,8 +182,9 @@ def add_output_args(parser: argparse.ArgumentParser) -> None:
         "--export-dir",
         metavar="DIR",
         help="after calibration, also write the quantized model to DIR as ModelOpt's unified Hugging Face checkpoint "
-        "(docs/export.md): --model-type DIR runs it and transformers loads it; vLLM serves only the float8 one (its "
-        "ModelOpt loader reads neither int8 nor int4); TensorRT-LLM reads the format, but was never run on it here",
+        "(docs/export.md): --model-type DIR runs it and transformers loads it; vLLM serves the float8 one, and "
+        "serve_vllm.py the int8-smoothquant one in vLLM's int8 layout (its ModelOpt loader reads no int8 or int4); "
+        "TensorRT-LLM reads the format, but was never run on it here",
     )
     parser.add_argument(
         "--export-onnx",

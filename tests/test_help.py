@@ -66,9 +66,10 @@ def test_every_flag_has_help_and_says_its_default_once(help_texts, script):
 
 
 def test_export_dir_help_claims_only_what_was_run(help_texts):
-    """vLLM serves the float8 export only, and TensorRT-LLM never ran here (docs/export.md): the help says so."""
+    """vLLM serves the float8 export, and the int8-smoothquant one through serve_vllm.py's conversion; TensorRT-LLM
+    never ran here (docs/export.md): the help says so."""
     entry = option_entries(help_texts["example.py"][0])["--export-dir"]
-    assert "vLLM serves only the float8" in entry
+    assert "vLLM serves the float8 one, and serve_vllm.py the int8-smoothquant one" in entry
     assert "TensorRT-LLM reads the format, but was never run" in entry
 
 
