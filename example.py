@@ -104,8 +104,12 @@ def main(argv: list[str] | None = None) -> None:
     kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
     lm_head_mode = lm_head_in(model_type, hf_model)  # --lm-head's, or restored or exported with one
     shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
-    modes = {"quant_mode": quant_mode, "layer_quant_modes": layer_quant_modes}
-    modes.update(kv_cache=kv_cache, lm_head_mode=lm_head_mode)
+    modes = {
+        "quant_mode": quant_mode,
+        "layer_quant_modes": layer_quant_modes,
+        "kv_cache": kv_cache,
+        "lm_head_mode": lm_head_mode,
+    }
     config = config_from_hf_config(hf_config, **modes, **shape)
     if backend == "tripy" and "float8" in {quant_mode, kv_cache, *(layer_quant_modes or {}).values()}:
         check_float8_gpu()  # again: an export, a saved model or AutoQuantize's search has said what runs
