@@ -400,15 +400,15 @@ def onnx_contenders(
 ) -> tuple[list[Contender], dict[str, float]]:
     """ONNX Runtime on the file of each of ONNX_FILES, written under `folder` (fast kernels: its default accuracy
     level), the standard int4 also at float32 math; and each file's MB."""
-    from exports import onnx_export, onnx_fused, onnx_runtime
+    from exports import onnx_export, onnx_runtime
+    from exports.onnx_fused import WRITERS
 
     contenders, file_mb = [], {}
     for label, (quant_mode, lm_head_mode, flavor) in ONNX_FILES.items():
         print(f"Exporting the {label} ONNX file", flush=True)
         onnx_dir = os.path.join(folder, label.replace(", ", "-").replace(" ", "_"))
         quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode)
-        export = onnx_fused.export_fused_onnx if flavor == onnx_fused.FLAVOR else onnx_export.export_onnx
-        export(quantized, onnx_dir)
+        WRITERS[flavor](quantized, onnx_dir)
         name = f"ONNX Runtime {label}"
         file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6
         maths = ["int8", "float32"] if label == "int4" else ["int8"]

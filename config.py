@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Any
 
 QUANT_MODES = ("int8-weight-only", "int4-weight-only", "float8", "int8-smoothquant")
+ACTIVATION_QUANT_MODES = ("float8", "int8-smoothquant")  # the modes that quantize layer inputs too
 # A per-layer mix of QUANT_MODES and unquantized layers, searched by ModelOpt's AutoQuantize (quant/auto_quantize.py).
 AUTO_QUANT_MODE = "auto"
 # The effective bits (per block-linear weight, as AutoQuantize counts them) its formats reach: all int4 .. none.

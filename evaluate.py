@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING
 
 from cli import ArgumentParser, UsageError, checks, make_out_dir, run
 from cli.outputs import output_file
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, LM_HEAD_MODES, QUANT_MODES
+from config import (
+    ACTIVATION_QUANT_MODES,
+    AUTO_QUANT_MODE,
+    EFFECTIVE_BITS_RANGE,
+    INT4_BLOCK_SIZE,
+    LM_HEAD_MODES,
+    QUANT_MODES,
+)
 from sources.hub import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -434,7 +441,6 @@ def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibrat
     the twin's row does (the file itself keeps float32 where Tripy has float16)."""
     import tempfile
 
-    from cli.example_args import ACTIVATION_QUANT_MODES
     from exports import onnx_export, onnx_fused, onnx_runtime
     from measure.perplexity import perplexity
 

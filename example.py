@@ -88,14 +88,11 @@ def main(argv: list[str] | None = None) -> None:
 
         export_step(hf_model, args.export_dir, args.overwrite)
     if args.export_onnx is not None:
-        from exports import onnx_export
+        from exports.onnx_export import export_step as export_onnx_step
+        from exports.onnx_fused import WRITERS  # the standard file, or ONNX Runtime's own fused operators
 
-        write = onnx_export.export_onnx
-        if args.onnx_flavor == "ort":  # ONNX Runtime's own fused operators, beside the standard file
-            from exports.onnx_fused import export_fused_onnx as write
-        onnx_export.export_step(
-            model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite, write
-        )
+        write = WRITERS[args.onnx_flavor or "standard"]
+        export_onnx_step(model_type, hf_model, quant_mode, layer_quant_modes, args.export_onnx, args.overwrite, write)
     if args.export_only:
         return
 

@@ -10,14 +10,21 @@ import json
 import os
 
 from cli import OUT_DIR, ArgumentParser, UsageError, checks, make_out_dir
-from config import AUTO_QUANT_MODE, EFFECTIVE_BITS_RANGE, INT4_BLOCK_SIZE, KV_CACHE_MODES, LM_HEAD_MODES, QUANT_MODES
+from config import (
+    ACTIVATION_QUANT_MODES,
+    AUTO_QUANT_MODE,
+    EFFECTIVE_BITS_RANGE,
+    INT4_BLOCK_SIZE,
+    KV_CACHE_MODES,
+    LM_HEAD_MODES,
+    QUANT_MODES,
+)
 from quant.lm_head import DEFAULT_CALIBRATION, INT4_HEAD_NOT_EXPORTED, check_lm_head_mode
 from sources.hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
 # Why a float8 KV cache does not go to ONNX (yet): one sentence for both refusals.
 ONNX_KV_CACHE = "writes a float32 KV cache, with no Q/DQ on the keys and values"
 ONNX_FLAVORS = ("standard", "ort")  # exports/onnx_export.py's file, exports/onnx_fused.py's
-ACTIVATION_QUANT_MODES = ("float8", "int8-smoothquant")  # the modes that quantize layer inputs too
 DEFAULT_PROMPT = "The best way to learn something new is"
 # Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
 # the most, every token among the top k is about as likely as another, which is noise, not text.

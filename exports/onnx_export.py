@@ -321,31 +321,48 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
 def export_onnx(twin: GPT, out_dir: str) -> str:
     """Writes `twin` (float32, any mode or AutoQuantize mix) to out_dir/model.onnx with its weights stored quantized,
     next to config.json, generation_config.json and GPT-2's tokenizer files. Returns the one-line summary."""
-    if twin.transformer.wte.weight.dtype != torch.float32:
-        raise ValueError(f"export_onnx takes a float32 twin, got {twin.transformer.wte.weight.dtype}")
-    config = twin.config
-    if config.kv_cache is not None:
-        raise ValueError(f"export_onnx writes a float32 KV cache: a twin with a {config.kv_cache} one is not exported")
+    check_twin(twin, "export_onnx")
     os.makedirs(out_dir, exist_ok=True)
     # Closed however the export ends: a message after it (a full disk, SIGTERM) starts on a line of its own.
     with tqdm(total=3, desc="ONNX export", unit="step", file=sys.stderr) as steps:
         steps.set_postfix_str("tracing")
         model = onnx_model(twin)
-        stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
-        if stored_bytes >= MAX_FILE_BYTES:
-            raise ValueError(
-                f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
-                "quantize the model (int4 or int8) or export a smaller one"
-            )
+        check_size(model)
         steps.update()
         steps.set_postfix_str("checking")
         onnx.checker.check_model(model, full_check=True)
         steps.update()
         steps.set_postfix_str("saving")
-        path = os.path.join(out_dir, MODEL_FILE)
-        onnx.save_model(model, path)
-        write_hf_files(config, out_dir)
+        written = save_folder(model, twin.config, out_dir)
         steps.update()
+    return written
+
+
+def check_twin(twin: GPT, writer: str) -> None:
+    """Raises ValueError, naming `writer`, for a twin that no ONNX file here holds (this one or onnx_fused.py's)."""
+    if twin.transformer.wte.weight.dtype != torch.float32:
+        raise ValueError(f"{writer} takes a float32 twin, got {twin.transformer.wte.weight.dtype}")
+    kv_cache = twin.config.kv_cache
+    if kv_cache is not None:
+        raise ValueError(f"{writer} writes a float32 KV cache: a twin with a {kv_cache} one is not exported")
+
+
+def check_size(model: onnx.ModelProto) -> None:
+    """Raises ValueError for weights beyond what one protobuf file holds."""
+    stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
+    if stored_bytes >= MAX_FILE_BYTES:
+        raise ValueError(
+            f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; a single file holds under 2 GB: "
+            "quantize the model (int4 or int8) or export a smaller one"
+        )
+
+
+def save_folder(model: onnx.ModelProto, config, out_dir: str) -> str:
+    """out_dir/model.onnx and the Hugging Face files beside it (write_hf_files); returns the one-line summary."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MODEL_FILE)
+    onnx.save_model(model, path)
+    write_hf_files(config, out_dir)
     return summary(model, path)
 
 

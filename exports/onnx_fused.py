@@ -25,7 +25,6 @@ total_sequence_length []; past_key_values.N.key/.value [batch, heads, n_position
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import onnx
@@ -35,13 +34,13 @@ from torch import nn
 
 from config import INT4_BLOCK_SIZE
 from exports.onnx_export import (
-    MAX_FILE_BYTES,
-    MODEL_FILE,
     StoredLinear,
+    check_size,
+    check_twin,
     dequantize_blocks,
+    export_onnx,
+    save_folder,
     stored_block,
-    summary,
-    write_hf_files,
 )
 from reference import GPT, QuantLinear, SmoothQuantLinear
 
@@ -76,31 +75,26 @@ class Graph:
 def export_fused_onnx(twin: GPT, out_dir: str) -> str:
     """Writes `twin` (float32, weight-only modes) to out_dir/model.onnx in ONNX Runtime's fused operators, next to
     the Hugging Face files the standard export writes. Returns the one-line summary."""
+    check_twin(twin, "export_fused_onnx")
     check_fusable(twin)
     model = fused_model(twin)
-    stored_bytes = sum(len(initializer.raw_data) for initializer in model.graph.initializer)
-    if stored_bytes >= MAX_FILE_BYTES:
-        raise ValueError(f"the ONNX file would hold {stored_bytes / 1e9:.1f} GB of weights; one file holds under 2 GB")
+    check_size(model)
     onnx.checker.check_model(model)  # the standard operators' part; ONNX's checker has no com.microsoft schemas
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, MODEL_FILE)
-    onnx.save_model(model, path)
-    write_hf_files(twin.config, out_dir)
-    return summary(model, path)
+    return save_folder(model, twin.config, out_dir)
 
 
 def check_fusable(twin: GPT) -> None:
-    """Raises ValueError for a twin this flavor cannot hold, naming what can."""
-    if twin.transformer.wte.weight.dtype != torch.float32:
-        raise ValueError(f"the ONNX Runtime flavor takes a float32 twin, got {twin.transformer.wte.weight.dtype}")
-    if twin.config.kv_cache is not None:
-        raise ValueError(f"the ONNX Runtime flavor holds a float32 KV cache, not {twin.config.kv_cache}")
+    """Raises ValueError for a twin with layers this flavor cannot hold, naming what can."""
     for name, layer in twin.named_modules():
         if isinstance(layer, SmoothQuantLinear) or (isinstance(layer, QuantLinear) and layer.input_scale is not None):
             raise ValueError(
                 f"the ONNX Runtime flavor holds weight-only layers (int8, int4) and {name} quantizes its input too "
                 "(int8-smoothquant, float8): export the standard flavor"
             )
+
+
+# The file each flavor names (cli/example_args.py's ONNX_FLAVORS) and the function that writes it.
+WRITERS = {"standard": export_onnx, FLAVOR: export_fused_onnx}
 
 
 def fused_model(twin: GPT) -> onnx.ModelProto:

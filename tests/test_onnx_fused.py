@@ -15,7 +15,7 @@ import pytest
 import torch
 from helpers import make_gpt2
 from onnx import numpy_helper
-from test_onnx import EXACT_TOLERANCE, PROMPT, STEPS, expected_with_value_fold, logits_of
+from test_onnx import EXACT_TOLERANCE, PROMPT, STEPS, expected_with_value_fold, logits_of, max_error
 
 import reference
 from exports import onnx_export, onnx_fused, onnx_runtime
@@ -59,25 +59,14 @@ def fused(request, calibration_file, tmp_path_factory) -> Fused:
     return Fused(mode, onnx_dir, twin, onnx.load(os.path.join(onnx_dir, onnx_export.MODEL_FILE)))
 
 
-def fused_logits(onnx_dir: str, math: str) -> list[torch.Tensor]:
-    full = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1))
-    last = onnx_runtime.OnnxGPT(onnx_runtime.session(onnx_dir, math, threads=1, last_position_only=True))
-    return logits_of(full, last)
-
-
-def max_error(fused: Fused, math: str) -> float:
-    pairs = zip(fused_logits(fused.onnx_dir, math), logits_of(fused.twin), strict=True)
-    return max((ours - theirs).abs().max().item() for ours, theirs in pairs)
-
-
 def test_at_float32_math_the_ort_flavor_computes_the_twins_logits(fused):
-    assert max_error(fused, "float32") <= EXACT_TOLERANCE
+    assert max_error(fused.onnx_dir, fused.twin, "float32") <= EXACT_TOLERANCE
 
 
 def test_the_ort_flavors_fast_path_error_is_measured(fused):
     """MatMulNBits at accuracy level 4 multiplies int8 activations, as the standard file's fused kernels do: an
     error that must be there for a quantized file (the fast kernels ran) and stay small next to the logits."""
-    error = max_error(fused, "int8")
+    error = max_error(fused.onnx_dir, fused.twin, "int8")
     if fused.mode is None:  # float32 MatMuls: nothing to quantize
         assert error <= EXACT_TOLERANCE
     else:
