@@ -29,6 +29,13 @@ from exports.onnx_export import MODEL_FILE
 # `session.qdq_matmulnbits_accuracy_level`: 4 computes activations in int8 (ONNX Runtime's default), 1 in float32.
 ACCURACY_LEVELS = {"int8": 4, "float32": 1}
 EXACT = "exact"  # no graph optimization at all: every DequantizeLinear and MatMul as the file has them
+# The ONNX Runtime flavor's inputs besides the cache (onnx_fused.make_model)
+FLAVOR_INPUT_TYPES = {
+    "input_ids": np.int64,
+    "position_ids": np.int64,
+    "seqlens_k": np.int32,
+    "total_sequence_length": np.int32,
+}
 
 
 def session(
@@ -41,6 +48,9 @@ def session(
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3  # warnings about unused initializers and such are not the user's business
+    # Its threads spin between the kernels of a run, then rest: Python's work between runs (sampling, another
+    # session, another process) gets the cores (docs/benchmark.md)
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     if math == EXACT:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     else:
@@ -101,6 +111,7 @@ class SharedCache:
     buffers: list[ort.OrtValue]  # layer 0's key, layer 0's value, layer 1's key, ...
     length: int
     binding: ort.IOBinding | None = None  # the buffers bound as past and present by the first step, kept
+    step_inputs: dict[str, np.ndarray] | None = None  # a one-token step's inputs, bound by address, rewritten
 
 
 class OnnxGPT:
@@ -118,6 +129,7 @@ class OnnxGPT:
         self.shared_cache = "seqlens_k" in inputs  # the ONNX Runtime flavor
         self.last_position_only = sess.get_outputs()[0].shape[1] == 1  # session(..., last_position_only=True)
         self.output_names = [output.name for output in sess.get_outputs()]
+        self.vocab_size = sess.get_outputs()[0].shape[2]
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         """idx [batch, seq] -> logits [batch, seq, vocab] with no past: the twin's forward, for perplexity."""
@@ -167,21 +179,45 @@ class OnnxGPT:
         total = cache.length + seq
         if total > self.capacity:
             raise ValueError(f"{total} positions do not fit the model's {self.capacity}")
-        binding = cache.binding
-        if binding is None:  # the buffers stay bound from step to step: only the inputs change
-            binding = self.session.io_binding()
-            binding.bind_output("logits")  # first: get_outputs()[0]
-            for name, buffer in zip(self.output_names[1:], cache.buffers, strict=True):  # present.0.key, ...
-                binding.bind_ortvalue_input(name.replace("present.", "past_key_values."), buffer)
-                binding.bind_ortvalue_output(name, buffer)
-        binding.bind_cpu_input("input_ids", idx.numpy().astype(np.int64))
-        binding.bind_cpu_input("position_ids", position_ids(batch, cache.length, seq))
-        binding.bind_cpu_input("seqlens_k", np.full(batch, total - 1, np.int32))  # GroupQueryAttention's convention
-        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
-        binding.bind_output("logits")  # a new array: the last step's logits stay the caller's
+        binding = cache.binding or self.bind_cache(cache.buffers)  # bound once, kept from step to step
+        inputs = {
+            "input_ids": idx.numpy(),
+            "position_ids": position_ids(batch, cache.length, seq),
+            "seqlens_k": np.full(batch, total - 1, np.int32),  # GroupQueryAttention's convention
+            "total_sequence_length": np.array(total, np.int32),
+        }
+        if seq > 1:  # a prompt: its arrays bound for this run
+            for name, array in inputs.items():
+                binding.bind_cpu_input(name, array.astype(FLAVOR_INPUT_TYPES[name]))
+            step_inputs = None
+        else:  # A step costs milliseconds and each call from Python tens of microseconds: no binding, a write
+            step_inputs = cache.step_inputs or bind_by_address(binding, inputs)
+            for name, array in inputs.items():
+                step_inputs[name][...] = array
+        # A new array each run: the last run's logits stay the caller's
+        logits = ort.OrtValue.ortvalue_from_shape_and_type(
+            (batch, 1 if self.last_position_only else seq, self.vocab_size), np.float32
+        )
+        binding.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
-        return torch.from_numpy(logits), SharedCache(cache.buffers, total, binding)
+        return torch.from_numpy(logits.numpy()), SharedCache(cache.buffers, total, binding, step_inputs)
+
+    def bind_cache(self, buffers: list[ort.OrtValue]) -> ort.IOBinding:
+        """A binding with each cache buffer as both past_key_values.N.* and present.N.*."""
+        binding = self.session.io_binding()
+        for name, buffer in zip(self.output_names[1:], buffers, strict=True):  # present.0.key, ...
+            binding.bind_ortvalue_input(name.replace("present.", "past_key_values."), buffer)
+            binding.bind_ortvalue_output(name, buffer)
+        return binding
+
+
+def bind_by_address(binding: ort.IOBinding, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Copies of `inputs`, each bound by its address: ONNX Runtime reads whatever they hold at each run, so the
+    next step writes its own values into them and binds nothing."""
+    arrays = {name: np.array(array, FLAVOR_INPUT_TYPES[name]) for name, array in inputs.items()}
+    for name, array in arrays.items():
+        binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
+    return arrays
 
 
 def position_ids(batch: int, past: int, seq: int) -> np.ndarray:

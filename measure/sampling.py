@@ -5,6 +5,8 @@ import torch
 
 def sample_next_token(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
     """logits [batch, vocab] -> token ids [batch, 1], sampled from the top_k most likely at `temperature`."""
+    if top_k == 1:  # greedy, at any temperature: one op where a step of a small model is a few milliseconds
+        return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is None:
         return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1, generator=generator)
