@@ -146,7 +146,12 @@ def add_measurement_args(parser: argparse.ArgumentParser) -> None:
         help="ascending positions to time a token at (default: %(default)s)",
     )
     parser.add_argument(
-        "--repeats", metavar="N", type=int, default=3, help="timed runs for tokens/s; the fastest counts (default: 3)"
+        "--repeats",
+        metavar="N",
+        type=int,
+        default=3,
+        help="timed runs for tokens/s, the fastest counts; rounds of the time-per-token runs, the median counts "
+        "(default: 3)",
     )
     parser.add_argument(
         "--threads", metavar="N", type=int, default=os.cpu_count(), help="torch threads (default: all cores)"
@@ -499,25 +504,26 @@ def measure_throughput(
     return tokens_per_second, peak_memory, tokens
 
 
-def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int]):
-    """Milliseconds per token at each position, at batch 1: the median of the steps at positions p .. p + 4.
+def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int], rounds: int):
+    """Milliseconds per token at each position, at batch 1: the median of the steps at positions p .. p + 4, over
+    `rounds` rounds in which each contender times every position in turn, so that a slow minute of these cores falls
+    on all of a contender's positions alike rather than on one.
 
     Each position gets a short run of its own, from a prompt that ends at it. With a cache, the prompt of p tokens
     runs once and the five steps after it feed positions p .. p + 4, each on a cache of everything before it: what a
     long run passing p would time, without generating every token in between. Without one, a step costs a full pass
     over the sequence so far, from a prompt of p + 1 tokens on. `sequence` [1, positions[-1] + 1] supplies the prompts.
     """
-    ms_per_token = {}
-    for contender in contenders:
-        if contender.uses_cache:
-            runs = {p: timed_run(contender.generate, sequence[:, :p], STEPS_PER_POSITION + 1) for p in positions}
-            steps_at = {p: run[2][1:] for p, run in runs.items()}  # run[2][0] is the prompt pass
-        else:
-            steps_at = {
-                p: timed_run(contender.generate, sequence[:, : p + 1], STEPS_PER_POSITION)[2] for p in positions
-            }
-        ms_per_token[contender.name] = {p: 1000 * statistics.median(steps) for p, steps in steps_at.items()}
-    return ms_per_token
+    steps_at = {(contender.name, p): [] for contender in contenders for p in positions}
+    for _ in range(rounds):
+        for contender in contenders:
+            for p in positions:
+                if contender.uses_cache:  # [0] is the prompt pass
+                    steps = timed_run(contender.generate, sequence[:, :p], STEPS_PER_POSITION + 1)[2][1:]
+                else:
+                    steps = timed_run(contender.generate, sequence[:, : p + 1], STEPS_PER_POSITION)[2]
+                steps_at[contender.name, p] += steps
+    return {c.name: {p: 1000 * statistics.median(steps_at[c.name, p]) for p in positions} for c in contenders}
 
 
 def run_benchmark(args: argparse.Namespace, onnx_folder: str) -> Results:
@@ -571,7 +577,7 @@ def run_benchmark(args: argparse.Namespace, onnx_folder: str) -> Results:
         )
         exact = [contender.name for contender in contenders if contender.exact]
         same_tokens &= all(torch.equal(tokens[name], tokens["transformers generate"]) for name in exact)
-    ms_per_token = measure_ms_per_token(contenders, sequence, args.positions)
+    ms_per_token = measure_ms_per_token(contenders, sequence, args.positions, args.repeats)
     progress.close()
     onnx_dirs = {contender.name: contender.onnx_dir for contender in contenders if contender.onnx_dir is not None}
     results = Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb, onnx_dirs)
@@ -589,15 +595,15 @@ def llama_cpp_rates(hf_model: GPT2LMHeadModel, args: argparse.Namespace) -> dict
         print(reason)
         return {}
     print(f"Racing llama.cpp ({', '.join(llama_cpp.FORMATS)}) on the same weights", flush=True)
-    return llama_cpp.race(hf_model, args.threads, args.prompt_len, args.new_tokens, args.batch_sizes)
+    return llama_cpp.race(hf_model, args.threads, args.prompt_len, args.new_tokens, args.batch_sizes, args.repeats)
 
 
 def steps_to_generate(args: argparse.Namespace) -> int:
     """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
 
     Per batch size: the warm-up's 2 tokens and the timed runs of every contender, and a profiled run of those whose
-    memory torch allocates (not ONNX Runtime's); then the time-per-token runs, a short run per position for each:
-    a prompt and STEPS_PER_POSITION + 1 tokens with a cache, STEPS_PER_POSITION tokens without.
+    memory torch allocates (not ONNX Runtime's); then `repeats` rounds of the time-per-token runs, a short run per
+    position for each: a prompt and STEPS_PER_POSITION + 1 tokens with a cache, STEPS_PER_POSITION tokens without.
     """
     if args.backend == "tripy":
         cached, uncached, profiled = 2, 0, 2
@@ -608,6 +614,7 @@ def steps_to_generate(args: argparse.Namespace) -> int:
     per_batch = (cached + uncached) * (2 + args.repeats * args.new_tokens) + profiled * args.new_tokens
     ms_runs = cached * len(args.positions) * (STEPS_PER_POSITION + 1)
     ms_runs += uncached * len(args.positions) * STEPS_PER_POSITION
+    ms_runs *= args.repeats  # rounds of them
     return len(args.batch_sizes) * per_batch + ms_runs
 
 
@@ -642,7 +649,8 @@ def print_results(results: Results, args: argparse.Namespace) -> None:
         print(f"{name:<{width}}{cells}")
 
     positions = args.positions
-    print(f"\nms per token at position (batch 1), median of {STEPS_PER_POSITION} steps")
+    steps = f"{STEPS_PER_POSITION} steps" if args.repeats == 1 else f"{args.repeats} x {STEPS_PER_POSITION} steps"
+    print(f"\nms per token at position (batch 1), median of {steps}")
     ratio_header = f"{positions[-1]} / {positions[0]}"
     print(f"{'':<{width}}" + "".join(f"{p:>8}" for p in positions) + f"{ratio_header:>12}")
     for name in names:
@@ -682,7 +690,7 @@ def print_llama_cpp(results: Results, width: int) -> None:
     if not results.llama_cpp:
         return
     batches = list(results.tokens_per_second)
-    print("\nllama.cpp (llama-batched-bench) on the same weights, same threads: tokens/s")
+    print("\nllama.cpp (llama-batched-bench) on the same weights, same threads, fastest of as many runs: tokens/s")
     print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}" for b in batches))
     for name, rates in results.llama_cpp.items():
         print(f"{name:<{width}}" + "".join(f"{rates[b]:>16.1f}" for b in batches))
