@@ -190,11 +190,11 @@ class OnnxGPT:
             for name, array in inputs.items():
                 binding.bind_cpu_input(name, array.astype(FLAVOR_INPUT_TYPES[name]))
             step_inputs = None
-        else:  # A step costs milliseconds and each call from Python tens of microseconds: no binding, a write
+        else:  # a step costs milliseconds, each call from Python tens of microseconds: a write, no binding
             step_inputs = cache.step_inputs or bind_by_address(binding, inputs)
             for name, array in inputs.items():
                 step_inputs[name][...] = array
-        # A new array each run: the last run's logits stay the caller's
+        # a new array each run: the last run's logits stay the caller's
         logits = ort.OrtValue.ortvalue_from_shape_and_type(
             (batch, 1 if self.last_position_only else seq, self.vocab_size), np.float32
         )
