@@ -1,5 +1,71 @@
+"""Session-wide fixtures, and the background runs of example.py.
+
+A file whose tests check example.py run as users run it, in subprocesses, defines `start_cli_runs(background,
+tmp_path_factory)`: it prepares what the runs need, submits them with `background.submit` and returns what its tests
+wait on (Futures of subprocess.CompletedProcess, and the paths they check). The runs of every such file start as the
+session starts, two at a time, and those files' tests run after the others: the subprocesses keep the second core busy
+while the tests in this process, on one thread, use the first.
+"""
+
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
 import pytest
 from helpers import CALIBRATION_PARAGRAPHS, make_gpt2
+
+
+class BackgroundRuns:
+    """A pool of two threads, each waiting on one subprocess at a time, and what each file's start_cli_runs returned."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.futures: list[Future] = []
+        self.started: dict[str, object] = {}
+
+    def submit(self, function, *args) -> Future:
+        future = self.pool.submit(function, *args)
+        self.futures.append(future)
+        return future
+
+    def of(self, module_name: str):
+        """What the file's start_cli_runs returned; if it raised, that exception, in each of the file's tests."""
+        started = self.started[module_name]
+        if isinstance(started, Exception):
+            raise started
+        return started
+
+    def wait(self) -> None:
+        """Until every run submitted has ended: before a test changes what a new subprocess would inherit."""
+        wait(self.futures)
+
+
+def runs_in_the_background(item: pytest.Item) -> bool:
+    return hasattr(getattr(item, "module", None), "start_cli_runs")
+
+
+def run_order(item: pytest.Item) -> int:
+    """0: the files that run in this process only; 1: the files whose runs start in the background, so that their
+    runs are done, or nearly, when their tests wait for them; 2: the files that change, for a moment, what every new
+    subprocess inherits (RLIMIT_FSIZE), once no background run is left to start."""
+    if runs_in_the_background(item):
+        return 1
+    return 2 if getattr(getattr(item, "module", None), "RUNS_AFTER_THE_BACKGROUND", False) else 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=run_order)  # each file keeps its order
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_runs(request, tmp_path_factory) -> BackgroundRuns:
+    """Starts the runs of every file collected that defines start_cli_runs, in the order its tests will run."""
+    background = BackgroundRuns()
+    for module in dict.fromkeys(item.module for item in request.session.items if runs_in_the_background(item)):
+        try:
+            background.started[module.__name__] = module.start_cli_runs(background, tmp_path_factory)
+        except Exception as error:  # one file's broken setup fails that file's tests, not the session
+            background.started[module.__name__] = error
+    yield background
+    background.pool.shutdown(wait=True, cancel_futures=True)  # after -x or ^C, runs not yet started never start
 
 
 @pytest.fixture(scope="session")
