@@ -3,8 +3,8 @@
 A file whose tests check example.py run as users run it, in subprocesses, defines `start_cli_runs(background,
 tmp_path_factory)`: it prepares what the runs need, submits them with `background.submit` and returns what its tests
 wait on (Futures of subprocess.CompletedProcess, and the paths they check). The runs of every such file start as the
-session starts, two at a time, and those files' tests run after the others: the subprocesses keep the second core busy
-while the tests in this process, on one thread, use the first.
+session starts, two at a time, and the tests that check them (those that ask for `cli_runs`) run after the others:
+the subprocesses keep the second core busy while the tests in this process, on one thread, use the first.
 """
 
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -38,34 +38,39 @@ class BackgroundRuns:
         wait(self.futures)
 
 
-def runs_in_the_background(item: pytest.Item) -> bool:
-    return hasattr(getattr(item, "module", None), "start_cli_runs")
-
-
 def run_order(item: pytest.Item) -> int:
-    """0: the files that run in this process only; 1: the files whose runs start in the background, so that their
-    runs are done, or nearly, when their tests wait for them; 2: the files that change, for a moment, what every new
-    subprocess inherits (RLIMIT_FSIZE), once no background run is left to start."""
-    if runs_in_the_background(item):
-        return 1
-    return 2 if getattr(getattr(item, "module", None), "RUNS_AFTER_THE_BACKGROUND", False) else 0
+    """0: the tests that run in this process only; 1: the tests that wait on background runs, so that their runs are
+    done, or nearly, when they wait; 2: the files that change, for a moment, what every new subprocess inherits
+    (RLIMIT_FSIZE), once no background run is left to start."""
+    if getattr(getattr(item, "module", None), "RUNS_AFTER_THE_BACKGROUND", False):
+        return 2
+    return 1 if "cli_runs" in getattr(item, "fixturenames", ()) else 0
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    items.sort(key=run_order)  # each file keeps its order
+    items.sort(key=run_order)  # each file keeps its order within each group
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cli_runs(request, tmp_path_factory) -> BackgroundRuns:
+def background_runs(request, tmp_path_factory) -> BackgroundRuns:
     """Starts the runs of every file collected that defines start_cli_runs, in the order its tests will run."""
     background = BackgroundRuns()
-    for module in dict.fromkeys(item.module for item in request.session.items if runs_in_the_background(item)):
+    modules = dict.fromkeys(getattr(item, "module", None) for item in request.session.items if run_order(item) == 1)
+    for module in modules:
+        if not hasattr(module, "start_cli_runs"):
+            continue
         try:
             background.started[module.__name__] = module.start_cli_runs(background, tmp_path_factory)
         except Exception as error:  # one file's broken setup fails that file's tests, not the session
             background.started[module.__name__] = error
     yield background
     background.pool.shutdown(wait=True, cancel_futures=True)  # after -x or ^C, runs not yet started never start
+
+
+@pytest.fixture(scope="session")
+def cli_runs(background_runs) -> BackgroundRuns:
+    """What a test that checks background runs asks for (it runs after the tests that run in this process only)."""
+    return background_runs
 
 
 @pytest.fixture(scope="session")

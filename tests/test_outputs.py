@@ -54,8 +54,8 @@ RUNS_AFTER_THE_BACKGROUND = True
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory, cli_runs) -> torch.nn.Module:
-    cli_runs.wait()
+def quantized(tmp_path_factory, background_runs) -> torch.nn.Module:
+    background_runs.wait()
     calibration = tmp_path_factory.mktemp("calibration") / "calibration.txt"
     calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
     model = make_gpt2(n_embd=128, n_layer=1, n_head=2, n_positions=32)

@@ -228,7 +228,7 @@ PROMPT = "The town council voted"
 
 
 def start_cli_runs(background, tmp_path_factory) -> dict:
-    """test name -> Future of (the paths it names, its runs by name), and "checkpoint": `base` saved."""
+    """test name -> Future of (the paths it names, its runs by name)."""
     tmp = tmp_path_factory.mktemp("example-runs")
     checkpoint = str(tmp / "gpt2-128")
     make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=64).save_pretrained(checkpoint)  # base()
@@ -276,7 +276,6 @@ def start_cli_runs(background, tmp_path_factory) -> dict:
         return path, {"calibrated": calibrated, "restored": run_example([*bundled, "--load-quantized", path])}
 
     return {
-        "checkpoint": checkpoint,
         "output layer": background.submit(output_layer),
         "mix": background.submit(restore_a_mix),
         "bundled int4": background.submit(bundled_int4),
@@ -294,9 +293,11 @@ def generated_text(result: subprocess.CompletedProcess) -> str:
     return result.stdout.split(example.SEPARATOR)[1]
 
 
-@pytest.fixture
-def checkpoint(example_runs) -> str:
-    return example_runs["checkpoint"]
+@pytest.fixture(scope="module")
+def checkpoint(base, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("gpt2-128")
+    base.save_pretrained(path)
+    return str(path)
 
 
 @pytest.fixture(scope="module")
