@@ -21,8 +21,8 @@ class BackgroundRuns:
         self.futures: list[Future] = []
         self.started: dict[str, object] = {}
 
-    def submit(self, function, *args) -> Future:
-        future = self.pool.submit(function, *args)
+    def submit(self, function, *args, **kwargs) -> Future:
+        future = self.pool.submit(function, *args, **kwargs)
         self.futures.append(future)
         return future
 
