@@ -4,20 +4,28 @@ A file whose tests check example.py run as users run it, in subprocesses, define
 tmp_path_factory)`: it prepares what the runs need, submits them with `background.submit` and returns what its tests
 wait on (Futures of subprocess.CompletedProcess, and the paths they check). The runs of every such file start as the
 session starts, two at a time, and the tests that check them (those that ask for `cli_runs`) run after the others:
-the subprocesses keep the second core busy while the tests in this process, on one thread, use the first.
+the subprocesses, scheduled as idle, keep the second core busy while the tests in this process, on one thread, keep
+the first.
 """
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import pytest
 from helpers import CALIBRATION_PARAGRAPHS, make_gpt2
 
 
+def schedule_as_idle() -> None:
+    """This thread, and every process it starts, get only the CPU time other processes leave (SCHED_IDLE): the tests
+    in the pytest process keep a whole core, and the background runs take the rest."""
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
 class BackgroundRuns:
     """A pool of two threads, each waiting on one subprocess at a time, and what each file's start_cli_runs returned."""
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(max_workers=2)
+        self.pool = ThreadPoolExecutor(max_workers=2, initializer=schedule_as_idle)
         self.futures: list[Future] = []
         self.started: dict[str, object] = {}
 
