@@ -3,6 +3,7 @@
 Timings are not asserted: they depend on the machine and on whatever else runs on it.
 """
 
+import os
 import re
 import subprocess
 import sys
@@ -47,12 +48,18 @@ def test_tiny_benchmark_runs_end_to_end(capsys, restore_torch_threads, tmp_path)
         assert sum(line.startswith(name) for line in printed.splitlines()) == 2  # a row in each table
 
 
-def test_progress_bar_counts_every_token_to_its_end_on_stderr():
+def start_cli_runs(background, tmp_path_factory):
+    """`python benchmark.py --tiny --threads 1`, in the background (conftest.py): a Future of the run."""
+    command = [sys.executable, "benchmark.py", "--tiny", "--threads", "1"]
+    env = dict(os.environ)
+    return background.submit(subprocess.run, command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_progress_bar_counts_every_token_to_its_end_on_stderr(cli_runs):
     """A real run takes minutes: a bar on stderr ticks with every token generated, profiled runs included, and ends
     at the total it announced (a wrong count would end short of it or past it). The profiler's own log lines stay
     hidden."""
-    command = [sys.executable, "benchmark.py", "--tiny", "--threads", "1"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = cli_runs.of(__name__).result()
     assert result.returncode == 0, result.stderr
     updates = [line for line in re.split(r"[\r\n]+", result.stderr) if line.startswith("Generating:")]
     done, total = map(int, re.search(r"(\d+)/(\d+) \[", updates[-1]).groups())

@@ -5,7 +5,8 @@ describe), and the text between the two separator lines is compared with the pag
 
 A sample whose text depends on the CPU says so in the paragraph above its block, with the words "varies by CPU" and
 the reason; for it the run must still print the prompt first, and each command of the block the same text (an
-export runs what the run that wrote it generated). Each block's commands run in order; the blocks, two at a time.
+export runs what the run that wrote it generated). Each block's commands run in order; the blocks, two at a time, in
+the background from the start of the session (conftest.py).
 """
 
 import os
@@ -13,7 +14,6 @@ import re
 import shlex
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import REPO
@@ -50,9 +50,8 @@ def sample_blocks(page: str) -> list[tuple[str, list[tuple[list[str], str]], boo
 BLOCKS = [block for page in PAGES for block in sample_blocks(page)]
 
 
-def run_block(commands: list[tuple[list[str], str]], workdir: str) -> list[str]:
+def run_block(commands: list[tuple[list[str], str]], workdir: str, env: dict[str, str]) -> list[str]:
     """Runs the block's commands in order, each out/ path moved into `workdir`; returns the text each generated."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": os.path.join(workdir, "hf-home"), "OMP_NUM_THREADS": "1"}
     texts = []
     for argv, _ in commands:
         argv = [os.path.join(workdir, word) if word.startswith("out/") else word for word in argv]
@@ -64,14 +63,19 @@ def run_block(commands: list[tuple[list[str], str]], workdir: str) -> list[str]:
     return texts
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def start_cli_runs(background, tmp_path_factory):
     """block id -> Future of the texts its commands generated."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        yield {
-            block_id: pool.submit(run_block, commands, str(tmp_path_factory.mktemp("sample")))
-            for block_id, commands, _ in BLOCKS
-        }
+    futures = {}
+    for block_id, commands, _ in BLOCKS:
+        workdir = str(tmp_path_factory.mktemp("sample"))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": os.path.join(workdir, "hf-home"), "OMP_NUM_THREADS": "1"}
+        futures[block_id] = background.submit(run_block, commands, workdir, env)
+    return futures
+
+
+@pytest.fixture
+def runs(cli_runs):
+    return cli_runs.of(__name__)
 
 
 def test_the_pages_show_samples():

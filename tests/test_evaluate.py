@@ -201,12 +201,21 @@ def test_qat_rows_train_and_report_their_training_time(capsys):
     assert header.endswith("training s")
 
 
-def test_cli_saves_a_png_chart(tmp_path):
-    """Run as users run it, on the default model; the unquantized row alone keeps it to the import time."""
-    require_bundled_model()
-    chart = tmp_path / "quality.png"
+def start_cli_runs(background, tmp_path_factory):
+    """evaluate.py run as users run it, on the default model, in the background (conftest.py): the chart's path and a
+    Future of the run. The unquantized row alone keeps it to the import time."""
+    chart = tmp_path_factory.mktemp("evaluate-cli") / "quality.png"
     command = [sys.executable, "evaluate.py", "--modes", "unquantized", "--max-tokens", "300", "--chart", str(chart)]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    run = background.submit(
+        subprocess.run, command, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300
+    )
+    return chart, run
+
+
+def test_cli_saves_a_png_chart(cli_runs):
+    require_bundled_model()
+    chart, run = cli_runs.of(__name__)
+    result = run.result()
     assert result.returncode == 0, result.stderr
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
     image = matplotlib.image.imread(chart)  # decodes the whole file: a truncated PNG raises

@@ -1,7 +1,8 @@
 """End-to-end tests of example.py, run the way users run it: `python example.py ...` in a subprocess, on the twin.
 
-Each run spends seconds importing torch, transformers and ModelOpt, so the `runs` fixture starts every run of this
-file at once, two at a time (one per core, one thread each); each test then waits for the runs it checks.
+Each run spends seconds importing torch, transformers and ModelOpt, so start_cli_runs starts every run of this file
+as the session starts, in the background (conftest.py: two at a time, one thread each); each test then waits for the
+runs it checks.
 Every run sees an unreachable Hub and an empty Hugging Face cache, whatever the machine.
 """
 
@@ -11,7 +12,7 @@ import re
 import socket
 import subprocess
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -121,29 +122,19 @@ def run_arguments(
     }
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """A small GPT-2 checkpoint: 128 wide, the least int4 takes (one block of 128 inputs), 128 positions."""
-    path = tmp_path_factory.mktemp("gpt2-128")
-    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128).save_pretrained(path)
-    return str(path)
-
-
 USERS_FILE = "notes.txt"  # a file of the user's in the export folder, which --overwrite leaves alone
 
 
-@pytest.fixture(scope="module")
-def export_dir(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("export") / "gpt2-float8"
-    path.mkdir()
-    (path / USERS_FILE).write_text("mine\n")
-    (path / "config.json").write_text("{}\n")  # replaced by the export
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
-    """Every run of this file, started now: name -> Future of its subprocess.CompletedProcess."""
+def start_cli_runs(background, tmp_path_factory) -> dict:
+    """Every run of this file, started in the background (conftest.py): {"runs": name -> Future of its
+    subprocess.CompletedProcess, "checkpoint": ..., "export_dir": ...}."""
+    # A small GPT-2 checkpoint: 128 wide, the least int4 takes (one block of 128 inputs), 128 positions.
+    checkpoint = tmp_path_factory.mktemp("gpt2-128")
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128).save_pretrained(checkpoint)
+    export_dir = tmp_path_factory.mktemp("export") / "gpt2-float8"
+    export_dir.mkdir()
+    (export_dir / USERS_FILE).write_text("mine\n")
+    (export_dir / "config.json").write_text("{}\n")  # replaced by the export
     tmp = tmp_path_factory.mktemp("example-runs")
     calibration = tmp / "calibration.txt"
     calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
@@ -164,11 +155,26 @@ def runs(tmp_path_factory, checkpoint, export_dir) -> dict[str, Future]:
         command = [sys.executable, "example.py", *arguments]
         return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        arguments = run_arguments(
-            checkpoint, str(calibration), export_dir, str(not_a_checkpoint), str(narrow_checkpoint), str(tmp)
-        )
-        yield {name: pool.submit(run, args) for name, args in arguments.items()}
+    arguments = run_arguments(
+        str(checkpoint), str(calibration), str(export_dir), str(not_a_checkpoint), str(narrow_checkpoint), str(tmp)
+    )
+    runs = {name: background.submit(run, args) for name, args in arguments.items()}
+    return {"runs": runs, "checkpoint": str(checkpoint), "export_dir": str(export_dir)}
+
+
+@pytest.fixture
+def runs(cli_runs) -> dict[str, Future]:
+    return cli_runs.of(__name__)["runs"]
+
+
+@pytest.fixture
+def checkpoint(cli_runs) -> str:
+    return cli_runs.of(__name__)["checkpoint"]
+
+
+@pytest.fixture
+def export_dir(cli_runs) -> str:
+    return cli_runs.of(__name__)["export_dir"]
 
 
 @pytest.mark.parametrize("name", ["float8", "auto"])

@@ -313,10 +313,10 @@ def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model():
     assert lines[2].endswith(f"{change:+.2f}%") and not lines[1].endswith("%")
 
 
-@pytest.fixture(scope="module")
-def example_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+def start_cli_runs(background, tmp_path_factory):
     """example.py --kv-cache float8 as a user runs it (calibrate, --verbose, export, save), then the export and the
-    saved model run without calibrating; greedy, so that the texts compare."""
+    saved model run without calibrating; greedy, so that the texts compare. In the background from the start of the
+    session (conftest.py): a Future of the runs by name."""
     tmp = tmp_path_factory.mktemp("example-kv")
     checkpoint = tmp / "gpt2-128"
     make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128, outlier_gain=3.0).save_pretrained(checkpoint)
@@ -333,16 +333,25 @@ def example_runs(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
 
     export_dir, saved = str(tmp / "export"), str(tmp / "int8-kv.pt")
     calibrate = ["--calibration-data", str(calibration), "--num-calibration-samples", "4"]
-    runs = {
-        "calibrate": run(
-            *("--model-type", str(checkpoint), "--quant-mode", "int8-weight-only", "--kv-cache", "float8", *calibrate),
-            *("--verbose", "--export-dir", export_dir, "--save-quantized", saved),
-        )
-    }
-    runs["export"] = run("--model-type", export_dir)
-    runs["restore"] = run("--model-type", str(checkpoint), "--load-quantized", saved)
-    runs["export_dir"] = export_dir
-    return runs
+
+    def run_all() -> dict:
+        runs = {
+            "calibrate": run(
+                *("--model-type", str(checkpoint), "--quant-mode", "int8-weight-only", "--kv-cache", "float8"),
+                *(*calibrate, "--verbose", "--export-dir", export_dir, "--save-quantized", saved),
+            )
+        }
+        runs["export"] = run("--model-type", export_dir)
+        runs["restore"] = run("--model-type", str(checkpoint), "--load-quantized", saved)
+        runs["export_dir"] = export_dir
+        return runs
+
+    return background.submit(run_all)
+
+
+@pytest.fixture
+def example_runs(cli_runs) -> dict[str, subprocess.CompletedProcess]:
+    return cli_runs.of(__name__).result()
 
 
 def test_example_calibrates_the_kv_cache_and_verbose_lists_its_quantizers(example_runs):

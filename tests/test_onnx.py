@@ -50,9 +50,21 @@ class Exported:
 INT4_LM_HEAD = "int4-weight-only, int4 lm_head"  # the output layer quantized too (config.lm_head_mode)
 
 
+@pytest.fixture(scope="module")
+def exports_by_mode() -> dict[str, Exported]:
+    """Each mode's export once: a test that asks for one mode alone (indirect) makes pytest set `exported` up again."""
+    return {}
+
+
 @pytest.fixture(scope="module", params=[*QUANT_MODES, AUTO_QUANT_MODE, INT4_LM_HEAD])
-def exported(request, calibration_file, tmp_path_factory) -> Exported:
-    mode = request.param
+def exported(request, exports_by_mode, calibration_file, tmp_path_factory) -> Exported:
+    if request.param not in exports_by_mode:
+        exports_by_mode[request.param] = export(request.param, calibration_file, tmp_path_factory)
+    return exports_by_mode[request.param]
+
+
+def export(mode: str, calibration_file: str, tmp_path_factory) -> Exported:
+    """ModelOpt's model calibrated in `mode`, loaded into the twin, and the twin's ONNX file."""
     if mode == INT4_LM_HEAD:
         int4 = "int4-weight-only"
         quantized = modelopt_quantize(

@@ -48,10 +48,14 @@ from quantization import modelopt_quantize
 PROG = "example.py"
 FAULTS = ["full disk", "file size limit", "read-only folder", "folder removed", "SIGTERM", "another run"]
 SIGTERM_EXIT = 128 + signal.SIGTERM
+# A file-size limit set here would be inherited by a subprocess started meanwhile: this file runs after the
+# background runs of example.py (conftest.py), and waits for the last of them.
+RUNS_AFTER_THE_BACKGROUND = True
 
 
 @pytest.fixture(scope="module")
-def quantized(tmp_path_factory) -> torch.nn.Module:
+def quantized(tmp_path_factory, background_runs) -> torch.nn.Module:
+    background_runs.wait()
     calibration = tmp_path_factory.mktemp("calibration") / "calibration.txt"
     calibration.write_text("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
     model = make_gpt2(n_embd=128, n_layer=1, n_head=2, n_positions=32)

@@ -1,8 +1,8 @@
 """Running and loading an export: `example.py --model-type EXPORT_DIR` runs what the exporting run ran, with no
 calibration, and a directory that is not a good export is one clear error, from example.py and from transformers.
 
-The runs are subprocesses, as users run them, two at a time; the broken exports are copies of one good export with
-one thing changed each.
+The runs are subprocesses, as users run them, started in the background as the session starts (conftest.py); the
+broken exports are copies of one good export with one thing changed each.
 """
 
 import json
@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -46,8 +45,7 @@ def edit_tensors(export_dir: str, edit) -> None:
     save_file(tensors, path, metadata={"format": "pt"})
 
 
-@pytest.fixture(scope="module")
-def exports(tmp_path_factory) -> dict[str, str]:
+def make_exports(tmp_path_factory) -> dict[str, str]:
     """A good int8 export of a small GPT-2 and broken copies of it, by name."""
     tmp = tmp_path_factory.mktemp("exports")
     calibration = tmp / "calibration.txt"
@@ -77,9 +75,9 @@ def exports(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, exports):
-    """name -> Future of a subprocess.CompletedProcess of example.py."""
+def start_cli_runs(background, tmp_path_factory) -> tuple[dict[str, str], dict]:
+    """The exports (make_exports), and name -> Future of a subprocess.CompletedProcess of example.py."""
+    exports = make_exports(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("runs")
     checkpoint = tmp / "gpt2-128"
     make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=128, seed=1).save_pretrained(checkpoint)
@@ -106,10 +104,19 @@ def runs(tmp_path_factory, exports):
         "calibrating an export": ["--model-type", exports["good"], "--calibration-data", str(calibration)],
         **{name: ["--model-type", path] for name, path in exports.items() if name != "good"},
     }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {"export then run": pool.submit(export_then_run)}
-        futures.update({name: pool.submit(run, *args) for name, args in arguments.items()})
-        yield futures
+    futures = {"export then run": background.submit(export_then_run)}
+    futures.update({name: background.submit(run, *args) for name, args in arguments.items()})
+    return exports, futures
+
+
+@pytest.fixture
+def exports(cli_runs) -> dict[str, str]:
+    return cli_runs.of(__name__)[0]
+
+
+@pytest.fixture
+def runs(cli_runs) -> dict:
+    return cli_runs.of(__name__)[1]
 
 
 def generated_text(result: subprocess.CompletedProcess) -> str:

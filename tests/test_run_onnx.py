@@ -3,13 +3,12 @@ restored --save-quantized file, an export; int4 also as ONNX Runtime's flavor, -
 --model-type ONNX_DIR runs it in ONNX Runtime with no calibration, giving the greedy text the exporting run gave (or,
 from an export, the twin of that export).
 
-The runs are subprocesses, as users run them, two at a time.
+The runs are subprocesses, as users run them, started in the background as the session starts (conftest.py).
 """
 
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,9 +24,8 @@ PROMPT = "The town council voted"
 NEW_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """name -> Future of (the exporting run, the run of its ONNX folder), and the folders by name."""
+def start_cli_runs(background, tmp_path_factory):
+    """name -> Future of (the exporting run, the run of its ONNX folder), the folders by name, and the export."""
     tmp = tmp_path_factory.mktemp("onnx-runs")
     checkpoint = tmp / "gpt2-256"
     make_gpt2(n_positions=64, seed=1).save_pretrained(checkpoint)  # 256 wide: int4 blocks in every layer
@@ -55,29 +53,33 @@ def runs(tmp_path_factory):
         exporting = run(*arguments, "--export-onnx", folders[name])
         return exporting, run("--model-type", folders[name], *generate)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            "int4": pool.submit(
-                export_then_run, "int4", *model, "--quant-mode", "int4-weight-only", *calibrate, *generate
-            ),
-            "int4-ort": pool.submit(
-                export_then_run,
-                "int4-ort",
-                *model,
-                "--quant-mode",
-                "int4-weight-only",
-                *calibrate,
-                *generate,
-                "--onnx-flavor",
-                "ort",
-            ),  # fmt: skip
-            "auto": pool.submit(
-                export_then_run, "auto", *model, "--quant-mode", "auto", "--recipe", recipe, *calibrate, *generate
-            ),
-            "restored": pool.submit(export_then_run, "restored", *model, "--load-quantized", saved, *generate),
-            "export": pool.submit(export_then_run, "export", "--model-type", export_dir, "--export-only"),
-        }
-        yield futures, folders, export_dir
+    futures = {
+        "int4": background.submit(
+            export_then_run, "int4", *model, "--quant-mode", "int4-weight-only", *calibrate, *generate
+        ),
+        "int4-ort": background.submit(
+            export_then_run,
+            "int4-ort",
+            *model,
+            "--quant-mode",
+            "int4-weight-only",
+            *calibrate,
+            *generate,
+            "--onnx-flavor",
+            "ort",
+        ),  # fmt: skip
+        "auto": background.submit(
+            export_then_run, "auto", *model, "--quant-mode", "auto", "--recipe", recipe, *calibrate, *generate
+        ),
+        "restored": background.submit(export_then_run, "restored", *model, "--load-quantized", saved, *generate),
+        "export": background.submit(export_then_run, "export", "--model-type", export_dir, "--export-only"),
+    }
+    return futures, folders, export_dir
+
+
+@pytest.fixture
+def runs(cli_runs):
+    return cli_runs.of(__name__)
 
 
 def generated_text(result: subprocess.CompletedProcess) -> str:

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 import torch
-from helpers import MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
+from helpers import CALIBRATION_PARAGRAPHS, MIXED_LAYER_QUANT_MODES, REPO, make_gpt2, usage_error
 
 import example
 from config import AUTO_QUANT_MODE, QUANT_MODES
@@ -222,15 +222,70 @@ def test_a_file_saved_for_another_model(saved, other, mismatch):
     assert mismatch in str(error.value)
 
 
-# example.py, run the way users run it: calibrate and save, then restore and generate.
+# example.py, run the way users run it: calibrate and save, then restore and generate. Each test's runs follow one
+# another, in the background from the start of the session (conftest.py); the tests check what they printed.
 PROMPT = "The town council voted"
 
 
-def run_example(arguments: list[str], tmp_path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
-    generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", "8", "--seed", "5"]
-    command = [sys.executable, "example.py", *generate, *arguments]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def start_cli_runs(background, tmp_path_factory) -> dict:
+    """test name -> Future of (the paths it names, its runs by name)."""
+    tmp = tmp_path_factory.mktemp("example-runs")
+    checkpoint = str(tmp / "gpt2-128")
+    make_gpt2(n_embd=128, n_layer=2, n_head=4, n_positions=64).save_pretrained(checkpoint)  # base()
+    calibration = str(tmp / "calibration.txt")
+    with open(calibration, "w") as file:
+        file.write("\n\n".join(CALIBRATION_PARAGRAPHS) + "\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf-home"), "OMP_NUM_THREADS": "1"}
+    samples = ["--calibration-data", calibration, "--num-calibration-samples", "4"]
+
+    def run_example(arguments: list[str]) -> subprocess.CompletedProcess:
+        generate = ["--backend", "torch", "--input-text", PROMPT, "--max-new-tokens", "8", "--seed", "5"]
+        command = [sys.executable, "example.py", *generate, *arguments]
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+    def restore_int4() -> tuple[str, dict]:
+        path = str(tmp / "int4.pt")
+        calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", *samples]
+        calibrated = run_example([*calibrate, "--save-quantized", path])
+        restored = run_example(["--model-type", checkpoint, "--load-quantized", path, "--verbose"])
+        return path, {"calibrated": calibrated, "restored": restored}
+
+    def output_layer() -> tuple[tuple[str, str], dict]:
+        path, export_dir = str(tmp / "head.pt"), str(tmp / "export")
+        calibrate = ["--model-type", checkpoint, "--quant-mode", "int8-weight-only", "--lm-head", "int8-weight-only"]
+        calibrate += samples
+        runs = {"calibrated": run_example([*calibrate, "--save-quantized", path, "--export-dir", export_dir])}
+        runs["restored"] = run_example(["--model-type", checkpoint, "--load-quantized", path])
+        runs["from export"] = run_example(["--model-type", export_dir])
+        runs["unquantized head"] = run_example([*calibrate[:4], "--calibration-data", calibration])
+        return (path, export_dir), runs
+
+    def restore_a_mix() -> tuple[tuple[str, str], dict]:
+        path, recipe = str(tmp / "mixed.pt"), str(tmp / "recipe.json")
+        search = ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", recipe, "--save-quantized", path]
+        runs = {"searched": run_example(["--model-type", checkpoint, "--top-k", "1", *search, *samples])}
+        restore = ["--model-type", checkpoint, "--top-k", "1", "--load-quantized", path]
+        runs["restored"] = run_example(restore)
+        runs["restored as auto"] = run_example([*restore, "--quant-mode", "auto"])
+        return (path, recipe), runs
+
+    def bundled_int4() -> tuple[str, dict]:
+        path = str(tmp / "bundled-int4.pt")
+        bundled = ["--model-type", "bundled_model"]
+        calibrated = run_example([*bundled, "--quant-mode", "int4-weight-only", "--save-quantized", path])
+        return path, {"calibrated": calibrated, "restored": run_example([*bundled, "--load-quantized", path])}
+
+    return {
+        "output layer": background.submit(output_layer),
+        "mix": background.submit(restore_a_mix),
+        "bundled int4": background.submit(bundled_int4),
+        "int4": background.submit(restore_int4),
+    }
+
+
+@pytest.fixture
+def example_runs(cli_runs) -> dict:
+    return cli_runs.of(__name__)
 
 
 def generated_text(result: subprocess.CompletedProcess) -> str:
@@ -253,12 +308,10 @@ def wide_checkpoint(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkpoint, calibration_file, tmp_path):
-    path = str(tmp_path / "int4.pt")
-    calibrate = ["--model-type", checkpoint, "--quant-mode", "int4-weight-only", "--calibration-data", calibration_file]
-    calibrated = run_example([*calibrate, "--num-calibration-samples", "4", "--save-quantized", path], tmp_path)
+def test_restore_then_generate_prints_what_calibrate_then_generate_prints(example_runs):
+    path, runs = example_runs["int4"].result()
+    calibrated, restored = runs["calibrated"], runs["restored"]
     assert f"Saved the quantized model to {path}" in calibrated.stdout
-    restored = run_example(["--model-type", checkpoint, "--load-quantized", path, "--verbose"], tmp_path)
     assert f"Restored int4-weight-only from {path}" in restored.stdout
     assert "Calibrated" not in restored.stdout and "Calibrating" not in restored.stderr
     assert generated_text(restored) == generated_text(calibrated)
@@ -268,41 +321,28 @@ def test_restore_then_generate_prints_what_calibrate_then_generate_prints(checkp
     assert "TensorQuantizers found in model" in restored.stdout
 
 
-def test_an_output_layer_calibrated_saved_exported_and_restored_generates_one_text(
-    checkpoint, calibration_file, tmp_path
-):
+def test_an_output_layer_calibrated_saved_exported_and_restored_generates_one_text(example_runs):
     """example.py --lm-head int8-weight-only with --save-quantized and --export-dir, then --load-quantized and
     --model-type EXPORT: the same text three times, the output layer quantized each time."""
-    path, export_dir = str(tmp_path / "head.pt"), str(tmp_path / "export")
-    calibrate = ["--model-type", checkpoint, "--quant-mode", "int8-weight-only", "--lm-head", "int8-weight-only"]
-    calibrate += ["--calibration-data", calibration_file, "--num-calibration-samples", "4"]
-    calibrated = run_example([*calibrate, "--save-quantized", path, "--export-dir", export_dir], tmp_path)
+    (path, _), runs = example_runs["output layer"].result()
+    calibrated, restored = runs["calibrated"], runs["restored"]
     assert "Calibrated int8-weight-only with an int8-weight-only output layer" in calibrated.stdout
-    restored = run_example(["--model-type", checkpoint, "--load-quantized", path], tmp_path)
     assert f"Restored int8-weight-only with an int8-weight-only output layer from {path}" in restored.stdout
-    from_export = run_example(["--model-type", export_dir], tmp_path)
-    assert generated_text(restored) == generated_text(calibrated) == generated_text(from_export)
-    unquantized_head = run_example([*calibrate[:4], "--calibration-data", calibration_file], tmp_path)
-    assert generated_text(unquantized_head) != generated_text(calibrated)  # the flag reached the model
+    assert generated_text(restored) == generated_text(calibrated) == generated_text(runs["from export"])
+    assert generated_text(runs["unquantized head"]) != generated_text(calibrated)  # the flag reached the model
 
 
-def test_restore_an_autoquantize_mix_then_generate_prints_what_the_search_printed(
-    checkpoint, calibration_file, tmp_path
-):
+def test_restore_an_autoquantize_mix_then_generate_prints_what_the_search_printed(example_runs):
     """The command lines of the report: search and save, then restore with and without --quant-mode auto. The restored
     run prints the search's table of formats and, greedy (--top-k 1), the same text."""
-    path, recipe = str(tmp_path / "mixed.pt"), str(tmp_path / "recipe.json")
-    search = ["--quant-mode", "auto", "--effective-bits", "6", "--recipe-out", recipe, "--save-quantized", path]
-    samples = ["--calibration-data", calibration_file, "--num-calibration-samples", "4"]
-    searched = run_example(["--model-type", checkpoint, "--top-k", "1", *search, *samples], tmp_path)
+    (path, recipe), runs = example_runs["mix"].result()
+    searched = runs["searched"]
     assert f"Saved the quantized model to {path}" in searched.stdout, searched.stderr
     searched_formats = load_recipe(recipe)
     assert len(set(searched_formats.layers.values())) > 1  # a mix, not one format everywhere
     table = format_recipe(searched_formats)
     assert table in searched.stdout
-    restore = ["--model-type", checkpoint, "--top-k", "1", "--load-quantized", path]
-    for quant_mode in ([], ["--quant-mode", "auto"]):
-        restored = run_example([*restore, *quant_mode], tmp_path)
+    for restored in (runs["restored"], runs["restored as auto"]):
         assert f"Restored auto from {path}" in restored.stdout, restored.stderr
         assert "Calibrated" not in restored.stdout and "Calibrating" not in restored.stderr
         assert table in restored.stdout
@@ -340,12 +380,9 @@ def test_bad_load_quantized_is_one_line_and_exit_status_2(
     assert expected in usage_error(example.main, argv, "example.py", capsys)  # in this process: no imports to wait for
 
 
-def test_bundled_model_saved_in_int4_is_no_larger_than_its_float16_checkpoint_and_restores_its_text(tmp_path):
+def test_bundled_model_saved_in_int4_is_no_larger_than_its_float16_checkpoint_and_restores_its_text(example_runs):
     """mto.save stored the float32 weights: twice the bundled model's 15.3 MB. The saved file holds no more bytes
     than the float16 checkpoint it came from, and the restored model prints the calibrated model's text."""
-    path = str(tmp_path / "int4.pt")
-    bundled = ["--model-type", "bundled_model"]
-    calibrated = run_example([*bundled, "--quant-mode", "int4-weight-only", "--save-quantized", path], tmp_path)
-    restored = run_example([*bundled, "--load-quantized", path], tmp_path)
-    assert generated_text(restored) == generated_text(calibrated)
+    path, runs = example_runs["bundled int4"].result()
+    assert generated_text(runs["restored"]) == generated_text(runs["calibrated"])
     assert os.path.getsize(path) <= os.path.getsize(os.path.join(REPO, "bundled_model", "model.safetensors"))
