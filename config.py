@@ -17,8 +17,9 @@ LINEAR_QUANTIZERS = {
     "float8": ((4, 3), False, True),
     "int8-smoothquant": (8, False, True),  # W8A8: int8 weights and int8 inputs (SmoothQuant's smoothed ones)
 }
-# How the keys and values attention reads may be quantized, besides any mode: ModelOpt's k/v_bmm_quantizers.
-KV_CACHE_MODES = ("float8",)
+# How the keys and values attention reads may be quantized, besides any mode: ModelOpt's k/v_bmm_quantizers, in float8
+# (what serving engines store, docs/export.md) or int8 (what ONNX Runtime's GroupQueryAttention stores, docs/onnx.md).
+KV_CACHE_MODES = ("float8", "int8")
 # How the output layer may be quantized, besides any mode: on a CPU the largest matmul of a step (docs/benchmark.md).
 LM_HEAD_MODES = ("int8-weight-only", "int4-weight-only")
 

@@ -115,8 +115,9 @@ class CausalSelfAttention(tp.Module):
         embd, bias = config.embedding_size, config.bias
         self.c_attn = linear_layer(config, layer_quant_mode(config, f"{name}.c_attn"), embd, 3 * embd, bias)
         self.c_proj = linear_layer(config, layer_quant_mode(config, f"{name}.c_proj"), embd, embd, bias)
-        # A float8 KV cache: one scale for all the keys this layer's attention reads, one for all its values.
+        # A quantized KV cache: one scale for all the keys this layer's attention reads, one for all its values.
         self.dtype = getattr(tp, config.dtype)
+        self.kv_dtype = {"float8": tp.float8, "int8": tp.int8}.get(config.kv_cache)
         self.k_scale = DefaultParameter((), self.dtype) if config.kv_cache else None
         self.v_scale = DefaultParameter((), self.dtype) if config.kv_cache else None
 
@@ -150,8 +151,8 @@ class CausalSelfAttention(tp.Module):
             # tp.full, which has no float8), so the cache crosses between the two engines in config.dtype, holding
             # the rounded values (rounding them again changes none). A later nvtripy that compiles float8 inputs
             # needs only that change here and compile_model's cache InputInfo in tp.float8.
-            k = tp.dequantize(tp.quantize(k, self.k_scale, tp.float8), self.k_scale, self.dtype)
-            v = tp.dequantize(tp.quantize(v, self.v_scale, tp.float8), self.v_scale, self.dtype)
+            k = tp.dequantize(tp.quantize(k, self.k_scale, self.kv_dtype), self.k_scale, self.dtype)
+            v = tp.dequantize(tp.quantize(v, self.v_scale, self.kv_dtype), self.v_scale, self.dtype)
         past = k.shape[2] - seq
 
         att = (q @ tp.transpose(k, 2, 3)) * (1.0 / math.sqrt(head_dim))  # [batch, heads, seq, past + seq]

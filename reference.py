@@ -150,8 +150,9 @@ class CausalSelfAttention(nn.Module):
         embd, bias = config.embedding_size, config.bias
         self.c_attn = linear_layer(config, layer_quant_mode(config, f"{name}.c_attn"), embd, 3 * embd, bias)
         self.c_proj = linear_layer(config, layer_quant_mode(config, f"{name}.c_proj"), embd, embd, bias)
-        # A float8 KV cache: one scale for all the keys this layer's attention reads, one for all its values.
+        # A quantized KV cache: one scale for all the keys this layer's attention reads, one for all its values.
         dtype = getattr(torch, config.dtype)
+        self.kv_dtype = {"float8": torch.float8_e4m3fn, "int8": torch.int8}.get(config.kv_cache)
         self.k_scale = nn.Parameter(torch.empty((), dtype=dtype)) if config.kv_cache else None
         self.v_scale = nn.Parameter(torch.empty((), dtype=dtype)) if config.kv_cache else None
 
@@ -173,8 +174,8 @@ class CausalSelfAttention(nn.Module):
         if self.k_scale is not None:
             # Where ModelOpt's k_bmm_quantizer and v_bmm_quantizer are: on all the keys and values attention reads,
             # past and new. The cache returned holds them as rounded (see model.py on storing it in float8).
-            k = quantize_dequantize(k, self.k_scale, torch.float8_e4m3fn)
-            v = quantize_dequantize(v, self.v_scale, torch.float8_e4m3fn)
+            k = quantize_dequantize(k, self.k_scale, self.kv_dtype)
+            v = quantize_dequantize(v, self.v_scale, self.kv_dtype)
         past = k.shape[2] - seq
 
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(head_dim))  # [batch, heads, seq, past + seq]

@@ -5,7 +5,8 @@ Both models have the same parameter names as Hugging Face's GPT2LMHeadModel, plu
     float8             weight [out, in]  weight_scale []     input_scale []                  (per tensor)
     int8-smoothquant   weight [out, in]  weight_scale [out]  input_scale []  pre_quant_scale [in]
     int4-weight-only   weight [in, out]  weight_scale [in / 128, out]  pre_quant_scale [in]  (blocks of 128 inputs)
-and, on each attention layer with a float8 KV cache (config.kv_cache), k_scale [] and v_scale [] (per tensor).
+and, on each attention layer with a quantized KV cache (config.kv_cache, float8 or int8), k_scale [] and v_scale []
+(per tensor).
 Every scale is ModelOpt's calibrated amax divided by the largest value of the quantized type (`convert_to_scale`).
 """
 
@@ -25,11 +26,12 @@ from config import (
     layer_quant_mode,
     quant_mode_of,
 )
-from quant.kv_cache import kv_cache_quantizers
+from quant.kv_cache import kv_cache_of, kv_cache_quantizers
 from sources.hub import load_hf_model
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0, "int8-smoothquant": 127.0}
+KV_CACHE_MAXBOUND = {"float8": 448.0, "int8": 127.0}  # the same, by config.kv_cache
 
 
 def load_weights_from_hf(model: Any, model_type: str, dtype: Any, hf_model: GPT2LMHeadModel | None = None) -> None:
@@ -69,8 +71,11 @@ def load_quant_weights_from_hf(
             module = get_submodule(quantized_model, name)
             for param_name, tensor in _quantized_linear(module, layer_mode, name).items():
                 tensors[f"{name}.{param_name}"] = tensor
-    for name, quantizer in kv_cache_quantizers(quantized_model).items():  # a float8 KV cache's K and V, if calibrated
-        tensors[name] = convert_to_scale(quantizer.amax, MAXBOUND["float8"])
+    kv_cache = kv_cache_of(quantized_model)  # a KV cache's K and V, if calibrated
+    if kv_cache != model.config.kv_cache:
+        raise ValueError(f"ModelOpt's KV cache is {kv_cache}, the model's config has {model.config.kv_cache}")
+    for name, quantizer in kv_cache_quantizers(quantized_model).items():
+        tensors[name] = convert_to_scale(quantizer.amax, KV_CACHE_MAXBOUND[kv_cache])
     load_into(model, tensors, dtype)
 
 

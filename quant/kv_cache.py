@@ -1,12 +1,16 @@
-"""A float8 KV cache: ModelOpt's quantizers on the keys and values attention reads, and the scales they give.
+"""A quantized KV cache: ModelOpt's quantizers on the keys and values attention reads, and the scales they give.
 
 ModelOpt's Hugging Face plugin gives every GPT2Attention four more quantizers (q/k/v/p_bmm_quantizer) and, when they
 are enabled, fake-quantizes the keys and values handed to the attention function, after the cache update, so that
-the past and the new tokens are rounded alike. ModelOpt's FP8_KV_CFG enables K and V in FP8 E4M3, one scale each
-per layer, max-calibrated like the weights. A serving engine stores the cache in that type: twice the tokens of a
-float16 cache in the same memory (docs/export.md measures it with vLLM). The Tripy model and its twin quantize and
-dequantize the same keys and values with `k_scale` and `v_scale` (model.py says why its cache is not yet stored in
-float8).
+the past and the new tokens are rounded alike. Both modes enable K and V with one scale each per layer,
+max-calibrated like the weights:
+- float8 (E4M3), ModelOpt's FP8_KV_CFG preset: a serving engine stores the cache in that type, twice the tokens of a
+  float16 cache in the same memory (docs/export.md measures it with vLLM);
+- int8, the same quantizers at 8 integer bits (ModelOpt has no preset for it): ONNX Runtime's GroupQueryAttention
+  stores the cache in int8 on a CPU, which has no float8 kernel, and reads a quarter of float32's bytes per step
+  (docs/onnx.md).
+The Tripy model and its twin quantize and dequantize the same keys and values with `k_scale` and `v_scale` (model.py
+says why its cache is not stored in the quantized type).
 
     quant_cfg = quantization.quant_config("float8")["quant_cfg"] + kv_cache_quant_cfg("float8")
 """
@@ -23,6 +27,7 @@ if TYPE_CHECKING:  # torch and ModelOpt are imported where they are used: exampl
     import torch
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
+KV_CACHE_BITS = {"float8": (4, 3), "int8": 8}  # each mode's num_bits, as ModelOpt's quantizers hold it
 
 
 def check_kv_cache(kv_cache: str) -> None:
@@ -32,11 +37,14 @@ def check_kv_cache(kv_cache: str) -> None:
 
 
 def kv_cache_quant_cfg(kv_cache: str) -> list[dict]:
-    """ModelOpt's quant_cfg entries that enable the K and V quantizers: ModelOpt's own FP8_KV_CFG preset."""
+    """ModelOpt's quant_cfg entries that enable the K and V quantizers: ModelOpt's own FP8_KV_CFG preset for float8,
+    and the same entry at 8 integer bits for int8."""
     import modelopt.torch.quantization as mtq
 
     check_kv_cache(kv_cache)
-    return list(mtq.FP8_KV_CFG["quant_cfg"])
+    if kv_cache == "float8":
+        return list(mtq.FP8_KV_CFG["quant_cfg"])
+    return [{"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": KV_CACHE_BITS["int8"], "axis": None}}]
 
 
 def add_kv_cache_quantizers(
@@ -67,9 +75,21 @@ def kv_cache_in(model_type: str, model_hf: torch.nn.Module | None) -> str | None
 
 
 def kv_cache_of(model_hf: torch.nn.Module) -> str | None:
-    """The KV cache a ModelOpt-quantized model holds: "float8" when its K and V quantizers are enabled, else None."""
+    """The KV cache a ModelOpt-quantized model holds: one of KV_CACHE_MODES when its K and V quantizers are enabled,
+    by their bits, else None."""
     quantizers = [module for name, module in model_hf.named_modules() if name.endswith(KV_QUANTIZERS)]
-    return "float8" if quantizers and all(quantizer.is_enabled for quantizer in quantizers) else None
+    if not quantizers or not all(quantizer.is_enabled for quantizer in quantizers):
+        return None
+    return _kv_cache_mode(quantizers[0].num_bits, "the K and V quantizers")
+
+
+def _kv_cache_mode(num_bits: int | tuple | list, name: str) -> str:
+    """The mode of KV_CACHE_BITS with these bits (a saved state may hold float8's as a list)."""
+    bits = tuple(num_bits) if isinstance(num_bits, list) else num_bits
+    for mode, mode_bits in KV_CACHE_BITS.items():
+        if bits == mode_bits:
+            return mode
+    raise ValueError(f"{name} have num_bits {num_bits}; a KV cache here is float8 E4M3 (4, 3) or int8 (8)")
 
 
 def kv_cache_quantizers(model_hf: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -77,8 +97,7 @@ def kv_cache_quantizers(model_hf: torch.nn.Module) -> dict[str, torch.nn.Module]
     quantizers = {}
     for name, module in model_hf.named_modules():
         if name.endswith(KV_QUANTIZERS) and module.is_enabled:
-            if module.num_bits not in ((4, 3), [4, 3]):
-                raise ValueError(f"{name} is not FP8 E4M3: {module}")
+            _kv_cache_mode(module.num_bits, name)
             attention, quantizer = name.rsplit(".", 1)
             quantizers[f"{attention}.{quantizer[0]}_scale"] = module
     return quantizers

@@ -142,7 +142,7 @@ def test_kv_scales_are_amax_of_keys_and_values_over_448(hf_model, modelopt):
 
 def test_loading_kv_scales_into_a_model_without_a_kv_cache_fails(hf_model, modelopt):
     twin = reference.GPT(config_from_hf(hf_model, dtype="float32", quant_mode="float8"))
-    with pytest.raises(ValueError, match=r"Unexpected: \['transformer.h.0.attn.k_scale'"):
+    with pytest.raises(ValueError, match="ModelOpt's KV cache is float8, the model's config has None"):
         load_quant_weights_from_hf(twin, None, torch.float32, "float8", modelopt("float8", True))
 
 
