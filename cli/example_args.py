@@ -22,8 +22,10 @@ from config import (
 from quant.lm_head import DEFAULT_CALIBRATION, INT4_HEAD_NOT_EXPORTED, check_lm_head_mode
 from sources.hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
-# Why a float8 KV cache does not go to ONNX (yet): one sentence for both refusals.
+# Why a quantized KV cache does not go to the standard ONNX file (yet): one sentence for both refusals.
 ONNX_KV_CACHE = "writes a float32 KV cache, with no Q/DQ on the keys and values"
+# The ONNX Runtime flavor's: GroupQueryAttention stores int8 keys and values on a CPU, and has no float8 kernel there.
+ORT_KV_CACHE = "--onnx-flavor ort stores the KV cache in float32 or int8 (ONNX Runtime's CPU attention has no float8)"
 ONNX_FLAVORS = ("standard", "ort")  # exports/onnx_export.py's file, exports/onnx_fused.py's
 DEFAULT_PROMPT = "The best way to learn something new is"
 # Below the least, sampling is greedy in all but name, and far below it logits / temperature overflows float32; above
@@ -280,8 +282,13 @@ def check_calibration_args(args: argparse.Namespace, export: bool) -> None:
         )
     if args.kv_cache is not None and args.quant_mode is None:
         raise UsageError("--kv-cache needs --quant-mode: its K and V quantizers are calibrated with the weights")
-    if args.kv_cache is not None and args.export_onnx is not None:
-        raise UsageError(f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or use --export-dir, which keeps it")
+    if args.kv_cache is not None and args.export_onnx is not None and args.onnx_flavor != "ort":
+        raise UsageError(
+            f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or use --export-dir, which keeps it (an int8 one: "
+            "--onnx-flavor ort)"
+        )
+    if args.kv_cache == "float8" and args.export_onnx is not None:
+        raise UsageError(f"{ORT_KV_CACHE}: use --kv-cache int8, or --export-dir for float8")
     if args.quant_mode is not None and args.load_quantized is None and not export:
         checks.check_datasets_cache()
 
@@ -428,7 +435,8 @@ def check_export_args(args: argparse.Namespace) -> None:
 def onnx_kv_cache_refusal(source: str, kv_cache: str) -> UsageError:
     """--export-onnx of a model that has a quantized KV cache: an export's, seen here, or a restored one's, seen as
     exports/onnx_export.py reads it."""
-    return UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {source} has a {kv_cache} one: use --export-dir")
+    remedy = "--onnx-flavor ort" if kv_cache == "int8" else "--export-dir"
+    return UsageError(f"--export-onnx {ONNX_KV_CACHE}, and {source} has a {kv_cache} one: use {remedy}")
 
 
 def is_onnx_folder(model_type: str | None) -> bool:

@@ -338,13 +338,15 @@ def export_onnx(twin: GPT, out_dir: str) -> str:
     return written
 
 
-def check_twin(twin: GPT, writer: str) -> None:
-    """Raises ValueError, naming `writer`, for a twin that no ONNX file here holds (this one or onnx_fused.py's)."""
+def check_twin(twin: GPT, writer: str, kv_caches: tuple[str | None, ...] = (None,)) -> None:
+    """Raises ValueError, naming `writer`, for a twin that no ONNX file here holds (this one or onnx_fused.py's):
+    not float32, or with a KV cache other than `kv_caches` (None: float32)."""
     if twin.transformer.wte.weight.dtype != torch.float32:
         raise ValueError(f"{writer} takes a float32 twin, got {twin.transformer.wte.weight.dtype}")
     kv_cache = twin.config.kv_cache
-    if kv_cache is not None:
-        raise ValueError(f"{writer} writes a float32 KV cache: a twin with a {kv_cache} one is not exported")
+    if kv_cache not in kv_caches:
+        held = " or ".join(mode or "float32" for mode in kv_caches)
+        raise ValueError(f"{writer} writes a {held} KV cache: a twin with a {kv_cache} one is not exported")
 
 
 def check_size(model: onnx.ModelProto) -> None:
@@ -377,7 +379,7 @@ def export_step(
 ) -> None:
     """example.py --export-onnx: the model it loaded (a Hugging Face GPT-2, calibrated or restored in `quant_mode`,
     or with hf_model None the exports/checkpoint.py checkpoint `model_type`) into a float32 twin, written to out_dir
-    by `write`: export_onnx (the default) or exports/onnx_fused.py's export_fused_onnx."""
+    by `write`: export_onnx (the default) or exports/onnx_fused.py's export_fused_onnx, which holds an int8 KV cache."""
     from cli import UsageError
     from cli.example_args import onnx_kv_cache_refusal
     from cli.outputs import output_folder
@@ -385,12 +387,14 @@ def export_step(
     from quant.kv_cache import kv_cache_in
 
     kv_cache = kv_cache_in(model_type, hf_model)
-    if kv_cache is not None:  # restored or exported with one: --kv-cache itself is refused before calibrating
+    # Restored or exported with one (--kv-cache itself is refused before calibrating where the writer has no room).
+    if kv_cache is not None and (write is export_onnx or kv_cache != "int8"):
         raise onnx_kv_cache_refusal(model_type, kv_cache)
     if hf_model is None:
         twin = load_export_twin(model_type)
     else:
-        twin = load_twin(hf_model, quant_mode, hf_model if quant_mode else None, layer_quant_modes)
+        quantized = hf_model if quant_mode else None
+        twin = load_twin(hf_model, quant_mode, quantized, layer_quant_modes, kv_cache)
     try:
         # Written into a new folder that becomes out_dir whole, and only if no other run's is there by then.
         with output_folder(out_dir, "--export-onnx", overwrite) as folder:

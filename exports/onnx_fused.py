@@ -17,9 +17,12 @@ directly in the `com.microsoft` operators those fusions would aim at, eight node
 TensorRT cannot read these operators: this file is an ONNX Runtime-only flavor, written beside the standard one,
 never instead of it. It holds the weight-only modes (int8, int4, a mix of them, and the quantized output layer);
 int8-smoothquant and float8 quantize activations too, which it has no operator for here: they export as standard.
+With an int8 KV cache (--kv-cache int8) GroupQueryAttention stores the keys and values as round(x / scale) in int8,
+with the twin's k_scale and v_scale, and reads them back times the scale: a step reads a quarter of float32's cache.
 Inputs: input_ids and position_ids [batch, seq], seqlens_k [batch] (positions filled after this step, less one),
-total_sequence_length []; past_key_values.N.key/.value [batch, heads, n_positions, head_dim]; outputs: logits
-[batch, seq, vocab] and present.N.key/.value, bound to the same buffers as the past by exports/onnx_runtime.py.
+total_sequence_length []; past_key_values.N.key/.value [batch, heads, n_positions, head_dim] (float32 or int8);
+outputs: logits [batch, seq, vocab] and present.N.key/.value, bound to the same buffers as the past by
+exports/onnx_runtime.py.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ FLAVOR = "ort"  # metadata_props["gpt2_flavor"]: how exports/onnx_runtime.py tel
 MS_DOMAIN = "com.microsoft"
 OPSET = 21
 INT8_BLOCK_SIZE = 128  # MatMulNBits takes blocks only: an int8 per-channel scale is repeated over blocks of 128
+KV_SCALES = ("k_scale", "v_scale")  # on each attention layer with an int8 KV cache
 ACCURACY_INT8 = 4  # MatMulNBits' accuracy_level: 4 quantizes the activations to int8 in the kernel, as the standard
 # file's fused kernels do by default (docs/quality.md measures the cost); onnx_runtime.session can set 1 (float32)
 
@@ -75,7 +79,7 @@ class Graph:
 def export_fused_onnx(twin: GPT, out_dir: str) -> str:
     """Writes `twin` (float32, weight-only modes) to out_dir/model.onnx in ONNX Runtime's fused operators, next to
     the Hugging Face files the standard export writes. Returns the one-line summary."""
-    check_twin(twin, "export_fused_onnx")
+    check_twin(twin, "export_fused_onnx", kv_caches=(None, "int8"))
     check_fusable(twin)
     model = fused_model(twin)
     check_size(model)
@@ -125,9 +129,15 @@ def fused_block(graph: Graph, block: nn.Module, name: str, delta: str, residual:
     qkv = linear(graph, linears["attn.c_attn"], f"{name}.attn.c_attn", x)  # [batch, seq, 3 * embd]
     index = name.rsplit(".", 1)[1]
     past = [f"past_key_values.{index}.key", f"past_key_values.{index}.value"]
+    inputs, int8_cache = [qkv, "", "", *past, "seqlens_k", "total_sequence_length"], {}
+    if block.attn.k_scale is not None:  # an int8 cache: inputs 12 and 13 are its scales, per channel
+        scales = cache_scales(block, linears["attn.c_proj"])
+        scales = [graph.constant(f"{name}.attn.{kind}", scale) for kind, scale in zip(KV_SCALES, scales, strict=True)]
+        inputs += ["", "", "", "", "", *scales]  # cos/sin caches, position ids, attention bias, head sink: none
+        int8_cache = dict(kv_cache_bit_width=8, k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL")
     (attention,) = graph.node(
-        "GroupQueryAttention", [qkv, "", "", *past, "seqlens_k", "total_sequence_length"], f"{name}.attn",
-        domain=MS_DOMAIN, num_heads=num_heads, kv_num_heads=num_heads,
+        "GroupQueryAttention", inputs, f"{name}.attn", domain=MS_DOMAIN, num_heads=num_heads,
+        kv_num_heads=num_heads, **int8_cache,
     )  # fmt: skip
     graph.nodes[-1].output.extend([f"present.{index}.key", f"present.{index}.value"])  # [batch, heads, max, dim]
     delta = linear(graph, linears["attn.c_proj"], f"{name}.attn.c_proj", attention)
@@ -135,6 +145,20 @@ def fused_block(graph: Graph, block: nn.Module, name: str, delta: str, residual:
     hidden = linear(graph, linears["mlp.c_fc"], f"{name}.mlp.c_fc", x)  # [batch, seq, 4 * embd]
     (hidden,) = graph.node("FastGelu", [hidden], f"{name}.mlp.gelu", domain=MS_DOMAIN)
     return linear(graph, linears["mlp.c_proj"], f"{name}.mlp.c_proj", hidden), residual
+
+
+def cache_scales(block: nn.Module, stored_c_proj: StoredLinear) -> tuple[np.ndarray, np.ndarray]:
+    """An int8 cache's scales per channel [embd]: the twin's k_scale and v_scale (one per tensor), the values' times
+    attn.c_proj's AWQ factor where stored_block folded it into them: round(v * s / (v_scale * s)) stores what the
+    twin's round(v / v_scale) does."""
+    attention = block.attn
+    embd = block.ln_1.weight.shape[0]
+    key_scale = np.full(embd, attention.k_scale.item(), np.float32)
+    value_scale = np.full(embd, attention.v_scale.item(), np.float32)
+    factor = getattr(attention.c_proj, "pre_quant_scale", None)
+    if factor is not None and stored_c_proj.pre_quant_scale is None:  # folded into the value columns
+        value_scale = value_scale * factor.detach().numpy()
+    return key_scale, value_scale
 
 
 def skip_layer_norm(graph: Graph, norm: nn.LayerNorm, name: str, delta: str, residual: str) -> tuple[str, str]:
@@ -192,18 +216,23 @@ def make_model(graph: Graph, config) -> onnx.ModelProto:
     """The graph's inputs and outputs, opsets and the metadata exports/onnx_runtime.py reads."""
     head_dim = config.embedding_size // config.num_heads
     cache = ["batch", config.num_heads, config.block_size, head_dim]  # one buffer holds every position
+    cache_type = TensorProto.INT8 if config.kv_cache == "int8" else TensorProto.FLOAT
     kv = [f"{i}.{kind}" for i in range(config.num_layers) for kind in ("key", "value")]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
         helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
-    ] + [helper.make_tensor_value_info(f"past_key_values.{name}", TensorProto.FLOAT, cache) for name in kv]
+    ] + [helper.make_tensor_value_info(f"past_key_values.{name}", cache_type, cache) for name in kv]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", config.vocab_size])]
-    outputs += [helper.make_tensor_value_info(f"present.{name}", TensorProto.FLOAT, cache) for name in kv]
+    outputs += [helper.make_tensor_value_info(f"present.{name}", cache_type, cache) for name in kv]
     onnx_graph = helper.make_graph(graph.nodes, "gpt2_ort", inputs, outputs, graph.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     model = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="gpt2 example")
-    quantization = {"quant_mode": config.quant_mode, "layer_quant_modes": config.layer_quant_modes}
+    quantization = {
+        "quant_mode": config.quant_mode,
+        "layer_quant_modes": config.layer_quant_modes,
+        "kv_cache": config.kv_cache,
+    }
     helper.set_model_props(model, {"gpt2_quantization": json.dumps(quantization), "gpt2_flavor": FLAVOR})
     return model

@@ -92,7 +92,7 @@ def last_position_logits(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def quantization(onnx_dir: str) -> dict:
-    """What onnx_export recorded: {"quant_mode": ..., "layer_quant_modes": ...}."""
+    """What onnx_export recorded: {"quant_mode": ..., "layer_quant_modes": ...}, and the flavor's "kv_cache"."""
     model = onnx.load(os.path.join(onnx_dir, MODEL_FILE), load_external_data=False)
     return json.loads(metadata(model)["gpt2_quantization"])
 
@@ -127,6 +127,7 @@ class OnnxGPT:
         self.num_layers = sum(name.startswith("past_key_values.") for name in inputs) // 2
         self.num_heads, self.capacity, self.head_dim = key.shape[1:]  # capacity: n_positions in the ORT flavor
         self.shared_cache = "seqlens_k" in inputs  # the ONNX Runtime flavor
+        self.cache_dtype = np.int8 if key.type == "tensor(int8)" else np.float32  # int8: --kv-cache int8
         self.last_position_only = sess.get_outputs()[0].shape[1] == 1  # session(..., last_position_only=True)
         self.output_names = [output.name for output in sess.get_outputs()]
         self.vocab_size = sess.get_outputs()[0].shape[2]
@@ -174,7 +175,8 @@ class OnnxGPT:
             # Left as allocated: attention reads only the positions filled. ONNX Runtime's allocator, not numpy's,
             # whose large arrays ask for huge pages that the kernel must clear whole (seconds at batch 8).
             shape = (batch, self.num_heads, self.capacity, self.head_dim)
-            buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32) for _ in self.output_names[1:]]
+            new_buffer = ort.OrtValue.ortvalue_from_shape_and_type
+            buffers = [new_buffer(shape, self.cache_dtype) for _ in self.output_names[1:]]
             cache = SharedCache(buffers, 0)
         total = cache.length + seq
         if total > self.capacity:
@@ -250,7 +252,10 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     check_model_fits(args, onnx_dir, GPT2Config.from_pretrained(onnx_dir), None, prompt_len)
     start = time.perf_counter()
     model = OnnxGPT(session(onnx_dir, last_position_only=True))
-    mode = quantization(onnx_dir)["quant_mode"] or "unquantized"
+    recorded = quantization(onnx_dir)
+    mode = recorded["quant_mode"] or "unquantized"
+    if recorded.get("kv_cache"):  # the ONNX Runtime flavor's record; the standard file's has none
+        mode += f", {recorded['kv_cache']} KV cache"
     kind = "ONNX, ONNX Runtime flavor" if model.shared_cache else "ONNX"
     print(f"Model: {onnx_dir} ({kind}, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
