@@ -353,32 +353,40 @@ def tripy_generate(hf_model: GPT2LMHeadModel, batch_sizes: list[int], seq_len: i
     return run
 
 
-# label -> (mode, the output layer's own format or None: tied to the input embedding, float32; the file's flavor:
-# "standard" from exports/onnx_export.py, "ort" from exports/onnx_fused.py, ONNX Runtime's fused operators)
+# label -> (mode, the output layer's own format or None: tied to the input embedding, float32; the KV cache's: None
+# for float32 or int8; the file's flavor: "standard" from exports/onnx_export.py, "ort" from exports/onnx_fused.py,
+# ONNX Runtime's fused operators, the only one that stores an int8 cache)
 ONNX_FILES = {
-    "float32": (None, None, "standard"),
-    "int8": ("int8-weight-only", None, "standard"),
-    "int8, int8 output layer": ("int8-weight-only", "int8-weight-only", "standard"),
-    "int8 W8A8": ("int8-smoothquant", None, "standard"),
-    "int4": ("int4-weight-only", None, "standard"),
-    "int4, int4 output layer": ("int4-weight-only", "int4-weight-only", "standard"),
-    "int4, ORT flavor": ("int4-weight-only", None, "ort"),
-    "int4, int4 output layer, ORT flavor": ("int4-weight-only", "int4-weight-only", "ort"),
+    "float32": (None, None, None, "standard"),
+    "int8": ("int8-weight-only", None, None, "standard"),
+    "int8, int8 output layer": ("int8-weight-only", "int8-weight-only", None, "standard"),
+    "int8 W8A8": ("int8-smoothquant", None, None, "standard"),
+    "int4": ("int4-weight-only", None, None, "standard"),
+    "int4, int4 output layer": ("int4-weight-only", "int4-weight-only", None, "standard"),
+    "int4, ORT flavor": ("int4-weight-only", None, None, "ort"),
+    "int4, int4 output layer, ORT flavor": ("int4-weight-only", "int4-weight-only", None, "ort"),
+    "int4, int4 output layer, int8 KV cache, ORT flavor": ("int4-weight-only", "int4-weight-only", "int8", "ort"),
 }  # no float8: ONNX Runtime has no CPU kernel for it (it dequantizes every weight at every step); a GPU format
+KV_SCALE = 1 / 16  # an int8 cache's k_scale and v_scale on random weights: the values they give, not the time
 
 
-def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None) -> GPT:
-    """The twin in an int8 or int4 `quant_mode` (and its output layer in `lm_head_mode`) with scales from each
-    weight's own largest magnitude (what max calibration gives a weight) and AWQ's pre_quant_scale ones: a
-    calibration changes the values, not the time. int8-smoothquant gets a smoothing factor of a quarter where the
-    mode smooths (every layer but the MLP's c_proj, whose factor of ones the ONNX file leaves out) and int8 input
-    scales of 1 / 127: the graph the mode exports."""
+def weight_max_twin(twin: GPT, quant_mode: str, lm_head_mode: str | None = None, kv_cache: str | None = None) -> GPT:
+    """The twin in an int8 or int4 `quant_mode` (and its output layer in `lm_head_mode`, its KV cache in `kv_cache`)
+    with scales from each weight's own largest magnitude (what max calibration gives a weight) and AWQ's
+    pre_quant_scale ones: a calibration changes the values, not the time. int8-smoothquant gets a smoothing factor
+    of a quarter where the mode smooths (every layer but the MLP's c_proj, whose factor of ones the ONNX file leaves
+    out) and int8 input scales of 1 / 127: the graph the mode exports. An int8 cache gets KV_SCALE."""
     import torch
 
     from reference import GPT, Int4Linear, QuantLinear, SmoothQuantLinear
 
-    quantized = GPT(replace(twin.config, quant_mode=quant_mode, lm_head_mode=lm_head_mode)).eval()
+    config = replace(twin.config, quant_mode=quant_mode, lm_head_mode=lm_head_mode, kv_cache=kv_cache)
+    quantized = GPT(config).eval()
     state = twin.state_dict()
+    if kv_cache is not None:
+        for name in quantized.state_dict():
+            if name.endswith(("attn.k_scale", "attn.v_scale")):
+                state[name] = torch.tensor(KV_SCALE)
     for name, layer in quantized.named_modules():
         if not isinstance(layer, (QuantLinear, Int4Linear, SmoothQuantLinear)):
             continue
@@ -409,10 +417,10 @@ def onnx_contenders(
     from exports.onnx_fused import WRITERS
 
     contenders, file_mb = [], {}
-    for label, (quant_mode, lm_head_mode, flavor) in ONNX_FILES.items():
+    for label, (quant_mode, lm_head_mode, kv_cache, flavor) in ONNX_FILES.items():
         print(f"Exporting the {label} ONNX file", flush=True)
         onnx_dir = os.path.join(folder, label.replace(", ", "-").replace(" ", "_"))
-        quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode)
+        quantized = twin if quant_mode is None else weight_max_twin(twin, quant_mode, lm_head_mode, kv_cache)
         WRITERS[flavor](quantized, onnx_dir)
         name = f"ONNX Runtime {label}"
         file_mb[name] = os.path.getsize(os.path.join(onnx_dir, onnx_export.MODEL_FILE)) / 1e6

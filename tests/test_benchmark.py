@@ -148,6 +148,7 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
         "ONNX Runtime int4, int4 output layer",
         "ONNX Runtime int4, ORT flavor",
         "ONNX Runtime int4, int4 output layer, ORT flavor",
+        "ONNX Runtime int4, int4 output layer, int8 KV cache, ORT flavor",
     ]
     assert list(results.tokens_per_second[2]) == ["twin, KV cache", "transformers generate", *onnx_names]
     assert results.same_tokens  # ONNX Runtime's float32 file picks transformers' greedy tokens
@@ -163,3 +164,4 @@ def test_onnx_backend_races_every_mode_and_reports_files_and_ratios(
     )
     assert "ONNX Runtime int4, int4 output layer:" in printed and "MatMulNBits" in printed  # --profile
     assert "ONNX Runtime int4, int4 output layer, ORT flavor:" in printed and "GroupQueryAttention" in printed
+    assert "ONNX Runtime int4, int4 output layer, int8 KV cache, ORT flavor:" in printed
