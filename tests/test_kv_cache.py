@@ -341,11 +341,15 @@ def test_export_refuses_an_int8_kv_cache_before_writing(modelopt, tmp_path):
     assert not export_dir.exists() and os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize(
-    "quant_mode, row, kv_cache",
-    [("float8", "float8-kv", "float8"), ("int8-weight-only", "int8-weight-only-kv-int8", "int8")],
-)
-def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model(quant_mode, row, kv_cache):
+# (mode, its KV row, the KV cache, the tolerance): the twin's perplexity is ModelOpt's within the tolerance, and the
+# KV quantizers' effect is three times it, so that a row calibrated or loaded without them fails. Measured, 2048
+# tokens: float8 122.712, float8-kv 122.779, ModelOpt's 122.784; int8-weight-only 122.5108, -kv-int8 122.51396,
+# ModelOpt's 122.51367 (int8 moves it a twenty-fifth of what float8 does: rel 2.3e-5; the twin is within 2.3e-6).
+KV_ROWS = [("float8", "float8-kv", "float8", 1e-4), ("int8-weight-only", "int8-weight-only-kv-int8", "int8", 5e-6)]
+
+
+@pytest.mark.parametrize("quant_mode, row, kv_cache, tolerance", KV_ROWS)
+def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model(quant_mode, row, kv_cache, tolerance):
     """evaluate.py's float8-kv and int8-weight-only-kv-int8 rows against the perplexity of ModelOpt's own
     fake-quantized bundled model (with FP8_KV_CFG's entry, or its int8 copy) on the same tokens; and the report gives
     their change against the mode alone."""
@@ -361,10 +365,8 @@ def test_quality_report_kv_row_is_the_perplexity_of_modelopts_model(quant_mode, 
     tokens = evaluate.heldout_tokens(evaluate.DEFAULT_EVAL_DATA, 2048)
     context = modelopt_model.config.n_positions
     expected = perplexity(lambda idx: modelopt_model(idx).logits, tokens, context)
-    # Measured: float8 122.712, float8-kv 122.779, ModelOpt's 122.784. The KV quantizers' effect is larger than the
-    # bound, so that a row calibrated or loaded without them fails.
-    assert abs(rows[1].perplexity / expected - 1) > 3e-4
-    assert rows[2].perplexity == pytest.approx(expected, rel=1e-4)
+    assert abs(rows[1].perplexity / expected - 1) > 3 * tolerance
+    assert rows[2].perplexity == pytest.approx(expected, rel=tolerance)
     header, *lines = evaluate.format_table(rows).splitlines()
     assert header.endswith("change vs no KV quant")
     change = 100 * (rows[2].perplexity / rows[1].perplexity - 1)
@@ -455,7 +457,7 @@ def test_example_calibrates_and_restores_an_int8_kv_cache(example_runs):
                 line = next(
                     line for line in stdout.splitlines() if line.startswith(f"transformer.h.{i}.attn.{kv}_bmm_")
                 )
-                assert " 8 bit fake per-tensor amax=" in line, line  # enabled, int8, calibrated
+                assert "(8 bit fake per-tensor amax=" in line, line  # enabled, int8, calibrated
     assert calibrated.split(example.SEPARATOR)[1] == restored.split(example.SEPARATOR)[1]
 
 
