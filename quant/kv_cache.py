@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # torch and ModelOpt are imported where they are used: exampl
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
 KV_CACHE_BITS = {"float8": (4, 3), "int8": 8}  # each mode's num_bits, as ModelOpt's quantizers hold it
+KV_CACHE_NAMES = {"float8": "a float8 KV cache", "int8": "an int8 KV cache"}  # as the runs print them
 # Why an int8 KV cache has no --export-dir: ModelOpt 0.47's export_hf_checkpoint stops at it (an assertion that admits
 # FP8 and NVFP4 only, and its scales are amax / 448 for every format), and the engines that load the checkpoint,
 # transformers through exports/modelopt_hf.py and vLLM, store float8 caches.
@@ -45,11 +46,7 @@ def check_kv_cache(kv_cache: str) -> None:
 
 def described_with_kv_cache(quant_mode: str, kv_cache: str | None) -> str:
     """How calibrating and restoring name a mode and its KV cache: "int4-weight-only with an int8 KV cache"."""
-    return (
-        quant_mode
-        if kv_cache is None
-        else f"{quant_mode} with {'an' if kv_cache == 'int8' else 'a'} {kv_cache} KV cache"
-    )
+    return quant_mode if kv_cache is None else f"{quant_mode} with {KV_CACHE_NAMES[kv_cache]}"
 
 
 def kv_cache_quant_cfg(kv_cache: str) -> list[dict]:
