@@ -11,8 +11,8 @@ evaluating:
 
 One more row shows a common mistake: int4 weights calibrated with AWQ, loaded without AWQ's pre_quant_scale. The
 auto rows are per-layer mixes that ModelOpt's AutoQuantize chose (quant/auto_quantize.py), one per budget of effective
-bits (--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache
-(quant/kv_cache.py), and the report then gives their change against the same mode without it.
+bits (--auto-bits), all from one search. The -kv rows, on request, calibrate a mode with a float8 KV cache, and the
+-kv-int8 rows with an int8 one (quant/kv_cache.py); the report then gives their change against the same row without it.
 """
 
 from __future__ import annotations
@@ -70,10 +70,10 @@ DEFAULT_AUTO_BITS = (4.5, 5.0, 5.5, 6.0, 7.0, 8.0)
 FINETUNED = "unquantized-finetuned"
 INT4_MAX = "int4-weight-only-max"
 QAT_MODES = (FINETUNED, INT4_MAX, "int4-weight-only-qat", "int4-weight-only-max-qat")
-# Rows on request, for a float8 KV cache (quant/kv_cache.py): each mode calibrated with ModelOpt's K and V quantizers
-# too.
-KV_SUFFIX = "-kv"
-KV_MODES = tuple(f"{mode}{KV_SUFFIX}" for mode in QUANT_MODES)
+# Rows on request, for a quantized KV cache (quant/kv_cache.py): each mode calibrated with ModelOpt's K and V
+# quantizers too, in float8 ("-kv", the first such rows, whose name stays) or in int8 ("-kv-int8").
+KV_SUFFIXES = {"-kv": "float8", "-kv-int8": "int8"}
+KV_MODES = tuple(f"{mode}-kv" for mode in QUANT_MODES)
 # Rows on request, for int8 W8A8: SmoothQuant as the mode calibrates it (the MLP's c_proj unsmoothed, see
 # quantization.unsmooth_after_gelu), the same layers with plain max calibration and no smoothing (ModelOpt's
 # INT8_DEFAULT_CFG recipe), and SmoothQuant left on every layer, the MLP's c_proj too (a model only the twin computes:
@@ -87,7 +87,9 @@ MAX_CALIBRATED = {INT4_MAX: "int4-weight-only", INT8_W8A8_MAX: "int8-smoothquant
 # calibrated by ModelOpt with the blocks. On a CPU the output layer is the largest matmul of a step (docs/benchmark.md).
 LM_HEAD_SUFFIX = "-lm-head"
 LM_HEAD_ROWS = tuple(f"{mode}{LM_HEAD_SUFFIX}" for mode in LM_HEAD_MODES)
-ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS)
+# int8 KV rows for every mode and for the quantized output layer's rows: ONNX Runtime's flavor runs both on a CPU.
+KV_INT8_ROWS = tuple(f"{mode}-kv-int8" for mode in (*QUANT_MODES, *LM_HEAD_ROWS))
+ALL_MODES = (*REPORT_MODES, *SMOOTHQUANT_MODES, *QAT_MODES, *KV_MODES, *LM_HEAD_ROWS, *KV_INT8_ROWS)
 DEFAULT_QAT_STEPS = 100  # a tenth of the 1,000 steps that trained the bundled model
 DEFAULT_QAT_LR = 2e-4  # where train.py's schedule ended
 # The Tripy model deploys in float16: embeddings, LayerNorms, biases, unquantized layers and every scale.
@@ -193,8 +195,8 @@ def add_row_args(parser: argparse.ArgumentParser) -> None:
         default=list(REPORT_MODES),
         metavar="MODE",
         help=f"rows to report, from: {', '.join(ALL_MODES)} ({UNQUANTIZED} is always measured: it is the baseline; "
-        f"{FINETUNED} and the -qat rows fine-tune for --qat-steps, minutes each; the {KV_SUFFIX} rows add a float8 KV "
-        f"cache to their mode) (default: {' '.join(REPORT_MODES)})",
+        f"{FINETUNED} and the -qat rows fine-tune for --qat-steps, minutes each; the -kv rows add a float8 KV cache to "
+        f"their mode, the -kv-int8 rows an int8 one) (default: {' '.join(REPORT_MODES)})",
     )
     parser.add_argument(
         "--qat-steps",
@@ -426,13 +428,22 @@ def calibrated_twin(
     if calibrated_mode not in calibrated:
         algorithm = "max" if calibrated_mode in MAX_CALIBRATED else None
         quant_mode = MAX_CALIBRATED.get(calibrated_mode, calibrated_mode)
-        kv_cache = "float8" if quant_mode.endswith(KV_SUFFIX) else None
+        quant_mode, kv_cache = split_kv_cache(quant_mode)
         lm_head_mode = quant_mode.removesuffix(LM_HEAD_SUFFIX) if quant_mode.endswith(LM_HEAD_SUFFIX) else None
-        quant_mode = quant_mode.removesuffix(KV_SUFFIX).removesuffix(LM_HEAD_SUFFIX)
+        quant_mode = quant_mode.removesuffix(LM_HEAD_SUFFIX)
         calibrated[calibrated_mode] = calibrate(
             hf_model, quant_mode, calibration_data, num_calibration_samples, algorithm, kv_cache, lm_head_mode
         )
     return calibrated[calibrated_mode]
+
+
+def split_kv_cache(row: str) -> tuple[str, str | None]:
+    """(the row without its KV suffix, the KV cache the suffix asks for): "int4-weight-only-kv-int8" gives
+    ("int4-weight-only", "int8"); a row without one, (row, None)."""
+    for suffix, kv_cache in KV_SUFFIXES.items():
+        if row.endswith(suffix):
+            return row.removesuffix(suffix), kv_cache
+    return row, None
 
 
 def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
@@ -646,12 +657,13 @@ def format_table(rows: list[Row]) -> str:
         header = (*header, "training s")
         lines = [(*cells, f"{row.training_seconds:.1f}") for cells, row in zip(lines, rows, strict=True)]
     perplexities = {row.mode: row.perplexity for row in rows}
-    if any(row.mode.removesuffix(KV_SUFFIX) in perplexities for row in rows if row.mode.endswith(KV_SUFFIX)):
-        # What the float8 KV cache costs: each -kv row against its mode without it, when both are in the report.
+    # What a quantized KV cache costs: each -kv or -kv-int8 row against the same row without it, when both are in
+    # the report.
+    without_kv = [
+        perplexities.get(split_kv_cache(row.mode)[0]) if split_kv_cache(row.mode)[1] else None for row in rows
+    ]
+    if any(base is not None for base in without_kv):
         header = (*header, "change vs no KV quant")
-        without_kv = [
-            perplexities.get(row.mode.removesuffix(KV_SUFFIX)) if row.mode.endswith(KV_SUFFIX) else None for row in rows
-        ]
         lines = [
             (*cells, "" if base is None else f"{100 * (row.perplexity / base - 1):+.2f}%")
             for cells, row, base in zip(lines, rows, without_kv, strict=True)

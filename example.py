@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
 
     dtype = args.dtype or ("float16" if backend == "tripy" else "float32")
     # The Tripy model's (and the twin's) config: the checkpoint's shape, its modes, and the sequence to generate.
-    kv_cache = kv_cache_in(model_type, hf_model)  # float8 with --kv-cache, or restored or exported with one
+    kv_cache = kv_cache_in(model_type, hf_model)  # --kv-cache's, or restored or exported with one
     lm_head_mode = lm_head_in(model_type, hf_model)  # --lm-head's, or restored or exported with one
     shape = {"seq_len": len(prompt_tokens) + args.max_new_tokens, "batch_size": 1, "dtype": dtype}
     modes = {

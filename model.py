@@ -150,7 +150,9 @@ class CausalSelfAttention(tp.Module):
             # values. nvtripy 0.1.7 cannot: tp.compile refuses a float8 InputInfo (it makes its tracing inputs with
             # tp.full, which has no float8), so the cache crosses between the two engines in config.dtype, holding
             # the rounded values (rounding them again changes none). A later nvtripy that compiles float8 inputs
-            # needs only that change here and compile_model's cache InputInfo in tp.float8.
+            # needs only that change here and compile_model's cache InputInfo in tp.float8. An int8 cache takes the
+            # same path: nvtripy 0.1.7's tp.full does make int8, so storing it in int8 may compile, but only a GPU
+            # can show it, and both modes keep one path here until one does.
             k = tp.dequantize(tp.quantize(k, self.k_scale, self.kv_dtype), self.k_scale, self.dtype)
             v = tp.dequantize(tp.quantize(v, self.v_scale, self.kv_dtype), self.v_scale, self.dtype)
         past = k.shape[2] - seq

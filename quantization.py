@@ -17,6 +17,7 @@ from datasets.exceptions import DatasetGenerationError
 from tqdm import tqdm
 
 from config import INT4_BLOCK_SIZE, check_quant_mode
+from quant.kv_cache import described_with_kv_cache
 from sources.hub import hub_reachable
 from sources.tokenizer import gpt2_tokenizer
 
@@ -42,9 +43,10 @@ def modelopt_quantize(
 
     Calibrates on `dataset_name` (see `create_forward_loop`); by default on CNN/DailyMail articles, or, when the
     Hugging Face Hub cannot be reached, on the English text shipped in data/calibration.txt. `algorithm` overrides
-    the mode's calibration algorithm (see `quant_config`). `kv_cache` "float8" also quantizes the keys and values
-    attention reads, calibrated with the weights (quant/kv_cache.py). `lm_head_mode` (one of LM_HEAD_MODES) also
-    quantizes the output layer, untied from the input embedding first: calibration may rescale its weight in place.
+    the mode's calibration algorithm (see `quant_config`). `kv_cache` ("float8" or "int8") also quantizes the keys
+    and values attention reads, calibrated with the weights (quant/kv_cache.py). `lm_head_mode` (one of
+    LM_HEAD_MODES) also quantizes the output layer, untied from the input embedding first: calibration may rescale
+    its weight in place.
     """
     config = quant_config(quant_mode, algorithm, lm_head_mode)
     if lm_head_mode is not None:
@@ -64,7 +66,7 @@ def modelopt_quantize(
     if config["algorithm"] == "smoothquant":
         unsmooth_after_gelu(model_hf)
     seconds = time.perf_counter() - start
-    described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    described = described_with_kv_cache(quant_mode, kv_cache)
     described += "" if lm_head_mode is None else f" with an {lm_head_mode} output layer"
     print(f"Calibrated {described} on {forward_loop.num_samples} samples in {seconds:.1f} s")
     return model_hf

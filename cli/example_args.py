@@ -19,6 +19,7 @@ from config import (
     LM_HEAD_MODES,
     QUANT_MODES,
 )
+from quant.kv_cache import INT8_KV_NOT_EXPORTED
 from quant.lm_head import DEFAULT_CALIBRATION, INT4_HEAD_NOT_EXPORTED, check_lm_head_mode
 from sources.hub import BUNDLED_MODEL_DIR, DEFAULT_MODEL, HUB_MODELS
 
@@ -99,9 +100,12 @@ def add_quantization_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-cache",
         choices=KV_CACHE_MODES,
-        help="with --quant-mode: also quantize the keys and values attention reads (ModelOpt's K and V quantizers, "
-        "FP8_KV_CFG), calibrated with the weights; an export then asks serving engines for a float8 KV cache, twice "
-        "the tokens in the same memory (default: keys and values in the model's dtype)",
+        help="with --quant-mode: also quantize the keys and values attention reads (ModelOpt's K and V quantizers, a "
+        "scale per layer each), calibrated with the weights. float8 (ModelOpt's FP8_KV_CFG) is the cache serving "
+        "engines store: an --export-dir export asks vLLM for it, twice the tokens in the same memory. int8 is the "
+        "cache ONNX Runtime's GroupQueryAttention stores on a CPU, which has no float8 kernel (--export-onnx DIR "
+        "--onnx-flavor ort), a quarter of float32's bytes read per step; --export-dir cannot hold it (default: keys "
+        "and values in the model's dtype)",
     )
     parser.add_argument(
         "--lm-head",
@@ -297,6 +301,8 @@ def check_export_flags(args: argparse.Namespace) -> None:
     """--export-dir, --export-onnx and the flags that need one of them; each folder can be written."""
     if args.export_dir is not None and args.quant_mode is None and args.load_quantized is None:
         raise UsageError("--export-dir needs --quant-mode or --load-quantized: it exports the quantized checkpoint")
+    if args.export_dir is not None and args.kv_cache == "int8":  # before calibrating: ModelOpt's exporter would stop
+        raise UsageError(f"--export-dir with --kv-cache int8: {INT8_KV_NOT_EXPORTED}")
     if args.export_only and args.export_dir is None and args.export_onnx is None:
         raise UsageError("--export-only needs --export-dir or --export-onnx")
     if args.overwrite and args.export_dir is None and args.export_onnx is None:

@@ -31,6 +31,7 @@ from transformers import GPT2LMHeadModel
 from cli import UsageError
 from cli.outputs import output_folder
 from exports.modelopt_hf import CONV1D_LAYERS, safetensors_files
+from quant.kv_cache import INT8_KV_NOT_EXPORTED, kv_cache_of
 from quant.lm_head import INT4_HEAD_NOT_EXPORTED, lm_head_mode_of
 from sources.tokenizer import gpt2_tokenizer
 
@@ -46,6 +47,8 @@ def export_checkpoint(quantized_model: GPT2LMHeadModel, export_dir: str) -> None
         raise ValueError("export_checkpoint needs a GPT-2 quantized by modelopt_quantize; this model has no quantizers")
     if lm_head_mode_of(quantized_model) == "int4-weight-only" and quantized_model.lm_head.out_features % 2:
         raise ValueError(INT4_HEAD_NOT_EXPORTED)
+    if kv_cache_of(quantized_model) == "int8":  # a restored one: --kv-cache int8 is refused before calibrating
+        raise ValueError(f"the model has an int8 KV cache: {INT8_KV_NOT_EXPORTED}")
     # ModelOpt's export replaces every quantized layer's weight with its int8/float8/packed-int4 form in place.
     model = copy.deepcopy(quantized_model)
     # ModelOpt reads the architectures to tell language models from multimodal ones; a model built from a bare

@@ -56,6 +56,11 @@ STORED_DTYPE = {
 }
 # GPT-2's Conv1D layers, the ones every mode quantizes; lm_head is quantized when the export does not exclude it.
 CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# What this loader, and so example.py and serve_vllm.py, take as a KV cache (ModelOpt also names INT8 and NVFP4 ones).
+KV_CACHE_READ = (
+    "this loader reads FP8, the KV cache serving engines such as vLLM store (an int8 KV cache is for ONNX Runtime on "
+    "a CPU: --export-onnx DIR --onnx-flavor ort)"
+)
 DEFAULT_INT4_GROUP_SIZE = 128  # ModelOpt's W4A16_AWQ block; config.json's copy of the config leaves group_size out
 
 
@@ -118,11 +123,9 @@ def export_format(quantization: dict[str, Any], source: str = "the quantization 
     if quantization.get("kv_cache_scheme") == {"dynamic": False, "num_bits": 8, "type": "float"}:
         kv_cache_quant_algo = "FP8"
     elif quantization.get("kv_cache_scheme") is not None:
-        raise ExportFormatError(
-            f"{source} has kv_cache_scheme {quantization['kv_cache_scheme']!r}; this loader reads FP8"
-        )
+        raise ExportFormatError(f"{source} has kv_cache_scheme {quantization['kv_cache_scheme']!r}; {KV_CACHE_READ}")
     if kv_cache_quant_algo is not None and kv_cache_quant_algo not in KV_CACHE_QUANT_ALGOS:
-        raise ExportFormatError(f"{source} has kv_cache_quant_algo {kv_cache_quant_algo!r}; this loader reads FP8")
+        raise ExportFormatError(f"{source} has kv_cache_quant_algo {kv_cache_quant_algo!r}; {KV_CACHE_READ}")
     return ExportFormat(quant_algo, weight_layout, group_size, excluded, kv_cache_quant_algo)
 
 

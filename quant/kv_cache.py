@@ -28,12 +28,25 @@ if TYPE_CHECKING:  # torch and ModelOpt are imported where they are used: exampl
 
 KV_QUANTIZERS = ("k_bmm_quantizer", "v_bmm_quantizer")  # ModelOpt's, on GPT2Attention; the model's k_scale, v_scale
 KV_CACHE_BITS = {"float8": (4, 3), "int8": 8}  # each mode's num_bits, as ModelOpt's quantizers hold it
+KV_CACHE_NAMES = {"float8": "a float8 KV cache", "int8": "an int8 KV cache"}  # as the runs print them
+# Why an int8 KV cache has no --export-dir: ModelOpt 0.47's export_hf_checkpoint stops at it (an assertion that admits
+# FP8 and NVFP4 only, and its scales are amax / 448 for every format), and the engines that load the checkpoint,
+# transformers through exports/modelopt_hf.py and vLLM, store float8 caches.
+INT8_KV_NOT_EXPORTED = (
+    "ModelOpt's checkpoint holds a float8 KV cache, the one serving engines such as vLLM store, and its exporter "
+    "stops at an int8 one; an int8 KV cache is for ONNX Runtime on a CPU: --export-onnx DIR --onnx-flavor ort"
+)
 
 
 def check_kv_cache(kv_cache: str) -> None:
     """Raises ValueError unless `kv_cache` is one of KV_CACHE_MODES."""
     if kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"Unknown kv_cache {kv_cache!r}; supported: {', '.join(KV_CACHE_MODES)}")
+
+
+def described_with_kv_cache(quant_mode: str, kv_cache: str | None) -> str:
+    """How calibrating and restoring name a mode and its KV cache: "int4-weight-only with an int8 KV cache"."""
+    return quant_mode if kv_cache is None else f"{quant_mode} with {KV_CACHE_NAMES[kv_cache]}"
 
 
 def kv_cache_quant_cfg(kv_cache: str) -> list[dict]:

@@ -209,7 +209,7 @@ def restore_step(
     it, its quant mode, and for an AutoQuantize mix each layer's format (printed as the search prints it), otherwise
     None. A file it cannot restore is a UsageError."""
     from quant import auto_quantize as autoquant
-    from quant.kv_cache import kv_cache_of
+    from quant.kv_cache import described_with_kv_cache, kv_cache_of
 
     start = time.perf_counter()
     try:
@@ -218,7 +218,7 @@ def restore_step(
         raise UsageError(f"--load-quantized: {error}") from None
     kv_cache = kv_cache_of(hf_model)  # the K and V quantizers it was calibrated with, if any (quant/kv_cache.py)
     lm_head_mode = lm_head_mode_of(hf_model)
-    described = quant_mode if kv_cache is None else f"{quant_mode} with a {kv_cache} KV cache"
+    described = described_with_kv_cache(quant_mode, kv_cache)
     described += "" if lm_head_mode is None else f" with an {lm_head_mode} output layer"
     print(f"Restored {described} from {path} in {time.perf_counter() - start:.1f} s (no calibration)")
     if quant_mode != AUTO_QUANT_MODE:

@@ -231,7 +231,17 @@ CASES = [
         ["--quant-mode", "float8", "--kv-cache", "float8", "--export-onnx", "{w}/empty-folder"],
         "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
     ),
-    ("example.py", ["--quant-mode", "float8", "--kv-cache", "int8"], "argument --kv-cache: invalid choice: 'int8'"),
+    ("example.py", ["--quant-mode", "float8", "--kv-cache", "int4"], "argument --kv-cache: invalid choice: 'int4'"),
+    (
+        "example.py",
+        ["--quant-mode", "int8-weight-only", "--kv-cache", "int8", "--export-dir", "{w}/empty-folder"],
+        "--export-dir with --kv-cache int8: ModelOpt's checkpoint holds a float8 KV cache, the one serving engines",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "int4-weight-only", "--kv-cache", "int8", "--export-dir", "{w}/empty-folder", "--export-only"],
+        "an int8 KV cache is for ONNX Runtime on a CPU: --export-onnx DIR --onnx-flavor ort",
+    ),
     ("example.py", ["--onnx-flavor", "ort"], "--onnx-flavor needs --export-onnx: it chooses the file that writes"),
     ("example.py", ["--onnx-flavor", "trt"], "argument --onnx-flavor: invalid choice: 'trt'"),
     (
@@ -681,6 +691,9 @@ def test_good_inputs_pass_the_same_checks(workspace):
     example.parse_args([*int8, "int8-weight-only", "--export-dir", str(workspace / "empty-folder")])
     example.parse_args([*int8, "int4-weight-only", "--model-type", "gpt2", "--export-onnx", str(workspace / "new")])
     example.parse_args(["--quant-mode", "int4-weight-only", "--lm-head", "int4-weight-only", "--model-type", "gpt2"])
+    kv = ["--quant-mode", "int8-weight-only", "--model-type", str(workspace / "gpt2"), "--kv-cache"]
+    example.parse_args([*kv, "int8", "--save-quantized", str(workspace / "q.pt")])  # int8's refusal is --export-dir's
+    example.parse_args([*kv, "float8", "--export-dir", str(workspace / "empty-folder")])
     assert not (workspace / "new").exists()  # checking that it can be created does not create it
     train.parse_args(["--out-dir", str(workspace / "users-folder"), "--overwrite"])
     evaluate.parse_args(["--eval-data", str(workspace / "data" / "good.txt"), "--chart", str(workspace / "q.png")])

@@ -79,3 +79,13 @@ def test_help_names_no_path_of_this_machine_and_no_python_literals(help_texts, s
     assert str(REPO) not in help_text, f"{script} --help prints this checkout's path"
     assert not re.search(r"\s/(?:home|work|tmp|usr|root)/", help_text), f"{script} --help prints an absolute path"
     assert not re.search(r"\{'|\['", help_text), f"{script} --help prints a Python dict or list"
+
+
+def test_kv_cache_help_says_what_each_choice_is_for(help_texts):
+    """float8 for serving engines (vLLM, through --export-dir), int8 for ONNX Runtime's GroupQueryAttention on a CPU,
+    which --export-dir cannot hold."""
+    entry = option_entries(help_texts["example.py"][0])["--kv-cache"]
+    float8, int8 = entry.split("float8 (ModelOpt's FP8_KV_CFG)", 1)[1].split(" int8 is ", 1)
+    assert "serving engines" in float8 and "vLLM" in float8
+    assert "ONNX Runtime's GroupQueryAttention" in int8 and "--onnx-flavor ort" in int8
+    assert "--export-dir cannot hold it" in int8

@@ -232,6 +232,23 @@ def test_a_damaged_export_is_one_line(exports, tmp_path, capsys, name):
     assert expected in usage_error(example.main, ["--model-type", str(damaged)], "example.py", capsys)
 
 
+def test_an_export_with_an_int8_kv_cache_is_one_line_for_example_and_serve_vllm(exports, tmp_path, capsys):
+    """What ModelOpt would name an int8 KV cache (its exporter stops at one: test_kv_cache.py), as another tool may
+    write it: hf_quant_config.json's kv_cache_quant_algo "INT8", config.json's kv_cache_scheme "INT8". The engines
+    that load this format store float8 caches, and the refusal says where int8 goes."""
+    import serve_vllm
+
+    export = str(tmp_path / "int8-kv")
+    shutil.copytree(exports["good"], export)
+    edit_json(
+        os.path.join(export, "hf_quant_config.json"), lambda c: c["quantization"].update(kv_cache_quant_algo="INT8")
+    )
+    edit_json(os.path.join(export, "config.json"), lambda c: c["quantization_config"].update(kv_cache_scheme="INT8"))
+    expected = "'INT8'; this loader reads FP8, the KV cache serving engines such as vLLM store (an int8 KV cache is"
+    assert expected in usage_error(example.main, ["--model-type", export], "example.py", capsys)
+    assert expected in usage_error(serve_vllm.main, [export], "serve_vllm.py", capsys)
+
+
 @pytest.mark.parametrize(
     "edit, expected",
     [
