@@ -287,10 +287,8 @@ def check_calibration_args(args: argparse.Namespace, export: bool) -> None:
     if args.kv_cache is not None and args.quant_mode is None:
         raise UsageError("--kv-cache needs --quant-mode: its K and V quantizers are calibrated with the weights")
     if args.kv_cache is not None and args.export_onnx is not None and args.onnx_flavor != "ort":
-        raise UsageError(
-            f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or use --export-dir, which keeps it (an int8 one: "
-            "--onnx-flavor ort)"
-        )
+        remedy = "add --onnx-flavor ort" if args.kv_cache == "int8" else "use --export-dir, which keeps it"
+        raise UsageError(f"--export-onnx {ONNX_KV_CACHE}: drop --kv-cache, or {remedy}")
     if args.kv_cache == "float8" and args.export_onnx is not None:
         raise UsageError(f"{ORT_KV_CACHE}: use --kv-cache int8, or --export-dir for float8")
     if args.quant_mode is not None and args.load_quantized is None and not export:

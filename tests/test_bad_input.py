@@ -231,6 +231,18 @@ CASES = [
         ["--quant-mode", "float8", "--kv-cache", "float8", "--export-onnx", "{w}/empty-folder"],
         "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or use",
     ),
+    (
+        "example.py",
+        ["--quant-mode", "int4-weight-only", "--kv-cache", "int8", "--export-onnx", "{w}/empty-folder"],
+        "--export-onnx writes a float32 KV cache, with no Q/DQ on the keys and values: drop --kv-cache, or add "
+        "--onnx-flavor ort",
+    ),
+    (
+        "example.py",
+        ["--quant-mode", "int4-weight-only", "--kv-cache", "float8", "--export-onnx", "{w}/o", "--onnx-flavor", "ort"],
+        "--onnx-flavor ort stores the KV cache in float32 or int8 (ONNX Runtime's CPU attention has no float8): use "
+        "--kv-cache int8",
+    ),
     ("example.py", ["--quant-mode", "float8", "--kv-cache", "int4"], "argument --kv-cache: invalid choice: 'int4'"),
     (
         "example.py",
