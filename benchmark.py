@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
@@ -497,19 +498,29 @@ def peak_memory_mb(run: Generate, prompt: torch.Tensor, new_tokens: int) -> floa
 
 
 def measure_throughput(
-    contenders: list[Contender], prompt: torch.Tensor, new_tokens: int, repeats: int
-) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+    contenders: list[Contender],
+    prompt: torch.Tensor,
+    new_tokens: int,
+    repeats: int,
+    self_timed: dict[str, Callable[[int], float]],
+) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor], dict[str, float]]:
     """Tokens per second (the fastest of `repeats` runs, which the contenders take turns at), peak memory (MB) and
-    the tokens generated, by contender."""
+    the tokens generated, by contender; and the fastest tokens per second of each `self_timed` run (name -> a run at
+    a batch size that times itself: llama.cpp's), which takes its turn after the contenders in every round, so that
+    a slow minute of the machine falls on it as on them."""
+    batch = prompt.shape[0]
     best_seconds = {contender.name: float("inf") for contender in contenders}
+    best_rates = {name: 0.0 for name in self_timed}
     tokens = {}
     for _ in range(repeats):
         for contender in contenders:
             tokens[contender.name], seconds, _ = timed_run(contender.generate, prompt, new_tokens)
             best_seconds[contender.name] = min(best_seconds[contender.name], seconds)
-    tokens_per_second = {name: prompt.shape[0] * new_tokens / seconds for name, seconds in best_seconds.items()}
+        for name, run_at in self_timed.items():
+            best_rates[name] = max(best_rates[name], run_at(batch))
+    tokens_per_second = {name: batch * new_tokens / seconds for name, seconds in best_seconds.items()}
     peak_memory = {c.name: peak_memory_mb(c.generate, prompt, new_tokens) for c in contenders if c.torch_memory}
-    return tokens_per_second, peak_memory, tokens
+    return tokens_per_second, peak_memory, tokens, best_rates
 
 
 def measure_ms_per_token(contenders: list[Contender], sequence: torch.Tensor, positions: list[int], rounds: int):
@@ -578,32 +589,38 @@ def run_benchmark(args: argparse.Namespace, onnx_folder: str) -> Results:
         for batch in args.batch_sizes:
             contender.generate(prompts[:batch], 2, lambda token: None)
 
+    llama_cpp_runs = llama_cpp_contenders(hf_model, args, onnx_folder) if args.backend == "onnx" else {}
     tokens_per_second, peak_memory, same_tokens = {}, {}, True
+    llama_cpp_rates = {name: {} for name in llama_cpp_runs}
     for batch in args.batch_sizes:
-        tokens_per_second[batch], peak_memory[batch], tokens = measure_throughput(
-            contenders, prompts[:batch], args.new_tokens, args.repeats
+        tokens_per_second[batch], peak_memory[batch], tokens, rates = measure_throughput(
+            contenders, prompts[:batch], args.new_tokens, args.repeats, llama_cpp_runs
         )
+        for name, rate in rates.items():
+            llama_cpp_rates[name][batch] = rate
         exact = [contender.name for contender in contenders if contender.exact]
         same_tokens &= all(torch.equal(tokens[name], tokens["transformers generate"]) for name in exact)
     ms_per_token = measure_ms_per_token(contenders, sequence, args.positions, args.repeats)
     progress.close()
     onnx_dirs = {contender.name: contender.onnx_dir for contender in contenders if contender.onnx_dir is not None}
-    results = Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb, onnx_dirs)
-    if args.backend == "onnx":
-        results.llama_cpp = llama_cpp_rates(hf_model, args)
-    return results
+    return Results(tokens_per_second, peak_memory, ms_per_token, same_tokens, file_mb, onnx_dirs, llama_cpp_rates)
 
 
-def llama_cpp_rates(hf_model: GPT2LMHeadModel, args: argparse.Namespace) -> dict[str, dict[int, float]]:
-    """llama.cpp's formats on the same weights, timed the same way, when its tools are built; else a line why not."""
+def llama_cpp_contenders(
+    hf_model: GPT2LMHeadModel, args: argparse.Namespace, folder: str
+) -> dict[str, Callable[[int], float]]:
+    """llama.cpp's formats on the same weights (GGUF files written under `folder`), each as a run at a batch size
+    that llama-batched-bench times the same way, when its tools are built; else a line why not, and none."""
     from measure import llama_cpp
 
-    folder, reason = llama_cpp.tools_dir()
-    if folder is None:
+    tools, reason = llama_cpp.tools_dir()
+    if tools is None:
         print(reason)
         return {}
-    print(f"Racing llama.cpp ({', '.join(llama_cpp.FORMATS)}) on the same weights", flush=True)
-    return llama_cpp.race(hf_model, args.threads, args.prompt_len, args.new_tokens, args.batch_sizes, args.repeats)
+    print(f"Converting the same weights for llama.cpp ({', '.join(llama_cpp.FORMATS)}), to race", flush=True)
+    ggufs = llama_cpp.convert(hf_model, tools, folder)
+    timing = (args.threads, args.prompt_len, args.new_tokens)
+    return {name: partial(llama_cpp.tokens_per_second, tools, gguf, *timing) for name, gguf in ggufs.items()}
 
 
 def steps_to_generate(args: argparse.Namespace) -> int:
@@ -698,7 +715,8 @@ def print_llama_cpp(results: Results, width: int) -> None:
     if not results.llama_cpp:
         return
     batches = list(results.tokens_per_second)
-    print("\nllama.cpp (llama-batched-bench) on the same weights, same threads, fastest of as many runs: tokens/s")
+    print("\nllama.cpp (llama-batched-bench) on the same weights, same threads, fastest of as many runs, in turn with")
+    print("the others in each round: tokens/s")
     print(f"{'':<{width}}" + "".join(f"{f'batch {b} tok/s':>16}" for b in batches))
     for name, rates in results.llama_cpp.items():
         print(f"{name:<{width}}" + "".join(f"{rates[b]:>16.1f}" for b in batches))
