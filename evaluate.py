@@ -266,7 +266,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also export each uniform mode's twin with exports/onnx_export.py and measure it in ONNX Runtime, at its "
         "default accuracy level (int8 activations in the int8/int4 matmuls) and at float32 math, and the weight-only "
-        "modes' ONNX Runtime flavor (exports/onnx_fused.py) at the default level",
+        "modes' ONNX Runtime flavor (exports/onnx_fused.py) at the default level; a -kv-int8 row in that flavor alone, "
+        "the one file that stores an int8 KV cache",
     )
 
 
@@ -381,7 +382,7 @@ def evaluate(
         ppl = perplexity(twin, tokens, context, desc=f"Evaluating {mode}")
         seconds = time.perf_counter() - start
         rows.append(Row(mode, ppl, weight_bytes(twin), calibration_seconds, seconds, training_seconds=training_seconds))
-        if onnx and mode in (UNQUANTIZED, *QUANT_MODES, *LM_HEAD_ROWS):
+        if onnx and mode in (UNQUANTIZED, *QUANT_MODES, *LM_HEAD_ROWS, *KV_INT8_ROWS):
             rows += onnx_rows(twin, mode, tokens, context, calibration_seconds)
     return rows
 
@@ -448,16 +449,19 @@ def split_kv_cache(row: str) -> tuple[str, str | None]:
 
 def onnx_rows(twin: GPT, mode: str, tokens: torch.Tensor, context: int, calibration_seconds: float) -> list[Row]:
     """The twin exported by exports/onnx_export.py and run by ONNX Runtime at its default accuracy level and at float32
-    math, and for a weight-only mode by exports/onnx_fused.py at the default level. Weight MB counts the format as
-    the twin's row does (the file itself keeps float32 where Tripy has float16)."""
+    math, and for a weight-only mode by exports/onnx_fused.py at the default level; with an int8 KV cache, which only
+    the second holds, that one alone. Weight MB counts the format as the twin's row does (the file itself keeps
+    float32 where Tripy has float16)."""
     import tempfile
 
     from exports import onnx_export, onnx_fused, onnx_runtime
     from measure.perplexity import perplexity
 
     # each file, and the accuracy levels it is measured at with their rows' labels
-    files = {onnx_export.export_onnx: {"int8": "ONNX Runtime", "float32": "ONNX Runtime, float32 math"}}
-    if twin.config.quant_mode not in ACTIVATION_QUANT_MODES:  # the ONNX Runtime flavor holds weight-only layers
+    files = {}
+    if twin.config.kv_cache is None:  # the standard file's cache is float32
+        files[onnx_export.export_onnx] = {"int8": "ONNX Runtime", "float32": "ONNX Runtime, float32 math"}
+    if twin.config.quant_mode not in ACTIVATION_QUANT_MODES:  # the ONNX Runtime flavor: weight-only, an int8 cache
         files[onnx_fused.export_fused_onnx] = {"int8": "ONNX Runtime flavor"}
     rows = []
     for export, labels in files.items():

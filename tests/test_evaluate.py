@@ -231,6 +231,26 @@ def test_a_held_out_file_shorter_than_max_tokens_says_how_many_it_used(tmp_path,
     assert f"has only {used:,} tokens, fewer than the 100,000 asked for: using {used:,}" in capsys.readouterr().out
 
 
+def test_an_int8_kv_row_is_measured_in_the_onnx_runtime_flavor_alone():
+    """--onnx on a -kv-int8 row: the standard file keeps a float32 cache, so only the ONNX Runtime flavor, which
+    stores the int8 one, is measured, near the twin's perplexity with the same cache (its fast kernels' int8
+    activations move it a little; test_onnx_fused.py holds the cache itself to the twin)."""
+    require_bundled_model()
+    mode = "int8-weight-only-kv-int8"
+    report = evaluate.evaluate(
+        BUNDLED_MODEL,
+        [mode],
+        max_tokens=600,
+        num_calibration_samples=NUM_CALIBRATION_SAMPLES,
+        calibration_data=SHIPPED_CALIBRATION_TEXT,
+        onnx=True,
+    )
+    rows = {row.mode: row for row in report}
+    assert [name for name in rows if name.startswith(mode)] == [mode, f"{mode}, ONNX Runtime flavor"]
+    flavor = rows[f"{mode}, ONNX Runtime flavor"].perplexity / rows[mode].perplexity - 1
+    assert abs(flavor) < 0.01
+
+
 def test_onnx_rows_measure_onnx_runtime_on_each_modes_file():
     """--onnx: the exported file in ONNX Runtime at float32 math gives the twin's perplexity; at its default level
     the int8 activations cost a measured, small change (here: int4, the mode whose fast kernels ONNX Runtime fuses),
