@@ -663,9 +663,8 @@ def format_table(rows: list[Row]) -> str:
     perplexities = {row.mode: row.perplexity for row in rows}
     # What a quantized KV cache costs: each -kv or -kv-int8 row against the same row without it, when both are in
     # the report.
-    without_kv = [
-        perplexities.get(split_kv_cache(row.mode)[0]) if split_kv_cache(row.mode)[1] else None for row in rows
-    ]
+    splits = [split_kv_cache(row.mode) for row in rows]  # (the row without its KV suffix, its KV cache)
+    without_kv = [perplexities.get(base) if kv_cache else None for base, kv_cache in splits]
     if any(base is not None for base in without_kv):
         header = (*header, "change vs no KV quant")
         lines = [

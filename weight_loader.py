@@ -31,7 +31,7 @@ from sources.hub import load_hf_model
 
 # The largest magnitude each quantized type holds: scale = amax / maxbound maps amax onto it.
 MAXBOUND = {"int8-weight-only": 127.0, "int4-weight-only": 7.0, "float8": 448.0, "int8-smoothquant": 127.0}
-KV_CACHE_MAXBOUND = {"float8": 448.0, "int8": 127.0}  # the same, by config.kv_cache
+KV_CACHE_MAXBOUND = {"float8": MAXBOUND["float8"], "int8": MAXBOUND["int8-weight-only"]}  # by config.kv_cache
 
 
 def load_weights_from_hf(model: Any, model_type: str, dtype: Any, hf_model: GPT2LMHeadModel | None = None) -> None:
