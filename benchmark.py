@@ -507,13 +507,17 @@ def measure_throughput(
     """Tokens per second (the fastest of `repeats` runs, which the contenders take turns at), peak memory (MB) and
     the tokens generated, by contender; and the fastest tokens per second of each `self_timed` run (name -> a run at
     a batch size that times itself: llama.cpp's), which takes its turn after the contenders in every round, so that
-    a slow minute of the machine falls on it as on them."""
+    a slow minute of the machine falls on it as on them. Every timed run comes right after an untimed one-token run
+    of its own, as llama-batched-bench warms up before it times."""
     batch = prompt.shape[0]
     best_seconds = {contender.name: float("inf") for contender in contenders}
     best_rates = {name: 0.0 for name in self_timed}
     tokens = {}
     for _ in range(repeats):
         for contender in contenders:
+            # Untimed, right before: each run starts warm, as llama-batched-bench's runs do after its own warm-up
+            # decode of 16 tokens, rather than on caches that the contender before it filled
+            contender.generate(prompt, 1, lambda token: None)
             tokens[contender.name], seconds, _ = timed_run(contender.generate, prompt, new_tokens)
             best_seconds[contender.name] = min(best_seconds[contender.name], seconds)
         for name, run_at in self_timed.items():
@@ -626,9 +630,10 @@ def llama_cpp_contenders(
 def steps_to_generate(args: argparse.Namespace) -> int:
     """The tokens all contenders generate in one run_benchmark (counting a batch's step once): the progress bar's end.
 
-    Per batch size: the warm-up's 2 tokens and the timed runs of every contender, and a profiled run of those whose
-    memory torch allocates (not ONNX Runtime's); then `repeats` rounds of the time-per-token runs, a short run per
-    position for each: a prompt and STEPS_PER_POSITION + 1 tokens with a cache, STEPS_PER_POSITION tokens without.
+    Per batch size: the warm-up's 2 tokens and the timed runs of every contender, each after an untimed token, and a
+    profiled run of those whose memory torch allocates (not ONNX Runtime's); then `repeats` rounds of the
+    time-per-token runs, a short run per position for each: a prompt and STEPS_PER_POSITION + 1 tokens with a cache,
+    STEPS_PER_POSITION tokens without.
     """
     if args.backend == "tripy":
         cached, uncached, profiled = 2, 0, 2
@@ -636,7 +641,7 @@ def steps_to_generate(args: argparse.Namespace) -> int:
         cached, uncached, profiled = 2 + len(ONNX_FILES) + 1, 0, 2
     else:
         cached, uncached, profiled = 2, 1, 3
-    per_batch = (cached + uncached) * (2 + args.repeats * args.new_tokens) + profiled * args.new_tokens
+    per_batch = (cached + uncached) * (2 + args.repeats * (1 + args.new_tokens)) + profiled * args.new_tokens
     ms_runs = cached * len(args.positions) * (STEPS_PER_POSITION + 1)
     ms_runs += uncached * len(args.positions) * STEPS_PER_POSITION
     ms_runs *= args.repeats  # rounds of them
