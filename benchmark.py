@@ -440,11 +440,9 @@ def onnx_contenders(
 
 def onnx_generate(model) -> Generate:
     from exports import onnx_runtime
-    from reference import generate
 
     def run(prompt, new_tokens, on_token):
-        with onnx_runtime.torch_threads(1):
-            return generate(model, prompt, new_tokens, top_k=1, on_token=on_token)
+        return onnx_runtime.generate(model, prompt, new_tokens, top_k=1, on_token=on_token)
 
     return run
 

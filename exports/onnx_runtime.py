@@ -1,7 +1,8 @@
 """Generates from a folder written by exports/onnx_export.py with ONNX Runtime on the CPU, the twin's sampling on its
 logits.
 
-OnnxGPT offers the twin's calls, so the twin's own generation loop (reference.generate) runs it.
+OnnxGPT offers the twin's calls, so the twin's own generation loop (reference.generate) runs it; greedy on the ONNX
+Runtime flavor, generate runs a loop of its own with no torch between two runs (greedy_in_place).
 ONNX Runtime's graph optimizations fuse each weight's DequantizeLinear and MatMul into its `MatMulNBits` kernel,
 which reads the int8 or int4 weights as they are stored. How the kernel multiplies is its accuracy level: by default
 (4) it quantizes the activations to int8 too and multiplies in integers, which is where the speed comes from and
@@ -182,12 +183,7 @@ class OnnxGPT:
         if total > self.capacity:
             raise ValueError(f"{total} positions do not fit the model's {self.capacity}")
         binding = cache.binding or self.bind_cache(cache.buffers)  # bound once, kept from step to step
-        inputs = {
-            "input_ids": idx.numpy(),
-            "position_ids": position_ids(batch, cache.length, seq),
-            "seqlens_k": np.full(batch, total - 1, np.int32),  # GroupQueryAttention's convention
-            "total_sequence_length": np.array(total, np.int32),
-        }
+        inputs = flavor_inputs(idx.numpy(), cache.length)
         if seq > 1:  # a prompt: its arrays bound for this run
             for name, array in inputs.items():
                 binding.bind_cpu_input(name, array.astype(FLAVOR_INPUT_TYPES[name]))
@@ -213,6 +209,53 @@ class OnnxGPT:
         return binding
 
 
+def generate(
+    model: OnnxGPT,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """reference.generate on ONNX Runtime, with torch on one thread while it runs (torch_threads). Greedy on the
+    ONNX Runtime flavor, it is greedy_in_place's loop, which calls no torch between two runs."""
+    with torch_threads(1):
+        if top_k == 1 and model.shared_cache:
+            return greedy_in_place(model, idx, max_new_tokens, on_token)
+        return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
+
+
+def greedy_in_place(
+    model: OnnxGPT, idx: torch.Tensor, max_new_tokens: int, on_token: Callable[[torch.Tensor], None] | None = None
+) -> torch.Tensor:
+    """reference.generate's greedy tokens on the ONNX Runtime flavor, idx [batch, seq] -> [batch, seq + new], with
+    numpy alone between two runs: after the prompt pass, each step writes the newest tokens and their position into
+    inputs bound once by address, and takes the argmax of logits that ONNX Runtime writes into one bound array.
+    A run leaves the caches cold, so every Python call between two runs costs microseconds: reference.generate's
+    torch calls and run_shared's new arrays were a tenth of a step (docs/benchmark.md)."""
+    batch, prompt_len = idx.shape
+    if prompt_len + max_new_tokens - 1 > model.capacity:  # the last token is chosen, never fed
+        raise ValueError(f"{prompt_len + max_new_tokens - 1} positions do not fit the model's {model.capacity}")
+    logits, cache = model.run_shared(idx, None)  # the prompt pass: [batch, 1 or seq, vocab]
+    new_tokens = np.empty((batch, max_new_tokens), np.int64)  # max_new_tokens >= 1
+    new_tokens[:, 0] = logits[:, -1].numpy().argmax(axis=-1)
+    inputs = bind_by_address(cache.binding, flavor_inputs(new_tokens[:, :1], prompt_len))
+    step_logits = np.empty((batch, 1, model.vocab_size), np.float32)
+    cache.binding.bind_output("logits", "cpu", 0, np.float32, list(step_logits.shape), step_logits.ctypes.data)
+    for i in range(max_new_tokens):
+        if i > 0:  # feed token i - 1 at position prompt_len + i - 1
+            inputs["input_ids"][:, 0] = new_tokens[:, i - 1]
+            inputs["position_ids"][:] = prompt_len + i - 1
+            inputs["seqlens_k"][:] = prompt_len + i - 1
+            inputs["total_sequence_length"][...] = prompt_len + i
+            model.session.run_with_iobinding(cache.binding)
+            new_tokens[:, i] = step_logits[:, 0].argmax(axis=-1)
+        if on_token is not None:
+            on_token(torch.from_numpy(new_tokens[:, i : i + 1]))
+    return torch.cat([idx, torch.from_numpy(new_tokens)], dim=1)
+
+
 def bind_by_address(binding: ort.IOBinding, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Copies of `inputs`, each bound by its address: ONNX Runtime reads whatever they hold at each run, so the
     next step writes its own values into them and binds nothing."""
@@ -220,6 +263,17 @@ def bind_by_address(binding: ort.IOBinding, inputs: dict[str, np.ndarray]) -> di
     for name, array in arrays.items():
         binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), array.ctypes.data)
     return arrays
+
+
+def flavor_inputs(idx: np.ndarray, past: int) -> dict[str, np.ndarray]:
+    """The ONNX Runtime flavor's inputs besides the cache, for tokens idx [batch, seq] after `past` positions."""
+    batch, seq = idx.shape
+    return {
+        "input_ids": idx,
+        "position_ids": position_ids(batch, past, seq),
+        "seqlens_k": np.full(batch, past + seq - 1, np.int32),  # GroupQueryAttention's convention: filled, less one
+        "total_sequence_length": np.array(past + seq, np.int32),
+    }
 
 
 def position_ids(batch: int, past: int, seq: int) -> np.ndarray:
@@ -231,7 +285,7 @@ def position_ids(batch: int, past: int, seq: int) -> np.ndarray:
 def torch_threads(count: int) -> Iterator[None]:
     """torch's intra-op threads set to `count` inside, restored after. On a small CPU torch's idle threads spin
     beside ONNX Runtime's and halve its speed (docs/benchmark.md): the generation loop around ONNX Runtime
-    (reference.generate, whose sampling and concatenation are torch ops) runs inside torch_threads(1)."""
+    (generate: reference.generate's sampling and concatenation are torch ops) runs inside torch_threads(1)."""
     saved = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -260,7 +314,6 @@ def example_generator(onnx_dir: str, prompt_len: int, args: argparse.Namespace) 
     print(f"Model: {onnx_dir} ({kind}, {mode}), loaded into ONNX Runtime in {time.perf_counter() - start:.1f} s")
 
     def run(idx, max_new_tokens, temperature, top_k, generator, on_token):
-        with torch_threads(1):
-            return reference.generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token=on_token)
+        return generate(model, idx, max_new_tokens, temperature, top_k, generator, on_token)
 
     return run

@@ -124,10 +124,25 @@ def test_the_ort_flavors_fast_path_error_is_measured(fused):
 
 
 def test_the_ort_flavor_generates_the_twins_greedy_tokens(fused):
-    session = onnx_runtime.session(fused.onnx_dir, "float32", threads=1, last_position_only=True)
+    """Greedy, onnx_runtime.generate runs its own loop (numpy between two runs, the step's inputs and logits bound
+    once): it gives the twin's tokens and hands them to on_token one at a time, as reference.generate does on the
+    same session."""
+    model = onnx_runtime.OnnxGPT(onnx_runtime.session(fused.onnx_dir, "float32", threads=1, last_position_only=True))
+    twins = reference.generate(fused.twin, PROMPT, 8, top_k=1)
+    streamed = []
+    assert torch.equal(onnx_runtime.generate(model, PROMPT, 8, top_k=1, on_token=streamed.append), twins)
+    assert torch.equal(torch.cat(streamed, dim=1), twins[:, PROMPT.shape[1] :])
     with onnx_runtime.torch_threads(1):
-        ours = reference.generate(onnx_runtime.OnnxGPT(session), PROMPT, 8, top_k=1)
-    assert torch.equal(ours, reference.generate(fused.twin, PROMPT, 8, top_k=1))
+        assert torch.equal(reference.generate(model, PROMPT, 8, top_k=1), twins)
+
+
+@pytest.mark.parametrize("fused", ["int4-weight-only"], indirect=True)
+def test_the_greedy_loop_refuses_more_tokens_than_the_cache_holds(fused):
+    model = onnx_runtime.OnnxGPT(onnx_runtime.session(fused.onnx_dir, "float32", threads=1, last_position_only=True))
+    fitting = model.capacity - PROMPT.shape[1] + 1  # the last new token is chosen, never fed
+    assert onnx_runtime.generate(model, PROMPT, fitting, top_k=1).shape[1] == model.capacity + 1
+    with pytest.raises(ValueError, match=f"{model.capacity + 1} positions do not fit the model's {model.capacity}"):
+        onnx_runtime.generate(model, PROMPT, fitting + 1, top_k=1)
 
 
 @pytest.mark.parametrize("fused", ["int4-weight-only"], indirect=True)
