@@ -180,8 +180,7 @@ class OnnxGPT:
             buffers = [new_buffer(shape, self.cache_dtype) for _ in self.output_names[1:]]
             cache = SharedCache(buffers, 0)
         total = cache.length + seq
-        if total > self.capacity:
-            raise ValueError(f"{total} positions do not fit the model's {self.capacity}")
+        self.check_fits(total)
         binding = cache.binding or self.bind_cache(cache.buffers)  # bound once, kept from step to step
         inputs = flavor_inputs(idx.numpy(), cache.length)
         if seq > 1:  # a prompt: its arrays bound for this run
@@ -199,6 +198,11 @@ class OnnxGPT:
         binding.bind_ortvalue_output("logits", logits)
         self.session.run_with_iobinding(binding)
         return torch.from_numpy(logits.numpy()), SharedCache(cache.buffers, total, binding, step_inputs)
+
+    def check_fits(self, positions: int) -> None:
+        """Raises ValueError when the ONNX Runtime flavor's cache buffers cannot hold `positions`."""
+        if positions > self.capacity:
+            raise ValueError(f"{positions} positions do not fit the model's {self.capacity}")
 
     def bind_cache(self, buffers: list[ort.OrtValue]) -> ort.IOBinding:
         """A binding with each cache buffer as both past_key_values.N.* and present.N.*."""
@@ -235,8 +239,7 @@ def greedy_in_place(
     A run leaves the caches cold, so every Python call between two runs costs microseconds: reference.generate's
     torch calls and run_shared's new arrays were a tenth of a step (docs/benchmark.md)."""
     batch, prompt_len = idx.shape
-    if prompt_len + max_new_tokens - 1 > model.capacity:  # the last token is chosen, never fed
-        raise ValueError(f"{prompt_len + max_new_tokens - 1} positions do not fit the model's {model.capacity}")
+    model.check_fits(prompt_len + max_new_tokens - 1)  # the last token is chosen, never fed
     logits, cache = model.run_shared(idx, None)  # the prompt pass: [batch, 1 or seq, vocab]
     new_tokens = np.empty((batch, max_new_tokens), np.int64)  # max_new_tokens >= 1
     new_tokens[:, 0] = logits[:, -1].numpy().argmax(axis=-1)
