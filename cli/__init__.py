@@ -44,7 +44,13 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the cleanup of the first
+    sys.unraisablehook = _finalizer_after_a_stop
     raise Terminated
+
+
+def _finalizer_after_a_stop(unraisable: object) -> None:
+    """Ignores an error in a finalizer once a run is stopped. The stop is raised wherever the run is, inside a
+    constructor too (tqdm's), and the half-built object's __del__ then fails: the stop's doing, not a bug."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,6 +72,7 @@ def run(main: Callable[[], Any], prog: str | None = None) -> None:
         print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: the user's choice, not a bug
+        sys.unraisablehook = _finalizer_after_a_stop
         print(f"\n{prog}: interrupted", file=sys.stderr)
         sys.exit(130)
     except Terminated:  # exit status 128 + 15, as a shell reports a process that SIGTERM ended

@@ -313,6 +313,34 @@ def test_two_runs_writing_one_folder_one_wins_and_the_folder_is_one_export(races
     assert not holds_a_partial_copy(folders[name].parent)
 
 
+HALF_BUILT = """
+import signal
+import sys
+import cli
+
+class ProgressBar:
+    def __init__(self):
+        signal.raise_signal(getattr(signal, sys.argv[1]))  # the signal lands while the bar is being built
+        self.position = 0
+
+    def __del__(self):  # as tqdm's: closes what __init__ set up
+        self.position
+
+cli.run(ProgressBar, "half_built.py")
+"""
+
+
+@pytest.mark.parametrize(
+    "signal_name, status, stderr",
+    [("SIGTERM", SIGTERM_EXIT, "half_built.py: terminated\n"), ("SIGINT", 130, "\nhalf_built.py: interrupted\n")],
+)
+def test_a_stop_inside_a_constructor_is_one_line_without_the_finalizers_traceback(signal_name, status, stderr):
+    """SIGTERM and Ctrl-C are raised wherever the run is, inside an object's __init__ too (tqdm's, in one CI run): the
+    half-built object's finalizer then fails, which is the stop's doing and no bug to print."""
+    result = subprocess.run([sys.executable, "-c", HALF_BUILT, signal_name], cwd=REPO, capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (status, stderr)
+
+
 def test_sigterm_during_an_export_is_one_line_exit_143_and_leaves_nothing(races):
     results, folders = races
     result = results["terminated"]
